@@ -1,0 +1,109 @@
+"""`lmforge data prepare` and `lmforge data inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lmforge.cli import add_config_args, config_from_args
+from lmforge.errors import UserError
+
+
+def prepare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", action="append", default=[], metavar="PATH",
+                        help="a file, directory, glob or builtin:default (repeatable); "
+                             "replaces data.sources")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenizer directory to use; without it one is trained on the "
+                             "curated train split with the [tokenizer] config")
+    parser.add_argument("--out", default="data", metavar="DIR",
+                        help="output shards directory (default: data)")
+    parser.add_argument("--strict", action="store_true",
+                        help="malformed input (bad JSONL lines, non-UTF-8 bytes) is an error")
+    add_config_args(parser)
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.prepare import format_table, prepare
+
+    cfg = config_from_args(args)
+    if args.source:
+        cfg.data.sources = list(args.source)
+    if args.strict:
+        cfg.data.strict = True
+    cfg.validate()
+    start = time.perf_counter()
+    manifest = prepare(cfg, args.out, tokenizer_dir=args.tokenizer)
+    seconds = time.perf_counter() - start
+    read = manifest["read"]
+    for problem in read["problems"]:
+        print(f"warning: {problem}")
+    shown = len(read["problems"])
+    hidden = read["malformed_lines"] + read["decode_errors"] - shown
+    if hidden > 0:
+        print(f"warning: ... and {hidden} more malformed inputs")
+    print(f"malformed lines: {read['malformed_lines']}, undecodable files: {read['decode_errors']}, "
+          f"empty files: {read['empty_files']}")
+    stats = {"read": read, "stages": manifest["stages"], "splits": manifest["splits"]}
+    print(format_table(stats))
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards")
+    if manifest["flagged"]:
+        print(f"flagged by decontamination ({len(manifest['flagged'])}): "
+              + ", ".join(manifest["flagged"][:10]))
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["seconds"].items())
+    if manifest["resumed"]:
+        print(f"curation reused from an earlier run; wrote {args.out}/manifest.json ({phases})")
+    else:
+        rate = read["bytes"] / 1e6 / max(seconds, 1e-9)
+        print(f"wrote {args.out}/manifest.json in {seconds:.1f}s, {rate:.2f} MB/s ({phases})")
+    return 0
+
+
+def inspect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", metavar="DIR", help="a shards directory written by `data prepare`")
+    parser.add_argument("--samples", type=int, default=3, help="decoded windows to print")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample window")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lmforge.data.prepare import format_table
+    from lmforge.data.shards import open_shard
+    from lmforge.tokenizer import load_tokenizer
+
+    root = Path(args.dir)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path}: not found; is {root} a directory written by "
+                        "`lmforge data prepare`?")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{manifest_path}: not valid JSON ({e})") from None
+    tok_info = manifest["tokenizer"]
+    print(f"sources: {', '.join(manifest['sources'])}")
+    print(f"tokenizer: {tok_info['hash']} (vocab {tok_info['vocab_size']}), dtype {manifest['dtype']}")
+    print(format_table({"read": manifest["read"], "stages": manifest["stages"],
+                        "splits": manifest["splits"]}))
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            open_shard(root / shard["file"], verify=True)  # raises naming a damaged file
+        print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards (checksums ok)")
+    shards = manifest["splits"][args.split]["shards"]
+    if not shards or args.samples <= 0:
+        return 0
+    tok = load_tokenizer(root / tok_info["dir"])
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.samples):
+        tokens = open_shard(root / shards[int(rng.integers(len(shards)))]["file"], verify=False)
+        start = int(rng.integers(max(1, len(tokens) - args.seq_len)))
+        window = tokens[start : start + args.seq_len].tolist()
+        print(f"--- sample {i + 1} ({args.split}, tokens {start}..{start + len(window)}) ---")
+        print(tok.decode(window))
+    return 0
