@@ -1,0 +1,126 @@
+"""Export a tokenizer for other tools: a Hugging Face `tokenizer.json`, or a tiktoken rank file.
+
+Hugging Face: a `tokenizers` BPE model behind a Split pre-tokenizer with our regex and a ByteLevel
+step that maps each byte to a printable character (the GPT-2 byte-to-unicode table). Two settings
+make it apply exactly our (tiktoken's) rule, see `lmforge.tokenizer.reference`:
+  * `ignore_merges: true` - a chunk that is itself a token is taken whole (rule step 3);
+  * the merge list holds every way to join two tokens into a third (not only the merge we
+    learned), ranked by the id of the result - tiktoken merges any adjacent pair whose joined
+    bytes are a token, lowest id first (rule step 4).
+Special tokens are added tokens; note that Hugging Face always treats them as special in input
+text, like our `encode(text, allowed_special="all")`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from lmforge.atomic import atomic_write_json, atomic_write_text
+from lmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
+
+TIKTOKEN_FILE = "tokenizer.tiktoken"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by HF ByteLevel.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map to
+    U+0100 onwards in byte order, so every byte becomes one visible, non-whitespace character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def hf_tokenizer_json(tok: Tokenizer) -> dict:
+    """The Hugging Face `tokenizers` JSON document equivalent to `tok`."""
+    to_char = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(tok.token_bytes(i)): i for i in range(256 + len(tok.merges))}
+    merges = []
+    for token_id in range(256, 256 + len(tok.merges)):
+        token = tok.token_bytes(token_id)
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in tok.ranks and right in tok.ranks:
+                merges.append([text(left), text(right)])
+    added = [
+        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for s, i in sorted(tok.special_tokens.items(), key=lambda item: item[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": False},
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                    "use_regex": False},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "ignore_merges": True, "vocab": vocab, "merges": merges,
+        },
+    }
+
+
+def export_hf(tokenizer_dir: str | os.PathLike | Tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`.
+
+    `transformers.PreTrainedTokenizerFast.from_pretrained(out_dir)` then gives our ids.
+    """
+    tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
+    out = Path(out_dir)
+    atomic_write_json(out / "tokenizer.json", hf_tokenizer_json(tok))
+    roles = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    special_map = {k: v for k, v in roles.items() if v in tok.special_tokens}
+    special_map["additional_special_tokens"] = [
+        s for s in tok.special_tokens if s not in special_map.values()
+    ]
+    atomic_write_json(out / "special_tokens_map.json", special_map)
+    atomic_write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+        "lmforge_content_hash": tok.content_hash,
+        **special_map,
+    })
+    return out
+
+
+def export_tiktoken(tokenizer_dir: str | os.PathLike | Tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write `tokenizer.tiktoken` (base64 token bytes and rank per line, tiktoken's own format,
+    readable by `tiktoken.load.load_tiktoken_bpe`) and `tiktoken_config.json` (pattern, specials)."""
+    tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
+    out = Path(out_dir)
+    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in tok.ranks.items()]
+    atomic_write_text(out / TIKTOKEN_FILE, "".join(lines))
+    atomic_write_json(out / "tiktoken_config.json", {
+        "pat_str": tok.pattern,
+        "special_tokens": tok.special_tokens,
+        "mergeable_ranks_file": TIKTOKEN_FILE,
+        "content_hash": tok.content_hash,
+    })
+    return out
