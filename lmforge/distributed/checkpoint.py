@@ -1,0 +1,115 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP), and their consolidation.
+
+With FSDP no rank holds the whole model, and gathering it on rank 0 to write one file costs a
+full copy of the weights (and optimizer state) in one process. `save_sharded` instead has every
+rank write its own shards, in parallel, as safetensors files (DCP's Hugging Face storage: tensors
+and a JSON header, never pickle). DCP records where each slice belongs, so `load_sharded` reads
+them back on any number of ranks, resharding as needed, and `consolidate` joins the model's
+weights into the single `model.safetensors` of an lmforge checkpoint, in a plain process.
+
+    SHARDED_DIR/*.safetensors      model.<name> and optim.state.<name>.<key> slices, per rank
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmforge.atomic import atomic_write_bytes
+from lmforge.errors import UserError
+
+MODEL_PREFIX = "model."
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """This rank's slices under their full names: {"model": {...}, "optim": {"state": {...}}}."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        # Tensors only: hyper-parameters come from the config when a run resumes.
+        state["optim"] = {"state": get_optimizer_state_dict(model, optimizer)["state"]}
+    return state
+
+
+def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Every rank writes its shards of the model (and optimizer) under `directory`; collective."""
+    directory = Path(directory)
+    if directory.exists():  # every rank sees the same (shared) file system, so all stop here
+        raise UserError(f"{directory} already exists: refusing to overwrite a checkpoint")
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    # All ranks write into one temporary directory that rank 0 then renames into place.
+    tmp = directory.with_name(f".{directory.name}.sharded.tmp")
+    if not multi or dist.get_rank() == 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+    if multi:
+        dist.barrier()
+    writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+    dcp.save(_state(model, optimizer), storage_writer=writer, no_dist=not multi)
+    if multi:
+        dist.barrier()
+    if not multi or dist.get_rank() == 0:
+        tmp.rename(directory)
+    if multi:
+        dist.barrier()
+
+
+def _load(state: dict[str, Any], directory: Path, no_dist: bool) -> None:
+    """Fill `state`'s tensors in place from the shards (resharding to their current layout)."""
+    with warnings.catch_warnings():
+        # DCP warns that it loads "in a single process" even when asked to (no_dist=True).
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(directory)), no_dist=no_dist)
+
+
+def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load shards written by `save_sharded` on any number of ranks into a parallelized model."""
+    directory = Path(directory)
+    if not any(directory.glob("*.safetensors")):
+        raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    state = _state(model, optimizer)
+    _load(state, directory, no_dist=not multi)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        full = get_optimizer_state_dict(model, optimizer)
+        full["state"] = state["optim"]["state"]
+        set_optimizer_state_dict(model, optimizer, full)
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)
+
+
+def consolidate(directory: str | Path, out_file: str | Path) -> Path:
+    """Join the model weights of a sharded checkpoint into one safetensors file (one process).
+
+    Names lose the "model." prefix, so the file is an lmforge `model.safetensors`.
+    """
+    directory, out_file = Path(directory), Path(out_file)
+    if not any(directory.glob("*.safetensors")):
+        raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
+    reader = dcp.HuggingFaceStorageReader(str(directory))
+    metadata = reader.read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise UserError(f"{directory}: the sharded checkpoint holds no model weights")
+    _load(state, directory, no_dist=True)
+    weights = {key[len(MODEL_PREFIX):]: t.contiguous() for key, t in state.items()}
+    atomic_write_bytes(out_file, safetensors.torch.save(weights, metadata={"format": "pt"}))
+    return out_file

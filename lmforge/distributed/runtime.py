@@ -1,0 +1,92 @@
+"""Where this process stands: torchrun's environment, the device, the backend, the process group.
+
+torchrun (or any launcher speaking its protocol) sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous variables; a plain `python -m lmforge pretrain` sets none of them and is rank 0 of 1.
+NCCL is chosen on GPUs and gloo on CPUs unless `train.dist_backend` names one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    """This process's coordinates as the launcher gave them."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launched: bool = False  # started by torchrun (or another launcher setting RANK/WORLD_SIZE)
+
+    @classmethod
+    def from_environ(cls) -> ProcessEnv:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        try:
+            return cls(
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                launched=True,
+            )
+        except ValueError:
+            raise UserError(
+                f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, got RANK={os.environ['RANK']!r} "
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}"
+            ) from None
+
+
+def choose_device(requested: str, env: ProcessEnv) -> torch.device:
+    """"auto" is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if requested in ("", "auto"):
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={requested!r} but this machine has no CUDA GPU")
+        if requested == "cuda":
+            count = torch.cuda.device_count()
+            if env.local_rank >= count:
+                raise UserError(
+                    f"LOCAL_RANK={env.local_rank} but this node has only {count} GPU(s): "
+                    f"use --nproc_per_node={count} or fewer"
+                )
+            return torch.device("cuda", env.local_rank)
+    return torch.device(requested)
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """"auto": NCCL for GPUs, gloo for CPUs; NCCL without a GPU is a user error."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise UserError(
+            "train.dist_backend='nccl' needs CUDA GPUs but this process runs on "
+            f"{device.type}: use train.dist_backend=gloo (or auto) on CPU machines"
+        )
+    return requested
+
+
+def init_process_group(env: ProcessEnv, backend: str, device: torch.device, timeout_s: float) -> None:
+    """Join the job's process group (once). A single process gets a private group of one.
+
+    A group of one lets DDP / FSDP / pipeline code paths run unchanged in a plain process, e.g.
+    to load and re-save a sharded checkpoint on one rank.
+    """
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if env.launched:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
