@@ -1,0 +1,161 @@
+"""Model checkpoint directories: save and load, safetensors only (nothing is ever unpickled).
+
+    CKPT_DIR/model.safetensors   weights, Hugging Face Llama names without the "model." prefix
+    CKPT_DIR/config.json         {"format": "lmforge-checkpoint", "version": 1, "config": RunConfig}
+    CKPT_DIR/tokenizer/          optional: the tokenizer the model was trained with
+
+A training checkpoint (under RUN_DIR/checkpoints/) holds the same files plus optimizer and trainer
+state, and a `COMPLETE` marker written last; one without the marker is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmforge.atomic import atomic_directory, atomic_write_json
+from lmforge.config import RunConfig, config_from_dict
+from lmforge.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where weights are touched: `model info` does not need it
+    import torch
+
+    from lmforge.model import Transformer
+
+FORMAT = "lmforge-checkpoint"
+VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+COMPLETE_MARKER = "COMPLETE"
+# Files only a training checkpoint has; with them, a missing COMPLETE marker means "unfinished".
+TRAINING_FILES = ("optimizer.safetensors", "trainer_state.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def write_model_files(model: Transformer | dict[str, torch.Tensor], cfg: RunConfig,
+                      directory: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write weights, config and tokenizer into an existing directory (the trainer calls this
+    inside its own atomic training-checkpoint directory, with the full state dict it gathered)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = model if isinstance(model, dict) else model.state_dict()
+    state = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    atomic_write_json(directory / CONFIG_FILE, {"format": FORMAT, "version": VERSION, "config": cfg.to_dict()})
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, directory / TOKENIZER_DIR)
+
+
+def save_model(model: Transformer, cfg: RunConfig, directory: str | os.PathLike,
+               tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a model checkpoint directory atomically: it appears complete or not at all."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise UserError(f"{directory} already exists; choose a new directory or pass --force")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise UserError(f"tokenizer directory not found: {tokenizer_dir}")
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        write_model_files(model, cfg, tmp, tokenizer_dir)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory itself, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}")
+    runs_checkpoints = path / "checkpoints"
+    if not (path / CONFIG_FILE).exists() and runs_checkpoints.is_dir():
+        complete = [d for d in runs_checkpoints.iterdir() if d.is_dir() and (d / COMPLETE_MARKER).is_file()]
+        if not complete:
+            raise UserError(f"no complete checkpoint under {runs_checkpoints} (none has a {COMPLETE_MARKER} marker)")
+        return max(complete, key=_step_of)
+    if any((path / f).exists() for f in TRAINING_FILES) and not (path / COMPLETE_MARKER).is_file():
+        raise UserError(f"{path} is an unfinished training checkpoint (no {COMPLETE_MARKER} marker); not loading it")
+    return path
+
+
+def _step_of(directory: Path) -> tuple[int, str]:
+    digits = re.findall(r"\d+", directory.name)
+    return (int(digits[-1]) if digits else -1, directory.name)
+
+
+def read_config(path: str | os.PathLike) -> RunConfig:
+    """The RunConfig stored with a checkpoint (or a run directory's newest complete one)."""
+    directory = resolve_checkpoint(path)
+    file = directory / CONFIG_FILE
+    if not file.is_file():
+        raise UserError(f"{directory} is not an lmforge checkpoint: {CONFIG_FILE} is missing")
+    try:
+        meta: Any = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{file}: not an lmforge checkpoint config (expected \"format\": \"{FORMAT}\")")
+    if meta.get("version") != VERSION:
+        raise UserError(f"{file}: checkpoint version {meta.get('version')!r} is not supported (this lmforge reads {VERSION})")
+    return config_from_dict(meta.get("config", {}), source=str(file))
+
+
+def load_state(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle, a truncated file) is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise UserError(f"weights file missing: {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Fail with one line naming the first tensor whose name or shape the model does not expect."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise UserError(f"{source}: tensor {name!r} is missing (its config expects shape {list(shape)})")
+        if tuple(state[name].shape) != shape:
+            raise UserError(f"{source}: tensor {name!r} has shape {list(state[name].shape)}, "
+                            f"but its config expects {list(shape)}")
+    for name in state:
+        if name not in expected:
+            raise UserError(f"{source}: unexpected tensor {name!r} (not part of the model its config describes)")
+
+
+def build_model(cfg: RunConfig, state: dict[str, torch.Tensor], source: str,
+                device: torch.device | str = "cpu") -> Transformer:
+    """A model for `cfg` holding the tensors of `state` (checked first), in eval mode."""
+    import torch
+
+    from lmforge.model import Transformer
+
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = Transformer(cfg.model)
+    check_state(model, state, source)
+    model.load_state_dict(state, assign=True)
+    model.init_buffers(device="cpu")
+    return model.to(device).eval()
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
+    """Load a checkpoint directory, or a run directory's newest complete checkpoint, in eval mode."""
+    directory = resolve_checkpoint(path)
+    cfg = read_config(directory)
+    state = load_state(directory / WEIGHTS_FILE)
+    return build_model(cfg, state, str(directory / WEIGHTS_FILE), device)

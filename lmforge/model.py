@@ -1,0 +1,407 @@
+"""The decoder-only transformer, one file, top to bottom.
+
+    tokens -> embed_tokens -> N x Block -> norm -> lm_head -> logits
+
+    Block (arch "llama"):  h = h + self_attn(input_layernorm(h))        RMSNorm, RoPE, GQA, SwiGLU
+                           h = h + mlp(post_attention_layernorm(h))
+    Block (arch "gpt2"):   the same wiring with LayerNorm (with bias), learned absolute positions
+                           (`embed_positions`), biased projections and a GELU MLP: a baseline.
+
+Parameter names are Hugging Face Llama's without the "model." prefix (`embed_tokens.weight`,
+`layers.0.self_attn.q_proj.weight`, ..., `norm.weight`, `lm_head.weight`), and the math is the same
+(RoPE in the "rotate half" layout, Qwen3-style QK-norm), so weights convert by renaming only.
+With tied embeddings there is no `lm_head` at all: the head multiplies by `embed_tokens.weight`.
+
+`layers` is a ModuleDict keyed "0".."n-1" and `embed_tokens`, `norm` and `lm_head` may be set to
+None: a pipeline stage deletes what it does not own, keeps stable parameter names, and its forward
+maps hidden states to hidden states.
+
+Generation uses a preallocated `KVCache`: each step writes one key/value column in place and
+attends to a view of the filled prefix, so the per-token loop allocates nothing but activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+# --------------------------------------------------------------------------------------------
+# Normalisation and rotary position embeddings
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed by PyTorch's fused kernel (one op forward, one backward)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of position * frequency, each (max_seq_len, head_dim).
+
+    Frequency i (of head_dim / 2) is theta^(-2i / head_dim), laid out twice ([f0..f_{d/2-1},
+    f0..f_{d/2-1}]) for the "rotate half" pairing of dimension j with j + head_dim / 2, as in
+    Hugging Face Llama, so its checkpoints load without permutation. The sin table's first half
+    is negated, which lets `apply_rope` rotate with one `roll` instead of split, negate and concat.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_j, x_{j+d/2}) of x (B, heads, T, d) by its angle (tables (T, d)):
+
+        (x_j, x_{j+d/2}) -> (x_j cos - x_{j+d/2} sin,  x_{j+d/2} cos + x_j sin)
+
+    `roll` by d/2 swaps the halves; the signed sin table supplies the minus sign.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+# --------------------------------------------------------------------------------------------
+# The key/value cache for incremental decoding
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    `pos` counts the positions filled so far. Writes go into slices in place; attention reads a
+    view of the filled prefix, so decoding one token allocates no cache memory.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, d) at positions pos..pos+T; return keys/values 0..pos+T."""
+        end = self.pos + k.shape[2]
+        # index_copy_ rather than slice assignment: under torch.compile it stays an in-place
+        # write, where a slice assignment to a graph input costs a copy of the whole cache.
+        positions = torch.arange(self.pos, end, device=k.device)
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# --------------------------------------------------------------------------------------------
+# The blocks
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped key/value heads (MHA, GQA or MQA by `n_kv_heads`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        bias = cfg.arch == "gpt2"
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=bias)
+        # Qwen3-style QK-norm: an RMSNorm over each head's query and key, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Causal with no cache or an empty one; a single new query sees every cached key (no
+        # mask); a chunk appended to a filled cache needs the explicit `mask`.
+        is_causal = mask is None and q.shape[2] > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the Llama MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))) with biases: the GPT-2 MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then MLP, each added back to the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index into the KV cache; stays right when a pipeline drops layers
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
+        self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, self.layer, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    """The whole model: `model(idx)` -> logits, `model.loss(...)`, `generate(...)`, `stream(...)`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions: nn.Embedding | None = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        )
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = make_norm(cfg, cfg.d_model)
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        # RoPE tables are derived, not learned: non-persistent buffers, absent from checkpoints.
+        self.rope_cos: torch.Tensor | None
+        self.rope_sin: torch.Tensor | None
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self._compiled_forward = None  # built on the first generate(compile=True)
+        self.init_weights()
+
+    # ---- initialisation
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Normal(0, init_std) weights, unit norms, zero biases; residual outputs scaled down.
+
+        The two projections that write into the residual stream (o_proj, down_proj) get
+        std / sqrt(2 * n_layers), so the stream's variance does not grow with depth (GPT-2).
+        Also (re)builds the RoPE tables, e.g. after the model was created on the meta device.
+        """
+        cfg = self.cfg
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scale_residual_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()  # weight 1, bias 0
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.init_buffers(buffer_device)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the derived RoPE tables, e.g. after creating the model on the meta device."""
+        if self.cfg.arch == "llama":
+            device = device or self._param().device
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
+                                                       self.cfg.rope_theta, device)
+
+    # ---- forward
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`.
+
+        With a `cache`, the T tokens continue the cached sequence at position `cache.pos`.
+        A pipeline stage without `embed_tokens` takes hidden states (B, T, d_model) instead, and
+        one without `norm` returns hidden states.
+        """
+        h = self.hidden_states(idx, cache)
+        if self.norm is None:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        return self.head(self.norm(h))
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Embedding and blocks: token ids (B, T) -> the residual stream after the last block."""
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        h = self.embed_tokens(idx) if self.embed_tokens is not None else idx
+        if self.embed_positions is not None:
+            h = h + self.embed_positions.weight[start:start + T]
+        rope = None
+        if self.rope_cos is not None:  # tables kept in fp32, used in the activations' dtype
+            rope = (self.rope_cos[start:start + T].to(h.dtype), self.rope_sin[start:start + T].to(h.dtype))
+        mask = None
+        if start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=h.device).tril(diagonal=start)
+        for block in self.layers.values():
+            h = block(h, rope, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits; with tied embeddings the head is embed_tokens.weight."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        if self.embed_tokens is None:
+            raise RuntimeError("tied embeddings: the stage computing logits needs embed_tokens")
+        return F.linear(h, self.embed_tokens.weight)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T)."""
+        return self.head_loss(self.hidden_states(idx), targets, ignore_index, reduction)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+        """Final norm, LM head and cross-entropy of the last hidden states. A method of its own
+        so it can be compiled apart from the blocks: as one graph the (B, T, vocab) logits and
+        their softmax fuse, worth ~15% of a CPU training step with a 4k vocabulary."""
+        logits = self.head(self.norm(h))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=ignore_index, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    # ---- generation
+
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
+                 compile: bool = False) -> torch.Tensor:
+        """Continue each row of `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
+
+        temperature 0 is greedy. A row that emits a stop token keeps it and is padded with it
+        afterwards; generation ends early once every row has stopped. `compile` runs the
+        one-token decode step through torch.compile: worth it for long generations (the first
+        call compiles for tens of seconds; later calls reuse it), see docs/guide/model.md.
+        """
+        stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out = [idx]
+        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile):
+            if len(stops):
+                token = torch.where(done, stops[0], token)
+                done |= torch.isin(token, stops)
+            out.append(token[:, None])
+            if len(stops) and bool(done.all()):
+                break
+        return torch.cat(out, dim=1)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
+               compile: bool = False) -> Iterator[int]:
+        """Yield new token ids one at a time for one prompt; stops before yielding a stop token."""
+        device = self._param().device
+        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
+        stops = set(stop_tokens)
+        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile):
+            t = int(token[0])
+            if t in stops:
+                return
+            yield t
+
+    def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None, compile: bool = False) -> Iterator[torch.Tensor]:
+        """Prefill the cache with the prompt, then yield (B,) next tokens one step at a time."""
+        B, T = idx.shape
+        if not 0 < T <= self.cfg.max_seq_len:
+            raise ValueError(f"a prompt of {T} tokens; need 1 to model.max_seq_len={self.cfg.max_seq_len}")
+        max_new_tokens = min(max_new_tokens, self.cfg.max_seq_len - T)  # the context ends there
+        if max_new_tokens <= 0:
+            return
+        param = self._param()
+        cache_len = self.cfg.max_seq_len if compile else T + max_new_tokens  # see _compiled_step
+        cache = KVCache(self.cfg, B, cache_len, param.device, param.dtype)
+        step = self._compiled_step() if compile else self
+        logits = self(idx, cache, last_only=True)[:, -1]  # the prompt, in one eager pass
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits = step(token[:, None], cache, last_only=True)[:, -1]
+
+    def _compiled_step(self):
+        """forward compiled for one-token steps. The first step specialises on the cache position,
+        the second recompiles with the position as a dynamic size; from then on one graph serves
+        every step and every prompt (the cache always spans model.max_seq_len, so its shape never
+        changes). On CPU the C++ wrapper removes most per-kernel Python cost."""
+        if self._compiled_forward is None:
+            options = {"cpp_wrapper": True} if self._param().device.type == "cpu" else {}
+            self._compiled_forward = torch.compile(self.forward, options=options)
+        return self._compiled_forward
+
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, vocab) -> (B,): greedy at temperature 0, else sampled
+    from the softmax at `temperature`, restricted to the `top_k` best and the smallest set whose
+    probability reaches `top_p` (nucleus)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
