@@ -1,0 +1,111 @@
+"""`lmforge pretrain` and `lmforge sample`."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+from pathlib import Path
+
+from lmforge.cli import add_config_args, config_from_args
+from lmforge.errors import UserError
+
+
+def pretrain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="SHARDS_DIR",
+                        help="token shards made by `lmforge data prepare` (with manifest.json, tokenizer/)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR",
+                        help="run directory: metrics.jsonl, checkpoints/, tb/")
+    add_config_args(parser)
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                        help="continue from RUN_DIR's newest complete checkpoint, or from CKPT")
+    parser.add_argument("--time-budget", metavar="DURATION",
+                        help="finish within this wall-clock time, e.g. 15m: max_steps is sized from "
+                             "the throughput measured in the first steps (sets train.time_budget)")
+    parser.add_argument("--auto-size", action="store_true",
+                        help="with --time-budget: also pick the model size so that tokens ~ 20 x "
+                             "parameters fit the budget (see `lmforge plan`)")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="run on N local processes: re-runs this command under `torchrun "
+                             "--standalone --nproc_per_node=N` (strategy: train.parallel)")
+
+
+def pretrain_command(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        from lmforge.distributed.launch import exec_torchrun
+
+        exec_torchrun(args.nproc)
+    from lmforge.checkpoint import read_config
+    from lmforge.train.checkpoint import resolve_resume
+    from lmforge.train.pretrain import pretrain
+
+    resume_from = resolve_resume(Path(args.out), args.resume)
+    base = None
+    if resume_from:
+        # The run continues with its own config; debug switches (fault injection) belong to the
+        # invocation that sets them, so they are not inherited.
+        base = read_config(resume_from).to_dict()
+        del base["debug"]
+    cfg = config_from_args(args, base=base)
+    if args.time_budget and not resume_from:
+        from lmforge.config import parse_duration
+
+        parse_duration(args.time_budget, "--time-budget")
+        cfg.train.time_budget = args.time_budget
+    if args.auto_size:
+        if not cfg.train.time_budget:
+            raise UserError("--auto-size needs --time-budget (the model is sized to fit it)")
+        if resume_from:
+            raise UserError("--auto-size cannot change the model of a run being resumed")
+        from lmforge.plan import auto_size
+
+        cfg = auto_size(cfg, Path(args.data))
+    result = pretrain(cfg, args.data, args.out, resume_from=resume_from)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the main rank reports
+        return 0
+    val = f", val_loss {result.val_loss:.4f}, val_bpb {result.val_bpb:.4f}" if result.val_loss is not None else ""
+    print(f"step {result.step}/{result.max_steps}, {result.tokens:,} tokens, loss "
+          f"{result.loss if result.loss is None else round(result.loss, 4)}{val}; "
+          f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def sample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", type=float, default=0.95, help="1 disables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.tokenizer import load_tokenizer
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--max-new-tokens, --temperature, --top-k must be >= 0 and --top-p in (0, 1]")
+    directory = resolve_checkpoint(args.checkpoint)
+    if not (directory / "tokenizer").is_dir():
+        raise UserError(f"{directory} has no tokenizer/ directory; sampling needs the model's tokenizer")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    model = load_model(directory, device=args.device)
+    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    prompt = prompt or [tokenizer.eot_id]
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    # Tokens can split a UTF-8 character: decode the byte stream incrementally.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    for token in model.stream(prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p,
+                              stop_tokens=[tokenizer.eot_id], generator=generator):
+        sys.stdout.write(decoder.decode(tokenizer.decode_bytes([token])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0

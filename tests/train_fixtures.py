@@ -1,0 +1,73 @@
+"""Shared helpers of the pre-training tests: a tiny corpus made into shards by the data stage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from lmforge.config import RunConfig, load_config
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the bird", "a farmer", "the child"]
+VERBS = ["sees", "likes", "follows", "finds", "paints", "carries", "watches"]
+OBJECTS = ["the red ball", "a small house", "the river", "an apple", "the moon", "a green hat"]
+PLACES = ["in the garden", "near the sea", "at night", "every morning", "under the tree"]
+
+
+def synthetic_documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Documents of simple sentences from a tiny grammar: easy to learn, not trivial."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = [
+            f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+            for _ in range(rng.randint(12, 20))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def make_shards(root: Path, n_docs: int = 160) -> Path:
+    """Run the real data stage over the synthetic corpus; returns the shards directory."""
+    from lmforge.data.prepare import prepare
+
+    src = root / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(n_docs)))
+    cfg = load_config(overrides=[
+        f"data.sources=[{json.dumps(str(src))}]", "data.workers=1", "data.val_fraction=0.1",
+        "tokenizer.vocab_size=300", "data.shard_tokens=20000", "data.dedup.near=false",
+    ])
+    out = root / "shards"
+    prepare(cfg, out, progress=False)
+    return out
+
+
+# d_model 32, 2 layers, vocab 300, seq 32: a step takes milliseconds on a CPU.
+TINY = [
+    "model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+    "model.n_kv_heads=1", "model.max_seq_len=32", "train.batch_size=4", "train.lr=3e-3",
+    "train.warmup_steps=4", "train.eval_every=5", "train.eval_batches=2",
+    "train.checkpoint_every=5", "train.max_steps=12", "train.tensorboard=false", "train.device=cpu",
+]
+
+
+def tiny_config(*overrides: str) -> RunConfig:
+    return load_config(overrides=[*TINY, *overrides])
+
+
+def set_args(*overrides: str) -> list[str]:
+    """The same overrides as command-line flags."""
+    return [a for o in (*TINY, *overrides) for a in ("--set", o)]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step (the newest line of a step wins, as after a rollback)."""
+    out = {}
+    for r in read_metrics(run_dir):
+        if "loss" in r and "event" not in r:
+            out[r["step"]] = r["loss"]
+    return out
