@@ -1,0 +1,46 @@
+"""`lmforge run`: the whole pipeline in one command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.cli import add_config_args, config_from_args
+
+DEFAULT_BUDGET = "20m"
+
+
+def run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="RUN_DIR",
+                        help="run directory (default: runs/PRESET); running again continues it")
+    parser.add_argument("--source", action="extend", nargs="+", default=[], metavar="PATH",
+                        help="your own text: files, directories, globs, JSONL, Parquet "
+                             "(replaces data.sources; default: builtin:default)")
+    parser.add_argument("--time-budget", default=DEFAULT_BUDGET, metavar="DURATION",
+                        help=f"wall-clock budget of the whole run, e.g. 15m or 1h (default "
+                             f"{DEFAULT_BUDGET}); pre-training gets what the data stages leave. "
+                             "'none': train for train.max_steps")
+    add_config_args(parser)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from lmforge.config import parse_duration
+    from lmforge.pipeline.run import run_pipeline
+
+    cfg = config_from_args(args)
+    if args.source:
+        cfg.data.sources = list(args.source)
+        cfg.validate()
+    budget = args.time_budget.strip().lower()
+    budget_s = None if budget in ("none", "0", "") else parse_duration(budget, "--time-budget")
+    out = args.out or f"runs/{args.preset or 'default'}"
+    try:
+        report = run_pipeline(cfg, out, budget_s)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to continue where it stopped (in {out})",
+              file=sys.stderr)
+        return 130
+    print(f"report: {report / 'report.html'}")
+    print(f"        {report / 'report.md'}")
+    print(f"        {report / 'report.pdf'}")
+    return 0

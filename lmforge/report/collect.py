@@ -1,0 +1,415 @@
+"""Gather what a run left on disk into report sections.
+
+Each section is built by one function from the artefacts it needs. A missing artefact gives a
+"Not available" section; an unreadable one gives the same with the reason, so a half-finished or
+damaged run still gets a report of everything that is there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from lmforge.pipeline.layout import RunLayout
+from lmforge.report import plots
+from lmforge.report.document import (
+    Block,
+    Code,
+    Figure,
+    Paragraph,
+    Report,
+    Section,
+    Table,
+    not_available,
+)
+from lmforge.report.environment import machine_info
+from lmforge.report.metrics import Metrics, read_metrics
+
+# Names pre-training uses in metrics.jsonl (lmforge/train): the report plots what is there.
+THROUGHPUT_KEY = "tokens_per_s"
+
+
+class RunArtefacts:
+    """Lazy, read-only access to the artefacts of one run directory; None where one is missing."""
+
+    def __init__(self, run_dir: Path, plots_dir: Path) -> None:
+        self.layout = RunLayout(run_dir)
+        self.plots_dir = plots_dir
+
+    @cached_property
+    def config(self):
+        """The resolved RunConfig: RUN/config.toml, else the newest checkpoint's; None if neither."""
+        from lmforge.config import load_config
+
+        if self.layout.config.is_file():
+            return load_config(config_file=self.layout.config)
+        if self.latest_checkpoint is not None:
+            from lmforge.checkpoint import read_config
+
+            return read_config(self.latest_checkpoint)
+        return None
+
+    @cached_property
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete training checkpoint (one with its COMPLETE marker)."""
+        if not self.layout.checkpoints.is_dir():
+            return None
+        from lmforge.train.checkpoint import CheckpointManager
+
+        return CheckpointManager(self.layout.root, keep_last=1).latest()
+
+    @cached_property
+    def metrics(self) -> Metrics | None:
+        path = self.layout.metrics
+        return read_metrics(path) if path.is_file() else None
+
+    @cached_property
+    def manifest(self) -> dict[str, Any] | None:
+        path = self.layout.data_manifest
+        return _read_json(path) if path.is_file() else None
+
+    @cached_property
+    def stages(self) -> dict[str, Any] | None:
+        return _read_json(self.layout.stages) if self.layout.stages.is_file() else None
+
+    @cached_property
+    def samples(self) -> list[dict[str, Any]] | None:
+        return _read_json(self.layout.samples) if self.layout.samples.is_file() else None
+
+    @cached_property
+    def tokenizer_stats(self) -> dict[str, Any] | None:
+        """tokenizer/stats.json of a pipeline run, else what the tokenizer itself tells."""
+        path = self.layout.tokenizer / "stats.json"
+        if path.is_file():
+            return _read_json(path)
+        for directory in (self.layout.tokenizer, self.latest_checkpoint and self.latest_checkpoint / "tokenizer"):
+            if directory and (directory / "tokenizer.json").is_file():
+                from lmforge.tokenizer import load_tokenizer
+
+                return tokenizer_stats(load_tokenizer(directory), val_texts=[])
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def summary(run: RunArtefacts) -> list[Block]:
+    rows = [["run directory", str(run.layout.root.resolve())],
+            ["report written", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")]]
+    if run.stages:
+        total = sum(r.get("seconds", 0.0) for r in run.stages.get("stages", {}).values())
+        rows.append(["time of all stages (their last attempts)", _duration(total)])
+    if run.metrics:
+        m = run.metrics
+        steps = m.train("loss")
+        if steps:
+            rows.append(["optimizer steps", f"{steps[-1][0]:,}"])
+        tokens = m.last("tokens")
+        if tokens is not None:
+            rows.append(["training tokens", f"{int(tokens):,}"])
+        for key, label in (("loss", "final train loss"), ("val_loss", "final validation loss"),
+                           ("val_bpb", "final validation bits per byte")):
+            value = m.last(key)
+            if value is not None:
+                rows.append([label, f"{value:.4f}"])
+    if run.latest_checkpoint is not None:
+        rows.append(["final checkpoint", str(run.latest_checkpoint)])
+    if run.config is not None:
+        from lmforge.accounting import param_counts
+
+        rows.append(["parameters", f"{param_counts(run.config.model).total:,}"])
+    return [Table(["quantity", "value"], rows)]
+
+
+def configuration(run: RunArtefacts) -> list[Block] | str:
+    if run.config is None:
+        return "the run recorded no config (config.toml or a checkpoint's config.json)"
+    return [Paragraph("The resolved config: defaults, then the preset, the TOML file and the --set "
+                      "overrides. Passing this file as --config repeats the run."),
+            Code(run.config.to_toml())]
+
+
+def data(run: RunArtefacts) -> list[Block] | str:
+    if run.manifest is None:
+        return f"no data manifest at {run.layout.data_manifest}"
+    return data_blocks(run.manifest)
+
+
+def data_blocks(manifest: dict[str, Any]) -> list[Block]:
+    """Sources, what each curation step kept and removed (with examples), tokens per split."""
+    blocks: list[Block] = [Paragraph("Sources: " + ", ".join(manifest.get("sources", [])) + ".")]
+    builtin = manifest.get("builtin") or []
+    if builtin:
+        blocks.append(Table(["built-in part", "from", "licence"],
+                            [[b["part"], b.get("archive") or f"Python {b.get('python', '')}",
+                              b.get("licence", "-")] for b in builtin]))
+    read = manifest.get("read", {})
+    docs, nbytes = read.get("documents", 0), read.get("bytes", 0)
+    rows = [["read", _int(docs), _bytes(nbytes), "", ""]]
+    examples: list[list[str]] = []
+    for step in manifest.get("stages", []):
+        docs -= step["removed_docs"]
+        nbytes -= step["removed_bytes"]
+        rows.append([step["name"], _int(docs), _bytes(nbytes), _int(step["removed_docs"]),
+                     _bytes(step["removed_bytes"])])
+        for example in step.get("examples", [])[:1]:
+            detail = example.get("text") or example.get("duplicate_of") or ""
+            examples.append([step["name"], str(example.get("id", "")), str(detail)])
+    files = f" from {_int(read['files'])} files" if read.get("files") else ""
+    blocks.append(Paragraph(
+        f"Read {_int(read.get('documents'))} documents ({_bytes(read.get('bytes'))}){files}; "
+        f"malformed lines {_int(read.get('malformed_lines'))}, "
+        f"undecodable files {_int(read.get('decode_errors'))}, empty files "
+        f"{_int(read.get('empty_files'))}. Each step below removes documents (cleaning removes bytes):"))
+    blocks.append(Table(["step", "documents kept", "bytes kept", "documents removed", "bytes removed"],
+                        rows))
+    if examples:
+        blocks.append(Paragraph("An example of what each step removed:"))
+        blocks.append(Table(["step", "document", "text (start) or duplicate of"], examples))
+    splits = manifest.get("splits", {})
+    if splits:
+        blocks.append(Table(["split", "documents", "bytes", "tokens", "shards"],
+                            [[name, _int(s.get("documents")), _bytes(s.get("bytes")),
+                              _int(s.get("tokens")), _int(len(s.get("shards", [])))]
+                             for name, s in splits.items()]))
+    tok = manifest.get("tokenizer") or {}
+    if tok:
+        blocks.append(Paragraph(f"Tokenized with {tok.get('hash', '?')} (vocabulary "
+                                f"{_int(tok.get('vocab_size'))}), {manifest.get('dtype', '?')} shards."))
+    return blocks
+
+
+def tokenizer(run: RunArtefacts) -> list[Block] | str:
+    stats = run.tokenizer_stats
+    if stats is None:
+        return f"no tokenizer at {run.layout.tokenizer} or in a checkpoint"
+    per_token = stats.get("val_bytes_per_token")
+    rows = [["vocabulary size", _int(stats.get("vocab_size"))],
+            ["byte tokens + merges + special tokens",
+             f"256 + {_int(stats.get('merges'))} + {_int(stats.get('special_tokens'))}"],
+            ["bytes per token on the validation split",
+             f"{per_token:.3f} ({_int(stats.get('val_bytes'))} bytes -> "
+             f"{_int(stats.get('val_tokens'))} tokens)" if per_token else "not measured"],
+            ["content hash", str(stats.get("content_hash", "-"))]]
+    blocks: list[Block] = [Table(["quantity", "value"], rows)]
+    longest = stats.get("longest_tokens") or []
+    if longest:
+        blocks.append(Paragraph("The longest tokens other than whitespace runs (bytes that are not "
+                                "UTF-8 shown as \\xNN); the longest whitespace token has "
+                                f"{_int(stats.get('longest_whitespace_token'))} bytes:"))
+        blocks.append(Table(["id", "bytes", "token"],
+                            [[str(t["id"]), str(t["bytes"]), repr(t["text"])] for t in longest]))
+    return blocks
+
+
+def tokenizer_stats(tok: Any, val_texts: Iterable[str], longest: int = 10, max_val_bytes: int = 2_000_000) -> dict:
+    """Vocabulary, compression on held-out text (bytes per token) and the longest tokens."""
+    n_bytes = n_tokens = 0
+    for text in val_texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tok.encode(text))
+        if n_bytes >= max_val_bytes:
+            break
+    regular = [i for i in range(tok.vocab_size) if tok.token_bytes(i)]
+    # Runs of spaces (code indentation) would fill the list; the words show what was learned.
+    worded = [i for i in regular if tok.token_bytes(i).strip()]
+    top = sorted(worded, key=lambda i: (-len(tok.token_bytes(i)), i))[:longest]
+    spaces = [len(tok.token_bytes(i)) for i in regular if not tok.token_bytes(i).strip()]
+    return {
+        "vocab_size": tok.vocab_size,
+        "merges": len(regular) - 256,
+        "special_tokens": len(tok.special_tokens),
+        "val_bytes": n_bytes,
+        "val_tokens": n_tokens,
+        "val_bytes_per_token": n_bytes / n_tokens if n_tokens else None,
+        "longest_whitespace_token": max(spaces, default=0),
+        "longest_tokens": [{"id": i, "bytes": len(tok.token_bytes(i)),
+                            "text": tok.token_bytes(i).decode("utf-8", "backslashreplace")} for i in top],
+        "content_hash": tok.content_hash,
+    }
+
+
+def model(run: RunArtefacts) -> list[Block] | str:
+    if run.config is None:
+        return "no config to describe the model from"
+    from lmforge import accounting
+
+    return accounting_blocks(accounting, run.config, run.metrics)
+
+
+def accounting_blocks(accounting, cfg, metrics: Metrics | None) -> list[Block]:
+    """Parameters by group, FLOPs per token, training memory and the compute the run spent."""
+    human = accounting.human
+    counts = accounting.param_counts(cfg.model).as_dict()
+    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+    flops = accounting.flops_per_token(cfg.model, seq_len)
+    memory = accounting.memory_bytes(cfg.model, cfg.train.batch_size, seq_len)
+    m = cfg.model
+    blocks: list[Block] = [
+        Paragraph(f"{m.arch} decoder: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} query / "
+                  f"{m.kv_heads} key-value heads, MLP width {m.ffn_dim}, vocabulary {m.vocab_size}, "
+                  f"context {m.max_seq_len}" + (", tied embeddings." if m.tie_embeddings else ".")),
+        Table(["parameters", "count"], [[group, f"{n:,} ({human(n)})"] for group, n in counts.items()]),
+        Table(["per token", "FLOPs"], [[f"{kind} (T = {seq_len})", human(v, "FLOP")]
+                                       for kind, v in flops.items()]),
+        Table([f"training memory, fp32, batch {cfg.train.batch_size} x {seq_len}", "bytes"],
+              [[part, human(v, "B")] for part, v in memory.items()]),
+    ]
+    tokens = metrics.last("tokens") if metrics else None
+    speed = [v for _, v in metrics.train(THROUGHPUT_KEY)] if metrics else []
+    if tokens:
+        spent = f"Training compute: {int(tokens):,} tokens x {human(flops['training'], 'FLOP')} = " \
+                f"{human(tokens * flops['training'], 'FLOP')}; {tokens / counts['total']:.1f} tokens " \
+                "per parameter (Chinchilla-optimal is about 20)"
+        if speed:
+            spent += f"; at the median throughput that is {human(statistics.median(speed) * flops['training'], 'FLOP')}/s"
+        blocks.append(Paragraph(spent + "."))
+    return blocks
+
+
+def training(run: RunArtefacts) -> list[Block] | str:
+    m = run.metrics
+    if m is None:
+        return f"no metrics at {run.layout.metrics}"
+    blocks: list[Block] = []
+    if m.skipped_lines:
+        blocks.append(Paragraph(f"{m.skipped_lines} unreadable line(s) of metrics.jsonl were skipped "
+                                "(a torn last line is what an interrupted run leaves)."))
+    figures = [
+        ("loss.png", "Training loss per step and validation loss at each evaluation",
+         lambda p: plots.plot_loss(m, p)),
+        ("lr.png", "Learning rate schedule",
+         lambda p: plots.plot_series(m, "lr", "Learning rate", "learning rate", p)),
+        ("throughput.png", "Training throughput",
+         lambda p: plots.plot_series(m, THROUGHPUT_KEY, "Throughput", "tokens / s", p, smooth=True)),
+    ]
+    for name, caption, draw in figures:
+        if draw(run.plots_dir / name):
+            blocks.append(Figure(f"{run.plots_dir.name}/{name}", caption))
+    speed = [v for _, v in m.train(THROUGHPUT_KEY)]
+    if speed:
+        blocks.append(Paragraph(
+            f"Throughput: median {statistics.median(speed):,.0f} tokens/s, "
+            f"max {max(speed):,.0f} tokens/s over {len(speed)} logged steps."))
+    events = m.events()
+    if events:
+        blocks.append(Paragraph("Events of the training loop (budget sizing, resumes, rollbacks, stops):"))
+        blocks.append(Table(["step", "event", "details"], [
+            [str(e.get("step", "-")), str(e["event"]),
+             ", ".join(f"{k}={_short(v)}" for k, v in e.items() if k not in ("step", "event"))]
+            for e in events]))
+    evals = m.val("val_loss")
+    if evals:
+        bpb = dict(m.val("val_bpb"))
+        rows = [[f"{s:,}", f"{v:.4f}", f"{bpb[s]:.4f}" if s in bpb else "-"] for s, v in evals]
+        blocks.append(Table(["step", "validation loss", "bits per byte"], rows[-12:]))
+    return blocks or "metrics.jsonl holds no training steps"
+
+
+def samples(run: RunArtefacts) -> list[Block] | str:
+    blocks: list[Block] = []
+    for s in run.samples or []:
+        prompt = repr(s["prompt"]) if s.get("prompt") else "none (a new document)"
+        settings = ", ".join(f"{k} {s[k]}" for k in ("checkpoint", "temperature", "top_k") if k in s)
+        blocks.append(Paragraph(f"Prompt: {prompt}" + (f" ({settings})" if settings else "")))
+        blocks.append(Code(s.get("text") or "(nothing: the model ended the document at once)"))
+    during = run.metrics.samples() if run.metrics else []
+    if during:
+        blocks.append(Paragraph("Samples taken during training (train.sample_every), the last few:"))
+        blocks += [Code(f"step {r.get('step')}: {r['sample']}") for r in during[-3:]]
+    return blocks or f"no samples at {run.layout.samples} and none in the metrics"
+
+
+def timings(run: RunArtefacts) -> list[Block] | str:
+    if not run.stages:
+        return f"no stage records at {run.layout.stages}"
+    rows = []
+    for name, record in run.stages.get("stages", {}).items():
+        status = record.get("status", "?")
+        if status == "running":
+            status = "writing this report" if name == "report" else "running or interrupted"
+        rows.append([name, status, _duration(record.get("seconds")), str(record.get("finished_at", "-")),
+                     str(record.get("attempts", 1))])
+    return [Paragraph("Time of each stage's last attempt; a stage skipped as unchanged keeps the "
+                      "time of the run that did it."),
+            Table(["stage", "status", "time", "finished", "attempts"], rows)]
+
+
+def environment(run: RunArtefacts) -> list[Block]:
+    path = run.layout.environment
+    if path.is_file():
+        info, origin = _read_json(path), "the machine that trained the model"
+    else:
+        info, origin = machine_info(), "the machine that wrote this report (the run recorded none)"
+    libraries = info.pop("libraries", {})
+    rows = [[k.replace("_", " "), str(v)] for k, v in info.items()]
+    rows += [[name, version] for name, version in libraries.items()]
+    return [Paragraph(f"From {origin}."), Table(["item", "value"], rows)]
+
+
+SECTIONS: list[tuple[str, Callable[[RunArtefacts], list[Block] | str]]] = [
+    ("Summary", summary),
+    ("Configuration", configuration),
+    ("Data", data),
+    ("Tokenizer", tokenizer),
+    ("Model and compute", model),
+    ("Training", training),
+    ("Samples", samples),
+    ("Stage timings", timings),
+    ("Machine and libraries", environment),
+]
+
+
+def collect(run_dir: Path, plots_dir: Path) -> Report:
+    run = RunArtefacts(run_dir, plots_dir)
+    report = Report(f"lmforge run report: {run_dir.resolve().name}")
+    for title, build in SECTIONS:
+        try:
+            blocks = build(run)
+        except Exception as e:  # a damaged artefact costs its section, never the whole report
+            print(f"report: section {title!r} not available: {e}", file=sys.stderr)
+            blocks = f"could not read it ({type(e).__name__}: {e})"
+        report.sections.append(not_available(title, blocks) if isinstance(blocks, str)
+                               else Section(title, blocks))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _int(value: Any) -> str:
+    return f"{int(value):,}" if isinstance(value, (int, float)) else "-"
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit in ("B", "KB", "MB"):
+        if abs(value) < 1000:
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{value:,.1f} GB"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    minutes, secs = divmod(float(seconds), 60)
+    return f"{int(minutes)}m {secs:04.1f}s" if minutes else f"{secs:.1f}s"

@@ -1,0 +1,229 @@
+"""`lmforge run` end to end on a small generated corpus: every artefact and report section, stages
+skipped when unchanged, a changed config rerunning its stage and everything after it (and nothing
+before), and interrupted runs (SIGINT, then SIGKILL) that continue to the same artefacts."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.report.collect import SECTIONS
+
+pytestmark = pytest.mark.slow
+
+STAGE_NAMES = ["data", "tokenizer", "shards", "pretrain", "sample", "report"]
+# A model of ~40K parameters on ~70K tokens: seconds per stage on two cores.
+TINY = [
+    "model.vocab_size=384", "tokenizer.vocab_size=384", "model.d_model=32", "model.n_layers=2",
+    "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=64", "train.batch_size=8",
+    "train.max_steps=40", "train.warmup_steps=5", "train.eval_every=10", "train.checkpoint_every=10",
+    "train.eval_batches=2", "train.tensorboard=false", "data.workers=1", "data.val_fraction=0.03",
+]
+
+
+def make_corpus(root: Path, docs: int = 240, seed: int = 0) -> Path:
+    """Documents of random sentences from a small grammar: they pass the quality filters."""
+    rng = random.Random(seed)
+    nouns = ("king queen river forest castle garden sword letter window mountain village merchant "
+             "sailor child horse bridge candle winter summer harvest").split()
+    verbs = "found watched carried followed painted crossed opened remembered praised guarded".split()
+    adjectives = "quiet golden ancient bright narrow gentle wild distant hollow silver proud".split()
+    places = "near under beyond beside across behind".split()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for d in range(docs):
+        sentences = [f"The {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} the "
+                     f"{rng.choice(nouns)} {rng.choice(places)} the {rng.choice(adjectives)} "
+                     f"{rng.choice(nouns)}." for _ in range(rng.randint(12, 20))]
+        (corpus / f"doc{d:04d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return corpus
+
+
+def run_command(out: Path, corpus: Path, *overrides: str) -> list[str]:
+    sets = [arg for item in [*TINY, *overrides] for arg in ("--set", item)]
+    return [sys.executable, "-m", "lmforge", "run", "--source", str(corpus), "--out", str(out),
+            "--time-budget", "none", *sets]
+
+
+def lmforge_run(out: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(run_command(out, corpus, *overrides), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def records(run: Path) -> dict:
+    return json.loads((run / "stages.json").read_text())["stages"]
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    """Stage name -> its last status line ("[4/6] pretrain  skipped: ...")."""
+    lines = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("[") and len(parts) > 2 and parts[1] in STAGE_NAMES:
+            lines[parts[1]] = " ".join(parts[2:])
+    return lines
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    checkpoints = sorted(p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    return load_file(str(checkpoints[-1] / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus) -> tuple[Path, str]:
+    """One complete run, shared by the tests that only read it."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    return run, lmforge_run(run, corpus).stdout
+
+
+def test_run_writes_every_artefact_and_the_report(finished):
+    run, stdout = finished
+    assert f"report: {run / 'report' / 'report.html'}" in stdout
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    for split in ("train", "val"):
+        assert manifest["splits"][split]["tokens"] > 0
+        for shard in manifest["splits"][split]["shards"]:
+            assert (run / "data" / shard["file"]).is_file()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((run / "tokenizer" / "stats.json").read_text())["val_bytes_per_token"] > 1.5
+    assert (run / "checkpoints" / "step_00000040" / "COMPLETE").is_file()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    # Learning happened: from about ln(vocab) = 5.95 at the start to well below it.
+    assert len(val) == 4 and val[-1] < val[0] - 0.5 and val[-1] < 5.0
+    samples = json.loads((run / "logs" / "samples.json").read_text())
+    assert any(s["prompt"] == "The" and s["text"].startswith("The") for s in samples)
+    assert all(r["status"] == "complete" for r in records(run).values())
+    assert list(records(run)) == STAGE_NAMES
+
+    md = (run / "report" / "report.md").read_text()
+    html = (run / "report" / "report.html").read_text()
+    for title, _ in SECTIONS:
+        assert f"## {title}" in md and f">{title}</h2>" in html
+    assert "Not available" not in md.split("## Stage timings")[0]  # every artefact was found
+    for plot in ("loss.png", "lr.png", "throughput.png"):
+        assert (run / "report" / "plots" / plot).stat().st_size > 5000
+    assert (run / "report" / "report.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_rerun_skips_every_stage(finished, corpus):
+    run, _ = finished
+    before = records(run)
+    stdout = lmforge_run(run, corpus).stdout
+    assert all(line.startswith("skipped") for line in stage_lines(stdout).values())
+    assert len(stage_lines(stdout)) == len(STAGE_NAMES)
+    assert records(run) == before
+
+
+def test_changed_config_reruns_its_stage_and_everything_after(finished, corpus, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished[0], run)
+    first = records(run)
+
+    # The tokenizer changes: data is kept, the tokenizer and everything after it are redone.
+    stdout = lmforge_run(run, corpus, "tokenizer.vocab_size=320").stdout
+    after_tokenizer = records(run)
+    assert stage_lines(stdout)["data"].startswith("skipped")
+    assert after_tokenizer["data"] == first["data"]
+    for name in STAGE_NAMES[1:]:
+        assert stage_lines(stdout)[name].startswith("done"), name
+        assert after_tokenizer[name]["outputs"] != first[name]["outputs"], name
+    assert json.loads((run / "tokenizer" / "stats.json").read_text())["vocab_size"] == 320
+
+    # The data config changes: every stage is redone.
+    stdout = lmforge_run(run, corpus, "tokenizer.vocab_size=320", "data.val_fraction=0.1").stdout
+    assert all(line.startswith("done") for line in stage_lines(stdout).values())
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["config"]["val_fraction"] == 0.1
+
+
+def wait_for_step(run: Path, process: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    """Poll metrics.jsonl until a training line of `step` or later appears (else kill and fail)."""
+    deadline = time.monotonic() + timeout
+    path = run / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) >= step:
+                        return
+                except json.JSONDecodeError:
+                    pass  # a line being written
+        time.sleep(0.02)
+    ended = process.poll() is not None
+    process.kill()
+    process.communicate()
+    raise AssertionError("the run ended before it could be interrupted" if ended
+                         else f"no step {step} within {timeout}s")
+
+
+def test_interrupted_run_continues_to_the_same_artefacts(finished, corpus, tmp_path):
+    reference, _ = finished
+    run = tmp_path / "interrupted"
+
+    # SIGINT: pre-training finishes its step, checkpoints, and the command exits 130.
+    process = subprocess.Popen(run_command(run, corpus), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, process, 12)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    assert "run the same command again" in err
+    assert records(run)["pretrain"]["status"] == "running"
+
+    # SIGKILL: no chance to clean up at all.
+    process = subprocess.Popen(run_command(run, corpus), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, process, 25)
+    process.kill()
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert "resuming pre-training from step_" in out
+
+    done = lmforge_run(run, corpus)
+    lines = stage_lines(done.stdout)
+    for name in ("data", "tokenizer", "shards"):
+        assert lines[name].startswith("skipped"), name
+    assert "resuming pre-training from step_000000" in done.stdout
+    assert records(run)["pretrain"]["status"] == "complete"
+
+    # The same artefacts as the uninterrupted run.
+    for path in ("tokenizer/tokenizer.json", "logs/samples.json"):
+        assert (run / path).read_text() == (reference / path).read_text(), path
+    ours, theirs = final_weights(run), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert (ours[name] == theirs[name]).all(), name
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, corpus):
+    cases = [
+        (["--time-budget", "soon"], "--time-budget"),
+        (["--source", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--set", "model.n_heads=3"], "model.n_heads"),
+        (["--source", str(corpus), "--time-budget", "1s"], "--time-budget"),
+    ]
+    for args, needle in cases:
+        done = subprocess.run([sys.executable, "-m", "lmforge", "run", "--out", str(tmp_path / "r"),
+                               *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stderr)
+        error = done.stderr.strip().splitlines()
+        assert error[-1].startswith("error: ") and needle in error[-1], (args, done.stderr)
+        assert "Traceback" not in done.stderr
