@@ -147,14 +147,144 @@ class TokenizerConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Heuristic quality filters in the style of Gopher (Rae et al. 2021) and C4; a document is
+    removed by the first rule it fails. Prose rules apply to text, the `code_*` rules to code.
+
+    enabled: apply the quality filters at all.
+    min_words / max_words: bounds on the number of whitespace-separated words.
+    min_mean_word_length / max_mean_word_length: bounds on the mean word length in characters.
+    max_symbol_word_ratio: most `#` and ellipsis symbols per word.
+    min_alpha_word_fraction: least share of words containing an alphabetic character.
+    max_bullet_line_fraction: most share of lines starting with a bullet.
+    max_ellipsis_line_fraction: most share of lines ending with an ellipsis.
+    max_duplicate_line_fraction / max_duplicate_paragraph_fraction: most share of lines / paragraphs
+        that repeat an earlier one.
+    max_top_ngram_fraction: for n = 2, 3, 4, most share of word characters taken by the most
+        frequent n-gram.
+    max_duplicate_ngram_fraction: for n = 5, 6, ..., most share of word characters inside n-grams
+        that occur more than once (one threshold per n).
+    code_min_chars: shortest code file kept, in characters.
+    code_max_line_length: longest line allowed in code.
+    code_max_mean_line_length: most mean line length in code.
+    code_min_alnum_fraction: least share of alphanumeric characters in code.
+    examples: removed documents remembered per rule for the report.
+    """
+
+    enabled: bool = True
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    min_alpha_word_fraction: float = 0.8
+    max_bullet_line_fraction: float = 0.9
+    max_ellipsis_line_fraction: float = 0.3
+    max_duplicate_line_fraction: float = 0.3
+    max_duplicate_paragraph_fraction: float = 0.3
+    max_top_ngram_fraction: list[float] = field(default_factory=lambda: [0.20, 0.18, 0.16])
+    max_duplicate_ngram_fraction: list[float] = field(
+        default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10]
+    )
+    code_min_chars: int = 100
+    code_max_line_length: int = 1000
+    code_max_mean_line_length: float = 100.0
+    code_min_alnum_fraction: float = 0.25
+    examples: int = 3
+
+    def validate(self) -> None:
+        p = "data.filters"
+        _positive(f"{p}.max_words", self.max_words)
+        _non_negative(f"{p}.min_words", self.min_words)
+        if self.min_words > self.max_words:
+            raise ConfigError(f"{p}.min_words={self.min_words} exceeds {p}.max_words={self.max_words}")
+        if self.min_mean_word_length > self.max_mean_word_length:
+            raise ConfigError(
+                f"{p}.min_mean_word_length={self.min_mean_word_length} exceeds "
+                f"{p}.max_mean_word_length={self.max_mean_word_length}"
+            )
+        for name in ("max_symbol_word_ratio", "code_max_mean_line_length"):
+            _non_negative(f"{p}.{name}", getattr(self, name))
+        for name in ("min_alpha_word_fraction", "max_bullet_line_fraction",
+                     "max_ellipsis_line_fraction", "max_duplicate_line_fraction",
+                     "max_duplicate_paragraph_fraction", "code_min_alnum_fraction"):
+            _fraction(f"{p}.{name}", getattr(self, name))
+        for name in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
+            for i, v in enumerate(getattr(self, name)):
+                _fraction(f"{p}.{name}[{i}]", v)
+        if len(self.max_top_ngram_fraction) > 3:
+            raise ConfigError(f"{p}.max_top_ngram_fraction has one value per n = 2, 3, 4 (at most 3)")
+        _non_negative(f"{p}.code_min_chars", self.code_min_chars)
+        _positive(f"{p}.code_max_line_length", self.code_max_line_length)
+        _non_negative(f"{p}.examples", self.examples)
+
+
+@dataclass
+class DedupConfig:
+    """Deduplication: exact (hash of the normalised text), then near (MinHash + LSH banding).
+
+    exact: drop documents whose normalised text (lower case, whitespace collapsed) repeats.
+    near: drop documents whose estimated Jaccard similarity to a kept one is >= threshold.
+    num_perm: MinHash permutations (signature length).
+    bands: LSH bands; num_perm must be a multiple, each band has num_perm / bands rows.
+    threshold: Jaccard similarity of word n-gram sets from which two documents are duplicates.
+    ngram: words per shingle.
+    seed: seed of the permutations (same meaning as datasketch's MinHash seed).
+    """
+
+    exact: bool = True
+    near: bool = True
+    num_perm: int = 128
+    bands: int = 16
+    threshold: float = 0.8
+    ngram: int = 5
+    seed: int = 1
+
+    def validate(self) -> None:
+        _positive("data.dedup.num_perm", self.num_perm)
+        _positive("data.dedup.bands", self.bands)
+        _positive("data.dedup.ngram", self.ngram)
+        if self.num_perm % self.bands:
+            raise ConfigError(
+                f"data.dedup.bands={self.bands} must divide data.dedup.num_perm={self.num_perm}"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"data.dedup.threshold={self.threshold} must be in (0, 1]")
+
+
+@dataclass
+class DecontamConfig:
+    """Decontamination against reference texts (e.g. evaluation sets).
+
+    references: files, directories or globs of reference texts (same forms as data.sources).
+    ngram: words per n-gram; a document sharing any such n-gram with a reference is contaminated.
+    action: "drop" removes contaminated documents, "flag" keeps them and lists them in the manifest.
+    """
+
+    references: list[str] = field(default_factory=list)
+    ngram: int = 13
+    action: str = "drop"
+
+    def validate(self) -> None:
+        _positive("data.decontam.ngram", self.ngram)
+        _choice("data.decontam.action", self.action, ("drop", "flag"))
+
+
+@dataclass
 class DataConfig:
-    """Data preparation: sources -> filters -> dedup -> split -> token shards.
+    """Data preparation: sources -> clean -> filters -> dedup -> decontam -> split -> token shards.
 
     sources: inputs: files, directories, globs, `*.jsonl`, `*.parquet`, `*.gz`, or `builtin:default`.
     text_field: the field holding the text in JSONL and Parquet records.
     val_fraction: share of documents (chosen by content hash) held out for validation.
     shard_tokens: tokens per shard file.
-    workers: processes used for filtering and tokenization.
+    workers: processes for cleaning and filtering, threads for tokenization.
+    strict: malformed input (a bad JSONL line, bytes that are not UTF-8) is an error, not a warning.
+    unicode_form: Unicode normalisation applied by cleaning: "NFC", "NFKC" or "none".
+    builtin_code_max_bytes: cap on the Python standard library sources in `builtin:default`.
+    filters: quality filters (section data.filters).
+    dedup: deduplication (section data.dedup).
+    decontam: decontamination (section data.decontam).
     """
 
     sources: list[str] = field(default_factory=lambda: ["builtin:default"])
@@ -162,14 +292,27 @@ class DataConfig:
     val_fraction: float = 0.01
     shard_tokens: int = 1 << 22
     workers: int = 2
+    strict: bool = False
+    unicode_form: str = "NFC"
+    builtin_code_max_bytes: int = 4_000_000
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
 
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("data.sources is empty: name at least one file, directory or builtin:default")
+        if not self.text_field:
+            raise ConfigError("data.text_field must not be empty")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         _positive("data.shard_tokens", self.shard_tokens)
         _positive("data.workers", self.workers)
+        _choice("data.unicode_form", self.unicode_form, ("NFC", "NFKC", "none"))
+        _non_negative("data.builtin_code_max_bytes", self.builtin_code_max_bytes)
+        self.filters.validate()
+        self.dedup.validate()
+        self.decontam.validate()
 
 
 @dataclass
@@ -178,42 +321,178 @@ class TrainConfig:
 
     max_steps: optimizer steps to run.
     batch_size: sequences per micro-batch on each device.
+    batch_tokens: tokens per optimizer step over all devices; gradients are accumulated over
+        batch_tokens / (batch_size * seq_len * world_size) micro-batches. 0 means one micro-batch.
     seq_len: tokens per sequence; 0 means model.max_seq_len.
     lr: peak learning rate; warmup_steps of linear warmup, then `schedule` down to lr * min_lr_ratio.
+    warmup_steps: steps of linear warmup from ~0 to lr.
+    min_lr_ratio: the final learning rate as a share of lr.
+    schedule: "cosine" (cosine decay to the end), "wsd" (warmup-stable-decay: constant, then a
+        linear decay over the last decay_fraction of the steps) or "constant".
+    decay_fraction: share of max_steps used by the final decay of the "wsd" schedule.
+    optimizer: "adamw" for every weight, or "muon" (Muon for the 2D matrices inside the blocks,
+        AdamW for embeddings, the output head, norms and biases).
+    beta1 / beta2 / eps: AdamW moment coefficients and denominator epsilon.
+    weight_decay: decoupled weight decay on matrix weights (never on norms, biases, embeddings).
+    muon_lr: peak learning rate of the Muon parameters (scaled by the same schedule).
+    muon_momentum: Muon's Nesterov momentum.
+    grad_clip: clip the global gradient norm to this value; 0 disables clipping.
     checkpoint_every / eval_every: steps between checkpoints / validation evaluations.
+    keep_last: complete checkpoints kept besides the best one by validation loss.
+    eval_batches: micro-batches of the validation split per evaluation (the same ones each time).
+    sample_every: steps between sample generations written to the log; 0 disables.
+    sample_prompt: the prompt of those samples.
+    sample_tokens: tokens generated per sample.
+    log_every: steps between metric lines in metrics.jsonl.
     seed: seeds data order, initialisation and sampling.
+    device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
+    dtype: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
+    compile: torch.compile each transformer block.
+    activation_checkpointing: recompute each block's activations in the backward pass.
+    tensorboard: also write TensorBoard events to RUN_DIR/tb.
+    time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the
+        throughput measured in the first steps ("" means no budget).
+    parallel: parallelism strategy over the processes torchrun starts: "none" (one process; with
+        several it means "ddp"), "ddp" (a replica per rank), "fsdp" (parameters, gradients and
+        optimizer state sharded, FSDP2), "pipeline" (layers split into one stage per rank) or
+        "fsdp+tp" (tensor parallel inside groups of tp_size ranks, FSDP across them).
+    pipeline_schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (one forward, one
+        backward: fewer micro-batches' activations alive at once).
+    pipeline_microbatches: micro-batches each batch is cut into for the pipeline; must divide
+        batch_size. More micro-batches shrink the pipeline bubble.
+    pipeline_stages: stages of "pipeline"; 0 means one per process. Fewer stages than processes
+        replicate the pipeline (world size / stages replicas, data parallel with DDP).
+    tp_size: tensor-parallel degree of "fsdp+tp"; must divide the world size, model.n_heads and
+        the key/value heads.
+    dist_backend: "auto" (NCCL on GPUs, gloo on CPUs), "nccl" or "gloo".
+    dist_timeout_s: seconds a collective may wait for the other ranks before the job fails.
     """
 
     max_steps: int = 1000
     batch_size: int = 16
+    batch_tokens: int = 0
     seq_len: int = 0
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    optimizer: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
     weight_decay: float = 0.1
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     checkpoint_every: int = 200
     eval_every: int = 100
+    keep_last: int = 3
+    eval_batches: int = 20
+    sample_every: int = 0
+    sample_prompt: str = "The"
+    sample_tokens: int = 48
+    log_every: int = 1
     seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    tensorboard: bool = True
+    time_budget: str = ""
+    parallel: str = "none"
+    pipeline_schedule: str = "1f1b"
+    pipeline_microbatches: int = 4
+    pipeline_stages: int = 0
+    tp_size: int = 2
+    dist_backend: str = "auto"
+    dist_timeout_s: float = 600.0
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every"):
+        for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "keep_last",
+                     "eval_batches", "log_every", "sample_tokens"):
             _positive(f"train.{name}", getattr(self, name))
-        _non_negative("train.seq_len", self.seq_len)
-        _non_negative("train.warmup_steps", self.warmup_steps)
-        _positive("train.lr", self.lr)
+        for name in ("seq_len", "warmup_steps", "batch_tokens", "sample_every", "grad_clip",
+                     "weight_decay"):
+            _non_negative(f"train.{name}", getattr(self, name))
+        for name in ("lr", "muon_lr", "eps"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("beta1", "beta2", "muon_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction} must be in (0, 1]")
         _choice("train.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _choice("train.parallel", self.parallel, ("none", "ddp", "fsdp", "pipeline", "fsdp+tp"))
+        _choice("train.pipeline_schedule", self.pipeline_schedule, ("gpipe", "1f1b"))
+        _choice("train.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+        for name in ("pipeline_microbatches", "tp_size", "dist_timeout_s"):
+            _positive(f"train.{name}", getattr(self, name))
+        _non_negative("train.pipeline_stages", self.pipeline_stages)
+        if self.parallel == "pipeline" and self.batch_size % self.pipeline_microbatches:
+            raise ConfigError(
+                f"train.pipeline_microbatches={self.pipeline_microbatches} must divide "
+                f"train.batch_size={self.batch_size}"
+            )
+        if self.time_budget:
+            parse_duration(self.time_budget, "train.time_budget")
+
+
+@dataclass
+class GuardConfig:
+    """Loss-spike and NaN guard of the pre-training loop.
+
+    enabled: watch every step; off means a non-finite step is still never applied but stops the run.
+    window: recent clean losses forming the running median and MAD (median absolute deviation).
+    threshold: a loss above median + threshold * 1.4826 * MAD (a robust standard deviation,
+        floored at min_rel_spread * median) is a spike.
+    min_rel_spread: floor of that robust spread as a share of the median, so a flat loss curve
+        does not turn noise into spikes.
+    max_rollbacks: rollbacks allowed in one run; one more stops the run with an error.
+    skip_batches: optimizer steps' worth of data skipped at the offending step after a rollback.
+    lr_factor: learning-rate multiplier applied after a rollback (1.0 keeps the schedule).
+    lr_cooldown_steps: steps the lowered learning rate lasts.
+    """
+
+    enabled: bool = True
+    window: int = 50
+    threshold: float = 6.0
+    min_rel_spread: float = 0.02
+    max_rollbacks: int = 5
+    skip_batches: int = 1
+    lr_factor: float = 0.5
+    lr_cooldown_steps: int = 100
+
+    def validate(self) -> None:
+        for name in ("window", "threshold", "skip_batches"):
+            _positive(f"guard.{name}", getattr(self, name))
+        for name in ("min_rel_spread", "max_rollbacks", "lr_cooldown_steps"):
+            _non_negative(f"guard.{name}", getattr(self, name))
+        if not 0.0 < self.lr_factor <= 1.0:
+            raise ConfigError(f"guard.lr_factor={self.lr_factor} must be in (0, 1]")
 
 
 @dataclass
 class DebugConfig:
     """Debug switches.
 
-    inject: faults to inject, e.g. "spike@40,nan@70" (a loss spike at step 40, a NaN at step 70).
+    inject: faults to inject, comma separated KIND@STEP, each fired the first time STEP runs:
+        spike (loss and gradients x1000), nan (loss and gradients NaN), sigterm (the process
+        signals itself: finish the step, checkpoint, exit), sigkill (dies at once),
+        sigkill_in_checkpoint (dies in the middle of writing the checkpoint of STEP).
+        E.g. "spike@40,nan@70".
     """
 
     inject: str = ""
+
+    def validate(self) -> None:
+        if self.inject:
+            parse_inject(self.inject)
 
 
 @dataclass
@@ -224,6 +503,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> RunConfig:
@@ -256,7 +536,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
         "tokenizer": dict(vocab_size=4096),
-        "train": dict(batch_size=16, lr=3e-3, warmup_steps=50),
+        # Tuned for `pretrain --time-budget 10m` on two CPU cores: ~300-600 steps of 2k tokens.
+        "train": dict(batch_size=8, lr=3e-3, warmup_steps=30, eval_every=100, eval_batches=10,
+                      checkpoint_every=100, sample_every=100),
     },
     # ~23M parameters: a laptop run of an hour, or minutes on a GPU.
     "small": {
@@ -264,10 +546,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tokenizer": dict(vocab_size=8192),
         "train": dict(batch_size=16, lr=1.5e-3, warmup_steps=200),
     },
-    # GPT-2 small shape (124M with tied embeddings), padded vocab 50304 for fast matmuls.
+    # GPT-2 small shape (124M with tied embeddings), padded vocab 50304 for fast matmuls. d_ff is
+    # automatic: 2048 for SwiGLU (same MLP parameters as GPT-2's 4 x 768 = 3072 GELU MLP, which
+    # `--set model.arch=gpt2` gets).
     "gpt2-124m": {
         "model": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                      d_ff=3072, max_seq_len=1024),
+                      max_seq_len=1024),
         "tokenizer": dict(vocab_size=50257),
         "train": dict(batch_size=16, lr=6e-4, warmup_steps=700),
     },
@@ -471,6 +755,41 @@ def _toml_value(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Small parsers of values given as text.
+
+INJECT_KINDS = ("spike", "nan", "sigterm", "sigkill", "sigkill_in_checkpoint")
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """"90s", "15m", "1.5h" or a bare number of seconds -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale else raw
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a duration like 90s, 15m or 2h") from None
+    if not seconds > 0:
+        raise ConfigError(f"{name}={text!r} must be a positive duration")
+    return seconds
+
+
+def parse_inject(text: str) -> list[tuple[str, int]]:
+    """"spike@40,nan@70" -> [("spike", 40), ("nan", 70)]."""
+    faults = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, step = item.partition("@")
+        if kind not in INJECT_KINDS or not step.isdigit() or int(step) < 1:
+            raise ConfigError(
+                f"debug.inject: {item!r} is not KIND@STEP with KIND one of {', '.join(INJECT_KINDS)} "
+                "and STEP >= 1"
+            )
+        faults.append((kind, int(step)))
+    return faults
+
+
+# --------------------------------------------------------------------------------------------
 # Small validators with uniform messages.
 
 
@@ -482,6 +801,11 @@ def _positive(name: str, value: float) -> None:
 def _non_negative(name: str, value: float) -> None:
     if value < 0:
         raise ConfigError(f"{name}={value} must be >= 0")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value} must be in [0, 1]")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
