@@ -251,8 +251,11 @@ class Transformer(nn.Module):
 
     # ---- forward
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`.
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None, ignore_index: int = -100,
+                reduction: str = "mean") -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`; the loss of
+        `targets` (see `loss`) when they are given.
 
         With a `cache`, the T tokens continue the cached sequence at position `cache.pos`.
         A pipeline stage without `embed_tokens` takes hidden states (B, T, d_model) instead, and
@@ -261,6 +264,8 @@ class Transformer(nn.Module):
         h = self.hidden_states(idx, cache)
         if self.norm is None:
             return h
+        if targets is not None:
+            return self.head_loss(h, targets, ignore_index, reduction)
         if last_only:
             h = h[:, -1:]
         return self.head(self.norm(h))
@@ -296,8 +301,11 @@ class Transformer(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T)."""
-        return self.head_loss(self.hidden_states(idx), targets, ignore_index, reduction)
+        """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T).
+
+        It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
+        root's weights there, and a compiled or hooked forward applies to training too."""
+        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean") -> torch.Tensor:
