@@ -209,31 +209,19 @@ def _run_sample(ctx: Context) -> None:
 def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, seed: int,
                      temperature: float = 0.8, top_k: int = 50) -> list[dict[str, Any]]:
     """One seeded continuation per prompt ("" starts a new document) from a checkpoint."""
-    import torch
-
     from lmforge.checkpoint import load_model
+    from lmforge.generation import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint / "tokenizer")
     model = load_model(checkpoint)
-    # The embedding may have more rows than the tokenizer has tokens (a vocabulary padded for
-    # fast matmuls); those ids mean nothing, so they are never sampled.
-    n_tokens = tokenizer.vocab_size
-
-    def mask_padding(module, inputs, logits):
-        logits[..., n_tokens:] = float("-inf")
-        return logits
-
-    model.register_forward_hook(mask_padding)
     samples = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        generator = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            new = list(model.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                    stop_tokens=[tokenizer.eot_id], generator=generator))
-        samples.append({"prompt": prompt, "text": prompt + tokenizer.decode(new), "tokens": len(new),
-                        "checkpoint": checkpoint.name, "temperature": temperature, "top_k": top_k})
+        generated = generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed + i)
+        samples.append({"prompt": prompt, "text": prompt + generated.text,
+                        "tokens": len(generated.token_ids), "checkpoint": checkpoint.name,
+                        "temperature": temperature, "top_k": top_k})
     return samples
 
 

@@ -330,15 +330,13 @@ class Trainer:
             return None
         if not self.par.is_main:
             return None
+        from lmforge.generation import generate_text
+
         cfg = self.cfg.train
-        prompt = self.tokenizer.encode(cfg.sample_prompt) or [self.tokenizer.eot_id]
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.step)
-        self.model.eval()
         with self.autocast():
-            ids = list(self.model.stream(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                         stop_tokens=[self.tokenizer.eot_id], generator=generator))
-        self.model.train()
-        return self.tokenizer.decode(prompt + ids)
+            generated = generate_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                      temperature=0.8, top_k=50, seed=cfg.seed + self.step)
+        return cfg.sample_prompt + generated.text
 
     # ---- time budget
 
