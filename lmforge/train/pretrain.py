@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import RunConfig, parse_duration
 from lmforge.errors import ConfigError, UserError
 from lmforge.eval.loss import evaluate_loss, token_byte_lengths
@@ -482,7 +483,7 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_f
         budget = parse_duration(cfg.train.time_budget, "train.time_budget")
     trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget)
     if par.is_main:
-        (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return trainer.run()
 
 
