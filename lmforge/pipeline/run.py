@@ -39,6 +39,8 @@ MIN_PRETRAIN_S = 30.0
 # openings from each part of the built-in corpus).
 BUILTIN_PROMPTS = ["ROMEO:", "And God said", "def "]
 SAMPLE_TOKENS = 120
+# The tokenizer's bytes per token are measured on (about) this much of the validation split.
+VAL_STATS_BYTES = 2_000_000
 
 
 @dataclass
@@ -93,13 +95,13 @@ def _data_fingerprint(ctx: Context) -> str | None:
 
 def _run_tokenizer(ctx: Context) -> None:
     from lmforge.data.prepare import curated_texts
-    from lmforge.report.collect import tokenizer_stats
     from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.stats import tokenizer_stats
 
     tc = ctx.cfg.tokenizer
     tok = train_tokenizer(curated_texts(ctx.layout.data, "train"), tc.vocab_size, tc.pattern,
                           tc.special_tokens, workers=ctx.cfg.data.workers, progress=ctx.progress)
-    stats = tokenizer_stats(tok, curated_texts(ctx.layout.data, "val"))
+    stats = tokenizer_stats(tok, curated_texts(ctx.layout.data, "val"), max_bytes=VAL_STATS_BYTES)
     with atomic_directory(ctx.layout.tokenizer, overwrite=True) as tmp:
         tok.save(tmp)
         atomic_write_json(tmp / "stats.json", stats)
