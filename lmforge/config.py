@@ -347,7 +347,7 @@ class TrainConfig:
     seed: seeds data order, initialisation and sampling.
     device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
     dtype: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
-    compile: torch.compile each transformer block.
+    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss).
     activation_checkpointing: recompute each block's activations in the backward pass.
     tensorboard: also write TensorBoard events to RUN_DIR/tb.
     time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the

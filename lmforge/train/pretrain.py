@@ -108,6 +108,19 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
+def compile_head_loss(model: nn.Module) -> None:
+    """torch.compile the final norm + LM head + cross-entropy (`model.head_loss`) in place.
+
+    As one graph the (B, T, vocab) logits and their softmax fuse. `model.loss` goes through
+    `forward`, which calls `self.head_loss`, so the instance attribute set here is what training
+    and evaluation run; parameters and names are untouched. A pipeline stage without the final
+    norm never computes a loss, so it is left alone.
+    """
+    if getattr(model, "norm", None) is None:
+        return
+    model.head_loss = torch.compile(model.head_loss)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -144,7 +157,9 @@ class Trainer:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
             compile_blocks(model)
-        self.model = par.parallelize(model)
+        self.model = par.parallelize(model)  # the bare model (or this rank's pipeline stage)
+        if cfg.train.compile:
+            compile_head_loss(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.autocast = autocast_for(cfg, self.device)
 
