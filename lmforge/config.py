@@ -351,7 +351,8 @@ class TrainConfig:
     activation_checkpointing: recompute each block's activations in the backward pass.
     tensorboard: also write TensorBoard events to RUN_DIR/tb.
     time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the
-        throughput measured in the first steps ("" means no budget).
+        throughput measured in the first steps and re-estimated as the run goes, without LR jumps
+        ("" means no budget).
     parallel: parallelism strategy over the processes torchrun starts: "none" (one process; with
         several it means "ddp"), "ddp" (a replica per rank), "fsdp" (parameters, gradients and
         optimizer state sharded, FSDP2), "pipeline" (layers split into one stage per rank) or
