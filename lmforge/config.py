@@ -347,11 +347,12 @@ class TrainConfig:
     seed: seeds data order, initialisation and sampling.
     device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
     dtype: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
-    compile: torch.compile each transformer block.
+    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss).
     activation_checkpointing: recompute each block's activations in the backward pass.
     tensorboard: also write TensorBoard events to RUN_DIR/tb.
     time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the
-        throughput measured in the first steps ("" means no budget).
+        throughput measured in the first steps and re-estimated as the run goes, without LR jumps
+        ("" means no budget).
     parallel: parallelism strategy over the processes torchrun starts: "none" (one process; with
         several it means "ddp"), "ddp" (a replica per rank), "fsdp" (parameters, gradients and
         optimizer state sharded, FSDP2), "pipeline" (layers split into one stage per rank) or

@@ -323,18 +323,20 @@ class Transformer(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-                 compile: bool = False) -> torch.Tensor:
+                 compile: bool = False, vocab_limit: int | None = None) -> torch.Tensor:
         """Continue each row of `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
 
         temperature 0 is greedy. A row that emits a stop token keeps it and is padded with it
         afterwards; generation ends early once every row has stopped. `compile` runs the
         one-token decode step through torch.compile: worth it for long generations (the first
         call compiles for tens of seconds; later calls reuse it), see docs/guide/model.md.
+        `vocab_limit`: only ids below it are ever picked (see `sample_next`).
         """
         stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         out = [idx]
-        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile):
+        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile,
+                                  vocab_limit):
             if len(stops):
                 token = torch.where(done, stops[0], token)
                 done |= torch.isin(token, stops)
@@ -347,12 +349,14 @@ class Transformer(nn.Module):
     def stream(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-               compile: bool = False) -> Iterator[int]:
-        """Yield new token ids one at a time for one prompt; stops before yielding a stop token."""
+               compile: bool = False, vocab_limit: int | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time for one prompt; stops before yielding a stop token.
+        Text generation with a tokenizer goes through `lmforge.generation.generate_text`."""
         device = self._param().device
         idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
         stops = set(stop_tokens)
-        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile):
+        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile,
+                                  vocab_limit):
             t = int(token[0])
             if t in stops:
                 return
@@ -360,7 +364,8 @@ class Transformer(nn.Module):
 
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None, compile: bool = False) -> Iterator[torch.Tensor]:
+                generator: torch.Generator | None, compile: bool = False,
+                vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
         """Prefill the cache with the prompt, then yield (B,) next tokens one step at a time."""
         B, T = idx.shape
         if not 0 < T <= self.cfg.max_seq_len:
@@ -374,7 +379,7 @@ class Transformer(nn.Module):
         step = self._compiled_step() if compile else self
         logits = self(idx, cache, last_only=True)[:, -1]  # the prompt, in one eager pass
         for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
             yield token
             if i + 1 < max_new_tokens:
                 logits = step(token[:, None], cache, last_only=True)[:, -1]
@@ -394,10 +399,17 @@ class Transformer(nn.Module):
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                vocab_limit: int | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, vocab) -> (B,): greedy at temperature 0, else sampled
     from the softmax at `temperature`, restricted to the `top_k` best and the smallest set whose
-    probability reaches `top_p` (nucleus)."""
+    probability reaches `top_p` (nucleus).
+
+    `vocab_limit` keeps ids >= it out of reach: a model's vocabulary may be larger than its
+    tokenizer's (padded to a fast matmul size, or a tokenizer that ran out of merges), and those
+    rows mean nothing and cannot be decoded."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[..., :vocab_limit]  # ids keep their value: the kept rows come first
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -39,6 +39,8 @@ MIN_PRETRAIN_S = 30.0
 # openings from each part of the built-in corpus).
 BUILTIN_PROMPTS = ["ROMEO:", "And God said", "def "]
 SAMPLE_TOKENS = 120
+# The tokenizer's bytes per token are measured on (about) this much of the validation split.
+VAL_STATS_BYTES = 2_000_000
 
 
 @dataclass
@@ -93,13 +95,13 @@ def _data_fingerprint(ctx: Context) -> str | None:
 
 def _run_tokenizer(ctx: Context) -> None:
     from lmforge.data.prepare import curated_texts
-    from lmforge.report.collect import tokenizer_stats
     from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer.stats import tokenizer_stats
 
     tc = ctx.cfg.tokenizer
     tok = train_tokenizer(curated_texts(ctx.layout.data, "train"), tc.vocab_size, tc.pattern,
                           tc.special_tokens, workers=ctx.cfg.data.workers, progress=ctx.progress)
-    stats = tokenizer_stats(tok, curated_texts(ctx.layout.data, "val"))
+    stats = tokenizer_stats(tok, curated_texts(ctx.layout.data, "val"), max_bytes=VAL_STATS_BYTES)
     with atomic_directory(ctx.layout.tokenizer, overwrite=True) as tmp:
         tok.save(tmp)
         atomic_write_json(tmp / "stats.json", stats)
@@ -209,31 +211,19 @@ def _run_sample(ctx: Context) -> None:
 def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, seed: int,
                      temperature: float = 0.8, top_k: int = 50) -> list[dict[str, Any]]:
     """One seeded continuation per prompt ("" starts a new document) from a checkpoint."""
-    import torch
-
     from lmforge.checkpoint import load_model
+    from lmforge.generation import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint / "tokenizer")
     model = load_model(checkpoint)
-    # The embedding may have more rows than the tokenizer has tokens (a vocabulary padded for
-    # fast matmuls); those ids mean nothing, so they are never sampled.
-    n_tokens = tokenizer.vocab_size
-
-    def mask_padding(module, inputs, logits):
-        logits[..., n_tokens:] = float("-inf")
-        return logits
-
-    model.register_forward_hook(mask_padding)
     samples = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        generator = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            new = list(model.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                    stop_tokens=[tokenizer.eot_id], generator=generator))
-        samples.append({"prompt": prompt, "text": prompt + tokenizer.decode(new), "tokens": len(new),
-                        "checkpoint": checkpoint.name, "temperature": temperature, "top_k": top_k})
+        generated = generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed + i)
+        samples.append({"prompt": prompt, "text": prompt + generated.text,
+                        "tokens": len(generated.token_ids), "checkpoint": checkpoint.name,
+                        "temperature": temperature, "top_k": top_k})
     return samples
 
 

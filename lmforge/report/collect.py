@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import statistics
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,9 @@ class RunArtefacts:
         for directory in (self.layout.tokenizer, self.latest_checkpoint and self.latest_checkpoint / "tokenizer"):
             if directory and (directory / "tokenizer.json").is_file():
                 from lmforge.tokenizer import load_tokenizer
+                from lmforge.tokenizer.stats import tokenizer_stats
 
-                return tokenizer_stats(load_tokenizer(directory), val_texts=[])
+                return tokenizer_stats(load_tokenizer(directory), texts=[])
         return None
 
 
@@ -212,33 +213,6 @@ def tokenizer(run: RunArtefacts) -> list[Block] | str:
         blocks.append(Table(["id", "bytes", "token"],
                             [[str(t["id"]), str(t["bytes"]), repr(t["text"])] for t in longest]))
     return blocks
-
-
-def tokenizer_stats(tok: Any, val_texts: Iterable[str], longest: int = 10, max_val_bytes: int = 2_000_000) -> dict:
-    """Vocabulary, compression on held-out text (bytes per token) and the longest tokens."""
-    n_bytes = n_tokens = 0
-    for text in val_texts:
-        n_bytes += len(text.encode("utf-8"))
-        n_tokens += len(tok.encode(text))
-        if n_bytes >= max_val_bytes:
-            break
-    regular = [i for i in range(tok.vocab_size) if tok.token_bytes(i)]
-    # Runs of spaces (code indentation) would fill the list; the words show what was learned.
-    worded = [i for i in regular if tok.token_bytes(i).strip()]
-    top = sorted(worded, key=lambda i: (-len(tok.token_bytes(i)), i))[:longest]
-    spaces = [len(tok.token_bytes(i)) for i in regular if not tok.token_bytes(i).strip()]
-    return {
-        "vocab_size": tok.vocab_size,
-        "merges": len(regular) - 256,
-        "special_tokens": len(tok.special_tokens),
-        "val_bytes": n_bytes,
-        "val_tokens": n_tokens,
-        "val_bytes_per_token": n_bytes / n_tokens if n_tokens else None,
-        "longest_whitespace_token": max(spaces, default=0),
-        "longest_tokens": [{"id": i, "bytes": len(tok.token_bytes(i)),
-                            "text": tok.token_bytes(i).decode("utf-8", "backslashreplace")} for i in top],
-        "content_hash": tok.content_hash,
-    }
 
 
 def model(run: RunArtefacts) -> list[Block] | str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from lmforge.errors import UserError
@@ -120,25 +119,21 @@ def stats_args(parser: argparse.ArgumentParser) -> None:
 def stats(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.sources import iter_texts
+    from lmforge.tokenizer.stats import tokenizer_stats
 
     tok = load_tokenizer(args.tokenizer)
-    used: Counter[int] = Counter()
-    n_bytes = n_tokens = 0
-    for text in iter_texts(args.input, text_field=args.text_field):
-        ids = tok.encode(text)
-        used.update(ids)
-        n_tokens += len(ids)
-        n_bytes += len(text.encode("utf-8"))
-    n_regular = tok.vocab_size - len(tok.special_tokens)
+    s = tokenizer_stats(tok, iter_texts(args.input, text_field=args.text_field), longest=args.top)
+    n_regular = tok.vocab_size - s["special_tokens"]
+    per_token = s["val_bytes_per_token"]
     print(f"tokenizer        {Path(args.tokenizer)}  ({tok.vocab_size} tokens, {tok.content_hash[:19]})")
-    print(f"input            {n_bytes:,} bytes -> {n_tokens:,} tokens")
-    print(f"bytes per token  {n_bytes / max(n_tokens, 1):.3f}")
-    print(f"vocabulary used  {len(used):,} of {n_regular:,} regular tokens "
-          f"({100 * len(used) / n_regular:.1f}%)")
-    longest = sorted(range(n_regular), key=lambda i: (-len(tok.token_bytes(i)), i))[: args.top]
-    print("longest tokens   (id, bytes, uses in input)")
-    for i in longest:
-        print(f"  {i:>7}  {tok.token_bytes(i)!r}  {used[i]}")
+    print(f"input            {s['val_bytes']:,} bytes -> {s['val_tokens']:,} tokens")
+    print(f"bytes per token  {per_token:.3f}" if per_token else "bytes per token  - (no tokens)")
+    print(f"vocabulary used  {s['regular_tokens_used']:,} of {n_regular:,} regular tokens "
+          f"({100 * s['regular_tokens_used_share']:.1f}%)")
+    print(f"longest tokens   (id, bytes, uses in input; whitespace runs left out, the longest has "
+          f"{s['longest_whitespace_token']} bytes)")
+    for t in s["longest_tokens"]:
+        print(f"  {t['id']:>7}  {tok.token_bytes(t['id'])!r}  {t['uses']}")
     return 0
 
 

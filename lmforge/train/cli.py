@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import os
 import sys
 from pathlib import Path
@@ -84,9 +83,8 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    import torch
-
     from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.generation import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
@@ -96,16 +94,13 @@ def sample_command(args: argparse.Namespace) -> int:
         raise UserError(f"{directory} has no tokenizer/ directory; sampling needs the model's tokenizer")
     tokenizer = load_tokenizer(directory / "tokenizer")
     model = load_model(directory, device=args.device)
-    prompt = tokenizer.encode(args.prompt) if args.prompt else []
-    prompt = prompt or [tokenizer.eot_id]
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    # Tokens can split a UTF-8 character: decode the byte stream incrementally.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt)
-    for token in model.stream(prompt, args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k or None, top_p=args.top_p,
-                              stop_tokens=[tokenizer.eot_id], generator=generator):
-        sys.stdout.write(decoder.decode(tokenizer.decode_bytes([token])))
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+
+    sys.stdout.write(args.prompt)
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=show)
+    sys.stdout.write("\n")
     return 0

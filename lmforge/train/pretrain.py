@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import RunConfig, parse_duration
 from lmforge.errors import ConfigError, UserError
 from lmforge.eval.loss import evaluate_loss, token_byte_lengths
@@ -43,12 +45,15 @@ from lmforge.train.checkpoint import (
 from lmforge.train.guard import FaultInjector, LossGuard
 from lmforge.train.metrics import MetricsLogger, memory_gb, peak_flops
 from lmforge.train.optim import build_optimizer, set_learning_rate
-from lmforge.train.schedule import lr_multiplier
+from lmforge.train.schedule import decay_progress, lr_multiplier, wsd_decay_start
 
 # Share of a time budget kept free for the final evaluation and checkpoint.
 _BUDGET_RESERVE = 0.05
-# Shares of a time budget at which max_steps is estimated again from the recent speed.
-_RESIZE_AT = (0.25, 0.5, 0.75)
+# Steps left out of the speed measurement: the first ones pay allocation and compilation.
+_UNTIMED_STEPS = 2
+# Shares of a time budget at which max_steps is estimated again from the speed since the
+# previous estimate (a shared machine changes speed, both ways).
+_RESIZE_AT = (0.25, 0.5, 0.75, 0.9)
 
 
 @dataclass
@@ -107,6 +112,19 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
+def compile_head_loss(model: nn.Module) -> None:
+    """torch.compile the final norm + LM head + cross-entropy (`model.head_loss`) in place.
+
+    As one graph the (B, T, vocab) logits and their softmax fuse. `model.loss` goes through
+    `forward`, which calls `self.head_loss`, so the instance attribute set here is what training
+    and evaluation run; parameters and names are untouched. A pipeline stage without the final
+    norm never computes a loss, so it is left alone.
+    """
+    if getattr(model, "norm", None) is None:
+        return
+    model.head_loss = torch.compile(model.head_loss)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -117,12 +135,14 @@ class Trainer:
     """One pre-training run; `run()` trains until max_steps, a signal, or the guard gives up."""
 
     def __init__(self, cfg: RunConfig, data_dir: Path, run_dir: Path, par: Any,
-                 resume_from: Path | None = None, time_budget_s: float | None = None):
+                 resume_from: Path | None = None, time_budget_s: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         from lmforge.data.loader import TokenLoader
         from lmforge.model import Transformer
         from lmforge.tokenizer import load_tokenizer
 
-        self.t_start = time.perf_counter()
+        self.clock = clock  # seconds; injectable so tests can drive the time budget
+        self.t_start = clock()
         self.cfg, self.data_dir, self.run_dir, self.par = cfg, Path(data_dir), Path(run_dir), par
         self.device = par.device
         self.tokenizer_dir = self.data_dir / "tokenizer"
@@ -136,6 +156,9 @@ class Trainer:
         self.max_steps = cfg.train.max_steps
         self.time_budget_s = time_budget_s
         self.sizings = 0  # times max_steps was (re)estimated from the measured speed
+        # (step, cosine progress there) from which the schedule walks to max_steps: set when
+        # max_steps changes mid-run, so the learning rate goes on from where it was.
+        self.schedule_anchor: tuple[int, float] | None = None
 
         seed_everything(cfg.train.seed)
         model = Transformer(cfg.model)
@@ -143,7 +166,9 @@ class Trainer:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
             compile_blocks(model)
-        self.model = par.parallelize(model)
+        self.model = par.parallelize(model)  # the bare model (or this rank's pipeline stage)
+        if cfg.train.compile:
+            compile_head_loss(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.autocast = autocast_for(cfg, self.device)
 
@@ -187,7 +212,7 @@ class Trainer:
         cfg = self.cfg.train
         previous_handlers = self._install_signal_handlers()
         self.metrics.start_bar(self.max_steps, self.step)
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens = self.clock(), 0
         mark: tuple[float, int] | None = None  # (time, step) where the current speed measurement began
         try:
             while self.step < self.max_steps:
@@ -198,16 +223,18 @@ class Trainer:
                     continue
                 self.step, self.tokens, self.last_loss = step, self.tokens + self.tokens_per_step, loss
                 window_tokens += self.tokens_per_step
-                now = time.perf_counter()
-                if mark is None:  # the first step pays one-off costs (allocation, compile)
-                    mark = (now, step)
+                now = self.clock()
+                if mark is None:
+                    if step >= _UNTIMED_STEPS:
+                        mark = (now, step)
                 elif self._sizing_due(now, step - mark[1]):
-                    # The average since the first step: steadier than the last few on a shared machine.
+                    # The speed since the previous estimate, evaluations and checkpoints included.
                     self._size_to_budget((now - mark[0]) / (step - mark[1]))
+                    mark = (now, step)
                 if step % cfg.log_every == 0 or step == self.max_steps:
                     elapsed = max(now - window_start, 1e-9)
                     self._log_step(step, loss, grad_norm, window_tokens / elapsed)
-                    window_start, window_tokens = time.perf_counter(), 0
+                    window_start, window_tokens = self.clock(), 0
                 self._watch(step)
                 if self.stop_requested:
                     break
@@ -261,7 +288,8 @@ class Trainer:
         return loss, grad_norm, None
 
     def _lr_multiplier(self, step: int) -> float:
-        return lr_multiplier(step, self.cfg.train, self.max_steps) * self.guard.lr_scale(step)
+        return (lr_multiplier(step, self.cfg.train, self.max_steps, self.schedule_anchor)
+                * self.guard.lr_scale(step))
 
     def _roll_back(self, step: int, reason: str, loss: float, grad_norm: float) -> None:
         self.guard.rollback(step, reason)  # raises TrainingDiverged when out of rollbacks
@@ -287,7 +315,7 @@ class Trainer:
             # Every rank processes tokens_per_s / world_size of them against its own peak.
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.par.world_size)
         record["memory_gb"] = memory_gb(self.device)
-        record["elapsed_s"] = time.perf_counter() - self.t_start
+        record["elapsed_s"] = self.clock() - self.t_start
         self.metrics.log(record)
         self.metrics.update_bar(step, self.max_steps, loss, tokens_per_s)
 
@@ -330,36 +358,42 @@ class Trainer:
             return None
         if not self.par.is_main:
             return None
+        from lmforge.generation import generate_text
+
         cfg = self.cfg.train
-        prompt = self.tokenizer.encode(cfg.sample_prompt) or [self.tokenizer.eot_id]
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.step)
-        self.model.eval()
         with self.autocast():
-            ids = list(self.model.stream(prompt, cfg.sample_tokens, temperature=0.8, top_k=50,
-                                         stop_tokens=[self.tokenizer.eot_id], generator=generator))
-        self.model.train()
-        return self.tokenizer.decode(prompt + ids)
+            generated = generate_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                      temperature=0.8, top_k=50, seed=cfg.seed + self.step)
+        return cfg.sample_prompt + generated.text
 
     # ---- time budget
 
     def _sizing_due(self, now: float, steps_measured: int) -> bool:
-        """Size after a short measurement (3% of the budget, 2-60 s), then again at 25%, 50% and
-        75% of the budget, so a machine whose speed changes (shared CPUs) still fills its budget."""
+        """Size after a short measurement (3% of the budget, 2-60 s), then again at 25%, 50%, 75%
+        and 90% of the budget. A warmup-stable-decay run stops resizing once its decay has begun."""
         if self.time_budget_s is None or steps_measured < 3 or self.sizings > len(_RESIZE_AT):
             return False
         elapsed = now - self.t_start
         if self.sizings == 0:
             return elapsed >= min(60.0, max(2.0, 0.03 * self.time_budget_s))
+        if self.cfg.train.schedule == "wsd" and self.step >= wsd_decay_start(self.cfg.train, self.max_steps):
+            return False
         return elapsed >= _RESIZE_AT[self.sizings - 1] * self.time_budget_s
 
     def _size_to_budget(self, seconds_per_step: float) -> None:
-        """Set max_steps so the run (with its evaluations) ends within the time budget."""
+        """Set max_steps so the run ends within the time budget, keeping the learning rate curve
+        continuous: the cosine is anchored at the progress it has reached (never rescaled)."""
         cfg = self.cfg.train
         assert self.time_budget_s is not None
-        # A validation batch is a forward pass, about a third of a training micro-batch.
-        eval_cost = cfg.eval_batches / (3 * self.accum) / cfg.eval_every
-        remaining = self.time_budget_s * (1 - _BUDGET_RESERVE) - (time.perf_counter() - self.t_start)
-        steps = self.step + max(1, int(remaining / (seconds_per_step * (1 + eval_cost))))
+        if self.sizings == 0:
+            # Measured before any evaluation: add its estimated share (a validation batch is a
+            # forward pass, about a third of a training micro-batch). Later measurements include it.
+            seconds_per_step *= 1 + cfg.eval_batches / (3 * self.accum) / cfg.eval_every
+        remaining = self.time_budget_s * (1 - _BUDGET_RESERVE) - (self.clock() - self.t_start)
+        steps = self.step + max(1, int(remaining / seconds_per_step))
+        if self.step > cfg.warmup_steps:
+            done = decay_progress(self.step, cfg.warmup_steps, self.max_steps, self.schedule_anchor)
+            self.schedule_anchor = (self.step, done)
         self.max_steps = cfg.max_steps = steps
         if self.sizings == 0 and cfg.warmup_steps > steps // 10:
             # A short budget should not spend most of its steps warming up: at most 10% of them.
@@ -374,7 +408,7 @@ class Trainer:
     def _budget_exhausted(self) -> bool:
         if self.time_budget_s is None or self.step >= self.max_steps:
             return False
-        over = time.perf_counter() - self.t_start > self.time_budget_s * (1 - _BUDGET_RESERVE)
+        over = self.clock() - self.t_start > self.time_budget_s * (1 - _BUDGET_RESERVE)
         return bool(float(self.par.all_reduce(torch.tensor(float(over)), "max")))
 
     # ---- checkpoints
@@ -385,6 +419,7 @@ class Trainer:
             "tokens": self.tokens,
             "max_steps": self.max_steps,
             "scheduler": {"schedule": self.cfg.train.schedule, "max_steps": self.max_steps,
+                          "anchor": self.schedule_anchor,
                           "lr_multiplier": self._lr_multiplier(self.step) if self.step else 0.0},
             "loader": self.loader.state_dict(),
             "guard": self.guard.state_dict(),
@@ -419,7 +454,9 @@ class Trainer:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"], statistic_only=rollback)
-        if not rollback:
+        if not rollback:  # a rollback keeps the live schedule: its anchor line extends backwards
+            anchor = state.get("scheduler", {}).get("anchor")
+            self.schedule_anchor = (int(anchor[0]), float(anchor[1])) if anchor else None
             self.faults.load_state_dict(state["faults_fired"])
             if state.get("val_loss") is not None:
                 self.last_val = {"val_loss": state["val_loss"], "val_bpb": state["val_bpb"]}
@@ -471,7 +508,7 @@ def _flops_per_token(cfg: RunConfig) -> float:
 
 
 def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_from: Path | None = None,
-             par: Any = None) -> TrainResult:
+             par: Any = None, clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train `cfg` on the shards in `data_dir`, writing metrics and checkpoints into `run_dir`."""
     from lmforge.distributed import init_parallel
 
@@ -482,9 +519,10 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_f
     budget = None
     if cfg.train.time_budget and resume_from is None:
         budget = parse_duration(cfg.train.time_budget, "train.time_budget")
-    trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget)
+    trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget,
+                      clock=clock)
     if par.is_main:
-        (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return trainer.run()
 
 
