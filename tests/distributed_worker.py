@@ -100,22 +100,7 @@ def strategy_run(par, cfg, data, steps: int, micro: int = 1, state=None):
     if state is not None:
         par.load_full_state_dict(model, state["model"])
         par.load_optimizer_state_dict(model, opt, state["optim"])
-    losses, first_grads = [], None
-    for step in range(steps):
-        x, y = data[step]
-        x, y = share(x, par.dp_rank, par.dp_size), share(y, par.dp_rank, par.dp_size)
-        total = 0.0
-        for m in range(micro):
-            loss = par.forward_backward(model, share(x, m, micro), share(y, m, micro),
-                                        loss_scale=1.0 / micro, last_micro=m == micro - 1)
-            total += float(loss) / micro
-        if first_grads is None:
-            first_grads = full_grads(par, model)
-        par.clip_grad_norm(model, cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return model, opt, losses, first_grads
+    return strategy_run_continue(par, cfg, model, opt, data[:steps], micro, keep_first_grads=True)
 
 
 def check(name: str, parallel: str, *extra: str, micro: int = 1, workdir: Path) -> dict:
@@ -155,9 +140,11 @@ def check(name: str, parallel: str, *extra: str, micro: int = 1, workdir: Path) 
     return result
 
 
-def strategy_run_continue(par, cfg, model, opt, data, micro):
-    """Train an existing (model, optimizer) further: the uninterrupted run to compare with."""
-    losses = []
+def strategy_run_continue(par, cfg, model, opt, data, micro, keep_first_grads=False):
+    """Train an existing (model, optimizer) through the seam: this rank's share of each global
+    batch, `micro` accumulation steps, global-norm clipping, AdamW. Returns the per-step losses
+    and, with keep_first_grads, the full gradients of the first step."""
+    losses, first_grads = [], None
     for x, y in data:
         x, y = share(x, par.dp_rank, par.dp_size), share(y, par.dp_rank, par.dp_size)
         total = 0.0
@@ -165,11 +152,13 @@ def strategy_run_continue(par, cfg, model, opt, data, micro):
             loss = par.forward_backward(model, share(x, m, micro), share(y, m, micro),
                                         loss_scale=1.0 / micro, last_micro=m == micro - 1)
             total += float(loss) / micro
+        if keep_first_grads and first_grads is None:
+            first_grads = full_grads(par, model)
         par.clip_grad_norm(model, cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
-    return model, opt, losses, None
+    return model, opt, losses, first_grads
 
 
 def sharded_checkpoint(par, cfg, model, opt, workdir: Path) -> dict:
