@@ -148,6 +148,17 @@ def test_fsdp_sharded_checkpoints_roll_back_resume_on_one_process_and_consolidat
     assert load_model(tmp_path / "one" / "checkpoints" / "step_00000008").cfg.n_layers == 2
 
 
+def test_sharded_checkpoints_with_pipeline_fail_clearly():
+    from train_fixtures import tiny_config
+
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_format='sharded' does not support"):
+        tiny_config("train.parallel=pipeline", "train.checkpoint_format=sharded")
+    with pytest.raises(ConfigError, match="train.checkpoint_format"):
+        tiny_config("train.checkpoint_format=dcp")
+
+
 def assert_same_weights(got: dict, expected: dict, atol: float) -> None:
     import torch
 
