@@ -6,6 +6,8 @@ rank write its own shards, in parallel, as safetensors files (DCP's Hugging Face
 and a JSON header, never pickle). DCP records where each slice belongs, so `load_sharded` reads
 them back on any number of ranks, resharding as needed, and `consolidate` joins the model's
 weights into the single `model.safetensors` of an lmforge checkpoint, in a plain process.
+`lmforge pretrain` with train.checkpoint_format="sharded" writes its checkpoints' `shards/` with
+`write_shards` (lmforge/train/checkpoint.py).
 
     SHARDED_DIR/*.safetensors      model.<name> and optim.state.<name>.<key> slices, per rank
 """
@@ -45,7 +47,8 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
-def _multi() -> bool:
+def is_multi_process() -> bool:
+    """A process group of more than one rank is up (DCP then coordinates the ranks)."""
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -55,7 +58,7 @@ def write_shards(directory: str | Path, model: nn.Module, optimizer: torch.optim
     Without a process group (or in a group of one) the one process writes everything.
     """
     directory = Path(directory)
-    multi = _multi()
+    multi = is_multi_process()
     if not multi or dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     if multi:
@@ -74,7 +77,7 @@ def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     directory = Path(directory)
     if directory.exists():  # every rank sees the same (shared) file system, so all stop here
         raise UserError(f"{directory} already exists: refusing to overwrite a checkpoint")
-    multi = _multi()
+    multi = is_multi_process()
     # All ranks write into one temporary directory that rank 0 then renames into place.
     tmp = directory.with_name(f".{directory.name}.sharded.tmp")
     write_shards(tmp, model, optimizer)
@@ -97,7 +100,7 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     directory = Path(directory)
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
-    multi = _multi()
+    multi = is_multi_process()
     metadata = dcp.HuggingFaceStorageReader(str(directory)).read_metadata()
     saved_optimizer = any(key.startswith(OPTIM_PREFIX) for key in metadata.state_dict_metadata)
     state = _state(model, optimizer if saved_optimizer else None)

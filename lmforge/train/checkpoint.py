@@ -14,9 +14,10 @@
         COMPLETE                         written last; a directory without it is never loaded
 
 The directory is built under a temporary name and renamed into place (lmforge.atomic), so a crash
-at any moment leaves either the previous checkpoints or the new one complete; with shards, every
-rank writes into rank 0's temporary directory before rank 0 adds COMPLETE and renames it. Nothing here is ever
-unpickled: a checkpoint holding a pickle file, or a .safetensors file that is not one, is refused.
+at any moment leaves either the previous checkpoints or the new one complete (with shards, every
+rank writes into rank 0's temporary directory before rank 0 adds COMPLETE and renames it).
+Nothing here is ever unpickled: a checkpoint holding a pickle file, or a .safetensors file that is
+not one, is refused.
 """
 
 from __future__ import annotations
@@ -254,13 +255,18 @@ class CheckpointManager:
         model.safetensors are joined from the shards just written, so no rank gathers them in
         memory from the others and load_model / sample / export work on this checkpoint as on any.
         """
-        from lmforge.distributed.checkpoint import consolidated_weights, write_shards
+        from lmforge.distributed.checkpoint import (
+            consolidated_weights,
+            is_multi_process,
+            write_shards,
+        )
 
         final = self.root / checkpoint_name(step)
-        main = not _multi_process() or dist.get_rank() == 0
+        multi = is_multi_process()
+        main = not multi or dist.get_rank() == 0
         with (atomic_directory(final, overwrite=True) if main else contextlib.nullcontext()) as tmp:
             box = [str(tmp) if main else ""]
-            if _multi_process():
+            if multi:
                 dist.broadcast_object_list(box, src=0)
             tmp = Path(box[0])
             write_shards(tmp / SHARDS_DIR, model, optimizer)  # ends with a barrier: all shards on disk
@@ -269,7 +275,7 @@ class CheckpointManager:
                                  optimizer_state=None, **contents)
         if main:
             self.prune()
-        if _multi_process():
+        if multi:
             dist.barrier()  # nobody goes on (or reads it back) before the rename
         return final
 
@@ -283,10 +289,6 @@ class CheckpointManager:
         for _, p in found:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _multi_process() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _val_loss(path: Path) -> float | None:
