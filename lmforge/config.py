@@ -339,6 +339,11 @@ class TrainConfig:
     grad_clip: clip the global gradient norm to this value; 0 disables clipping.
     checkpoint_every / eval_every: steps between checkpoints / validation evaluations.
     keep_last: complete checkpoints kept besides the best one by validation loss.
+    checkpoint_format: "full" (rank 0 gathers the whole model and optimizer state and writes one
+        file each) or "sharded" (every rank writes its own shards with torch.distributed.checkpoint,
+        so no rank ever holds the whole state: for "fsdp" / "fsdp+tp" models too big to gather; rank 0
+        still joins the weights alone into model.safetensors). Either resumes on any number of
+        processes. Not with "pipeline", whose stages are separate modules.
     eval_batches: micro-batches of the validation split per evaluation (the same ones each time).
     sample_every: steps between sample generations written to the log; 0 disables.
     sample_prompt: the prompt of those samples.
@@ -389,6 +394,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 100
     keep_last: int = 3
+    checkpoint_format: str = "full"
     eval_batches: int = 20
     sample_every: int = 0
     sample_prompt: str = "The"
@@ -431,6 +437,10 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
         _choice("train.parallel", self.parallel, ("none", "ddp", "fsdp", "pipeline", "fsdp+tp"))
         _choice("train.pipeline_schedule", self.pipeline_schedule, ("gpipe", "1f1b"))
+        _choice("train.checkpoint_format", self.checkpoint_format, ("full", "sharded"))
+        if self.checkpoint_format == "sharded" and self.parallel == "pipeline":
+            raise ConfigError("train.checkpoint_format='sharded' does not support train.parallel='pipeline'; "
+                              "use 'full'")
         _choice("train.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         for name in ("pipeline_microbatches", "tp_size", "dist_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))

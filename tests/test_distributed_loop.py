@@ -4,7 +4,8 @@ The global batch of a step is the same windows whatever the number of ranks, so 
 with train.batch_size=B per rank must reproduce a 1-process run with batch 2B (ddp, fsdp), and a
 model-parallel run (pipeline, fsdp+tp: both ranks read the same batch) a 1-process run with B.
 An injected NaN is rolled back on all ranks at once. Resuming from the step-4 checkpoint must
-reproduce steps 5-8, under the same strategy and, for an FSDP checkpoint, in one process.
+reproduce steps 5-8, under the same strategy and, for an FSDP checkpoint (gathered or sharded
+with DCP), in one process.
 A torchrun launch costs seconds, so there are few of them.
 """
 
@@ -113,6 +114,58 @@ def test_fsdp_matches_single_process_and_its_checkpoint_resumes_on_one_process(s
 
     model = load_model(tmp_path / "fsdp" / "checkpoints" / "step_00000008")
     assert model.cfg.n_layers == 2
+
+
+def test_fsdp_sharded_checkpoints_roll_back_resume_on_one_process_and_consolidate(shards, single, tmp_path):
+    """train.checkpoint_format=sharded: every rank writes DCP shards; the run (with its rollback to
+    a sharded checkpoint) still matches the single process, and one process resumes from it."""
+    from safetensors.torch import load_file
+
+    pretrain(shards, tmp_path / "fsdp", "train.batch_size=4", "train.parallel=fsdp",
+             "train.checkpoint_format=sharded", nproc=2)
+    fsdp = losses(tmp_path / "fsdp")
+    assert_same_curve(fsdp, single["single8"])
+    rollbacks = [r for r in read_metrics(tmp_path / "fsdp") if r.get("event") == "rollback"]
+    assert [(r["step"], r["to_step"]) for r in rollbacks] == [(6, 4)]
+    ckpt = middle(tmp_path / "fsdp")
+    assert (ckpt / "COMPLETE").is_file() and any((ckpt / "shards").glob("*.safetensors"))
+    assert not (ckpt / "optimizer.safetensors").exists()  # the optimizer lives in the shards only
+    # Saved by 2 FSDP ranks, resumed by one process without a process group (DCP reshards);
+    # that run keeps the checkpoint's format and writes its own sharded checkpoints alone.
+    pretrain(shards, tmp_path / "one", "train.batch_size=8", "train.parallel=none", resume=ckpt)
+    assert_same_curve(losses(tmp_path / "one"), after(fsdp, 4))
+    # model.safetensors, joined from the shards, holds the weights the gathering path writes: at
+    # step 0 exactly those of the single-process run's full checkpoint, later the same to rounding.
+    def weights(run: Path, step: int) -> dict:
+        return load_file(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+    reference = shards.parent / "single8"
+    assert_same_weights(weights(tmp_path / "fsdp", 0), weights(reference, 0), atol=0)
+    for run in (tmp_path / "fsdp", tmp_path / "one"):
+        assert_same_weights(weights(run, 8), weights(reference, 8), atol=1e-4)
+    from lmforge.checkpoint import load_model
+
+    assert load_model(tmp_path / "one" / "checkpoints" / "step_00000008").cfg.n_layers == 2
+
+
+def test_sharded_checkpoints_with_pipeline_fail_clearly():
+    from train_fixtures import tiny_config
+
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_format='sharded' does not support"):
+        tiny_config("train.parallel=pipeline", "train.checkpoint_format=sharded")
+    with pytest.raises(ConfigError, match="train.checkpoint_format"):
+        tiny_config("train.checkpoint_format=dcp")
+
+
+def assert_same_weights(got: dict, expected: dict, atol: float) -> None:
+    import torch
+
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("strategy,reference,extra", [

@@ -6,6 +6,8 @@ rank write its own shards, in parallel, as safetensors files (DCP's Hugging Face
 and a JSON header, never pickle). DCP records where each slice belongs, so `load_sharded` reads
 them back on any number of ranks, resharding as needed, and `consolidate` joins the model's
 weights into the single `model.safetensors` of an lmforge checkpoint, in a plain process.
+`lmforge pretrain` with train.checkpoint_format="sharded" writes its checkpoints' `shards/` with
+`write_shards` (lmforge/train/checkpoint.py).
 
     SHARDED_DIR/*.safetensors      model.<name> and optim.state.<name>.<key> slices, per rank
 """
@@ -33,6 +35,7 @@ from lmforge.atomic import atomic_write_bytes
 from lmforge.errors import UserError
 
 MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -44,22 +47,40 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
+def is_multi_process() -> bool:
+    """A process group of more than one rank is up (DCP then coordinates the ranks)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def write_shards(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Every rank writes its shards into `directory` (created here; may be a temporary one); collective.
+
+    Without a process group (or in a group of one) the one process writes everything.
+    """
+    directory = Path(directory)
+    multi = is_multi_process()
+    if not multi or dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    if multi:
+        dist.barrier()
+    writer = dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True)
+    # An optimizer before its first step has no state; asking DCP for it would create some with a
+    # zero-learning-rate step, which would advance AdamW's step count: save the model alone.
+    has_state = optimizer is not None and bool(optimizer.state)
+    dcp.save(_state(model, optimizer if has_state else None), storage_writer=writer, no_dist=not multi)
+    if multi:
+        dist.barrier()
+
+
 def save_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Every rank writes its shards of the model (and optimizer) under `directory`; collective."""
     directory = Path(directory)
     if directory.exists():  # every rank sees the same (shared) file system, so all stop here
         raise UserError(f"{directory} already exists: refusing to overwrite a checkpoint")
-    multi = dist.is_initialized() and dist.get_world_size() > 1
+    multi = is_multi_process()
     # All ranks write into one temporary directory that rank 0 then renames into place.
     tmp = directory.with_name(f".{directory.name}.sharded.tmp")
-    if not multi or dist.get_rank() == 0:
-        tmp.mkdir(parents=True, exist_ok=True)
-    if multi:
-        dist.barrier()
-    writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-    dcp.save(_state(model, optimizer), storage_writer=writer, no_dist=not multi)
-    if multi:
-        dist.barrier()
+    write_shards(tmp, model, optimizer)
     if not multi or dist.get_rank() == 0:
         tmp.rename(directory)
     if multi:
@@ -79,11 +100,15 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
     directory = Path(directory)
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    state = _state(model, optimizer)
+    multi = is_multi_process()
+    metadata = dcp.HuggingFaceStorageReader(str(directory)).read_metadata()
+    saved_optimizer = any(key.startswith(OPTIM_PREFIX) for key in metadata.state_dict_metadata)
+    state = _state(model, optimizer if saved_optimizer else None)
     _load(state, directory, no_dist=not multi)
     set_model_state_dict(model, state["model"])
-    if optimizer is not None:
+    if optimizer is not None and not saved_optimizer:
+        optimizer.state.clear()  # saved before the first step: back to no state
+    elif optimizer is not None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         full = get_optimizer_state_dict(model, optimizer)
         full["state"] = state["optim"]["state"]
@@ -92,12 +117,12 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
             group.update(settings)
 
 
-def consolidate(directory: str | Path, out_file: str | Path) -> Path:
-    """Join the model weights of a sharded checkpoint into one safetensors file (one process).
+def consolidated_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded checkpoint under checkpoint names (one process, CPU).
 
-    Names lose the "model." prefix, so the file is an lmforge `model.safetensors`.
+    Names lose the "model." prefix; the optimizer's shards are not read.
     """
-    directory, out_file = Path(directory), Path(out_file)
+    directory = Path(directory)
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
     reader = dcp.HuggingFaceStorageReader(str(directory))
@@ -110,6 +135,13 @@ def consolidate(directory: str | Path, out_file: str | Path) -> Path:
     if not state:
         raise UserError(f"{directory}: the sharded checkpoint holds no model weights")
     _load(state, directory, no_dist=True)
-    weights = {key[len(MODEL_PREFIX):]: t.contiguous() for key, t in state.items()}
+    return {key[len(MODEL_PREFIX):]: t.contiguous() for key, t in state.items()}
+
+
+def consolidate(directory: str | Path, out_file: str | Path) -> Path:
+    """Join the model weights of a sharded checkpoint into one safetensors file (one process),
+    an lmforge `model.safetensors`."""
+    out_file = Path(out_file)
+    weights = consolidated_weights(directory)
     atomic_write_bytes(out_file, safetensors.torch.save(weights, metadata={"format": "pt"}))
     return out_file

@@ -4,18 +4,25 @@
         model.safetensors, config.json   the model checkpoint (lmforge/checkpoint.py), loadable alone
         config.toml                      the resolved run config, for people
         optimizer.safetensors            optimizer state keyed "state/<param name>/<key>"
+        shards/                          train.checkpoint_format="sharded": instead of
+                                         optimizer.safetensors, model and optimizer slices written
+                                         by every rank with DCP (lmforge/distributed/checkpoint.py);
+                                         model.safetensors is then rank 0's consolidation of them
         rng.safetensors                  torch CPU/CUDA generator states as uint8 tensors
         trainer_state.json               step, tokens, schedule, loader, guard, faults, numpy/python RNG
         tokenizer/                       copy of SHARDS_DIR/tokenizer
         COMPLETE                         written last; a directory without it is never loaded
 
 The directory is built under a temporary name and renamed into place (lmforge.atomic), so a crash
-at any moment leaves either the previous checkpoints or the new one complete. Nothing here is ever
-unpickled: a checkpoint holding a pickle file, or a .safetensors file that is not one, is refused.
+at any moment leaves either the previous checkpoints or the new one complete (with shards, every
+rank writes into rank 0's temporary directory before rank 0 adds COMPLETE and renames it).
+Nothing here is ever unpickled: a checkpoint holding a pickle file, or a .safetensors file that is
+not one, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,8 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from lmforge.atomic import atomic_directory
 from lmforge.checkpoint import write_model_files
@@ -37,6 +46,7 @@ from lmforge.config import RunConfig
 from lmforge.errors import UserError
 
 COMPLETE = "COMPLETE"
+SHARDS_DIR = "shards"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -52,13 +62,18 @@ def is_complete(path: Path) -> bool:
 
 @dataclass
 class TrainingCheckpoint:
-    """What `read_checkpoint` returns: tensors and JSON, nothing else."""
+    """What `read_checkpoint` returns: tensors and JSON, nothing else.
+
+    A sharded checkpoint leaves `model` and `optimizer` empty: each rank loads its own slices from
+    `shards` into the live (parallelized) model with lmforge.distributed.checkpoint.load_sharded.
+    """
 
     path: Path
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]  # {"state": {name: {key: tensor}}, "param_groups": [...]}
     trainer: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor]
+    shards: Path | None = None
 
     @property
     def step(self) -> int:
@@ -132,17 +147,21 @@ def write_checkpoint(
     *,
     cfg: RunConfig,
     model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None,
     die_midway: bool = False,
 ) -> None:
-    """Fill `directory` (a temporary one) with a complete training checkpoint, COMPLETE last."""
+    """Fill `directory` (a temporary one) with a complete training checkpoint, COMPLETE last.
+
+    `optimizer_state` is None where the optimizer's state is in `directory/shards` already.
+    """
     has_tokenizer = tokenizer_dir is not None and tokenizer_dir.is_dir()
     write_model_files(model_state, cfg, directory, tokenizer_dir if has_tokenizer else None)
     (directory / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-    tensors, metadata = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(directory / "optimizer.safetensors"), metadata=metadata)
+    if optimizer_state is not None:
+        tensors, metadata = _flatten_optimizer(optimizer_state)
+        save_file(tensors, str(directory / "optimizer.safetensors"), metadata=metadata)
     if die_midway:  # debug.inject sigkill_in_checkpoint: weights written, the rest not
         os.kill(os.getpid(), signal.SIGKILL)
     rng_tensors, rng_extra = capture_rng()
@@ -162,6 +181,17 @@ def read_checkpoint(path: Path) -> TrainingCheckpoint:
     for f in path.rglob("*"):
         if f.suffix in _PICKLE_SUFFIXES:
             raise UserError(f"checkpoint {path} holds a pickle file {f.name}; lmforge never unpickles, refusing it")
+    shards = path / SHARDS_DIR
+    if shards.is_dir():
+        # Weights and optimizer state stay on disk until each rank loads its slices.
+        try:
+            rng_tensors = load_file(str(path / "rng.safetensors"))
+            trainer = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint {path} is not readable as safetensors + JSON ({e}); refusing it") from None
+        if trainer.get("format") != "lmforge-trainer-state":
+            raise UserError(f"checkpoint {path} is not an lmforge training checkpoint")
+        return TrainingCheckpoint(path, {}, {}, trainer, rng_tensors, shards=shards)
     try:
         model = load_file(str(path / "model.safetensors"))
         optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
@@ -217,6 +247,38 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def save_sharded(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     die_midway: bool = False, **contents: Any) -> Path:
+        """Collective: every rank writes its shards, then rank 0 the rest (`write_checkpoint`).
+
+        Rank 0 builds the atomic directory and names it to the others; the weights in its
+        model.safetensors are joined from the shards just written, so no rank gathers them in
+        memory from the others and load_model / sample / export work on this checkpoint as on any.
+        """
+        from lmforge.distributed.checkpoint import (
+            consolidated_weights,
+            is_multi_process,
+            write_shards,
+        )
+
+        final = self.root / checkpoint_name(step)
+        multi = is_multi_process()
+        main = not multi or dist.get_rank() == 0
+        with (atomic_directory(final, overwrite=True) if main else contextlib.nullcontext()) as tmp:
+            box = [str(tmp) if main else ""]
+            if multi:
+                dist.broadcast_object_list(box, src=0)
+            tmp = Path(box[0])
+            write_shards(tmp / SHARDS_DIR, model, optimizer)  # ends with a barrier: all shards on disk
+            if main:
+                write_checkpoint(tmp, die_midway=die_midway, model_state=consolidated_weights(tmp / SHARDS_DIR),
+                                 optimizer_state=None, **contents)
+        if main:
+            self.prune()
+        if multi:
+            dist.barrier()  # nobody goes on (or reads it back) before the rename
+        return final
+
     def prune(self) -> None:
         found = self.complete()
         keep = {p for _, p in found[-self.keep_last:]}
@@ -235,6 +297,17 @@ def _val_loss(path: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def load_shards(shards: Path, par: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer slices into the live model, on however many
+    ranks this run has (DCP reshards); collective."""
+    from lmforge.distributed.checkpoint import load_sharded
+
+    if par.name == "pipeline":
+        raise UserError(f"{shards.parent} is a sharded checkpoint, which train.parallel='pipeline' cannot load; "
+                        "resume it with another strategy and train.checkpoint_format='full'")
+    load_sharded(shards, model, optimizer)
 
 
 def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:

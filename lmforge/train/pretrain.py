@@ -39,6 +39,7 @@ from lmforge.eval.loss import evaluate_loss, token_byte_lengths
 from lmforge.train.checkpoint import (
     CheckpointManager,
     TrainingCheckpoint,
+    load_shards,
     read_checkpoint,
     restore_rng,
 )
@@ -432,6 +433,14 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.last_checkpoint is not None and _step_of(self.last_checkpoint) == self.step:
             return
+        if self.cfg.train.checkpoint_format == "sharded":  # collective: every rank writes its shards
+            self.cfg.train.max_steps = self.max_steps
+            self.last_checkpoint = self.checkpoints.save_sharded(
+                self.step, self.model, self.optimizer,
+                die_midway=self.faults.due("sigkill_in_checkpoint", self.step),
+                cfg=self.cfg, trainer_state=self.trainer_state(), tokenizer_dir=self.tokenizer_dir,
+            )
+            return
         model_state = self.par.full_state_dict(self.model)  # collective
         optimizer_state = self.par.optimizer_state_dict(self.model, self.optimizer)  # collective
         if self.par.is_main:
@@ -447,8 +456,11 @@ class Trainer:
 
     def _restore(self, ckpt: TrainingCheckpoint, rollback: bool) -> None:
         """Load a checkpoint into the live run. A rollback keeps the guard's and faults' history."""
-        self.par.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})
-        self.par.load_optimizer_state_dict(self.model, self.optimizer, ckpt.optimizer)
+        if ckpt.shards is not None:
+            load_shards(ckpt.shards, self.par, self.model, self.optimizer)  # collective, resharding
+        else:
+            self.par.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})
+            self.par.load_optimizer_state_dict(self.model, self.optimizer, ckpt.optimizer)
         state = ckpt.trainer
         # max_steps stays as configured: a resumed run may be extended with --set train.max_steps.
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
