@@ -29,6 +29,8 @@ PROFILES = {
     "speeds-up": lambda now: 0.4 if now < 30 else 0.2,   # a neighbour's job ends
     "slows-down": lambda now: 0.2 if now < 50 else 0.3,  # a neighbour's job starts
     "steady": lambda now: 0.25,
+    # 8x faster from 45% on: the steps sized at the 50% mark run out before the 75% mark.
+    "much-faster-midway": lambda now: 0.4 if now < 0.45 * BUDGET_S else 0.05,
 }
 
 

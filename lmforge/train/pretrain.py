@@ -228,9 +228,11 @@ class Trainer:
                 if mark is None:
                     if step >= _UNTIMED_STEPS:
                         mark = (now, step)
-                elif self._sizing_due(now, step - mark[1]):
-                    # The speed since the previous estimate, evaluations and checkpoints included.
-                    self._size_to_budget((now - mark[0]) / (step - mark[1]))
+                elif self._agreed(self._sizing_due(now, step - mark[1])):
+                    # The speed since the previous estimate, evaluations and checkpoints included;
+                    # the slowest rank's, so every rank sizes the run alike.
+                    seconds = torch.tensor((now - mark[0]) / (step - mark[1]), dtype=torch.float64)
+                    self._size_to_budget(float(self.par.all_reduce(seconds, "max")))
                     mark = (now, step)
                 if step % cfg.log_every == 0 or step == self.max_steps:
                     elapsed = max(now - window_start, 1e-9)
@@ -371,15 +373,26 @@ class Trainer:
 
     def _sizing_due(self, now: float, steps_measured: int) -> bool:
         """Size after a short measurement (3% of the budget, 2-60 s), then again at 25%, 50%, 75%
-        and 90% of the budget. A warmup-stable-decay run stops resizing once its decay has begun."""
-        if self.time_budget_s is None or steps_measured < 3 or self.sizings > len(_RESIZE_AT):
+        and 90% of the budget, and whenever the steps are about to run out with time to spare
+        (the machine got faster). A warmup-stable-decay run stops resizing once its decay has begun."""
+        if self.time_budget_s is None or steps_measured < 3:
             return False
         elapsed = now - self.t_start
         if self.sizings == 0:
             return elapsed >= min(60.0, max(2.0, 0.03 * self.time_budget_s))
         if self.cfg.train.schedule == "wsd" and self.step >= wsd_decay_start(self.cfg.train, self.max_steps):
             return False
-        return elapsed >= _RESIZE_AT[self.sizings - 1] * self.time_budget_s
+        ending_early = (self.max_steps - self.step <= max(1, self.max_steps // 50)
+                        and elapsed < _RESIZE_AT[-1] * self.time_budget_s)
+        scheduled = (self.sizings <= len(_RESIZE_AT)
+                     and elapsed >= _RESIZE_AT[self.sizings - 1] * self.time_budget_s)
+        return scheduled or ending_early
+
+    def _agreed(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (decisions that change max_steps must agree)."""
+        if self.time_budget_s is None:
+            return False
+        return bool(float(self.par.all_reduce(torch.tensor(float(flag)), "max")))
 
     def _size_to_budget(self, seconds_per_step: float) -> None:
         """Set max_steps so the run ends within the time budget, keeping the learning rate curve
@@ -392,6 +405,8 @@ class Trainer:
             seconds_per_step *= 1 + cfg.eval_batches / (3 * self.accum) / cfg.eval_every
         remaining = self.time_budget_s * (1 - _BUDGET_RESERVE) - (self.clock() - self.t_start)
         steps = self.step + max(1, int(remaining / seconds_per_step))
+        # Each rank reads its own clock: take the smallest count so all stop at the same step.
+        steps = -int(self.par.all_reduce(torch.tensor(-steps, dtype=torch.float64), "max"))
         if self.step > cfg.warmup_steps:
             done = decay_progress(self.step, cfg.warmup_steps, self.max_steps, self.schedule_anchor)
             self.schedule_anchor = (self.step, done)
