@@ -541,16 +541,25 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_f
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     _check_shards_dir(data_dir)
+    owns_par = par is None
     par = par or init_parallel(cfg)
-    # A resumed run already holds the max_steps its budget was sized to.
-    budget = None
-    if cfg.train.time_budget and resume_from is None:
-        budget = parse_duration(cfg.train.time_budget, "train.time_budget")
-    trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget,
-                      clock=clock)
-    if par.is_main:
-        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-    return trainer.run()
+    try:
+        # A resumed run already holds the max_steps its budget was sized to.
+        budget = None
+        if cfg.train.time_budget and resume_from is None:
+            budget = parse_duration(cfg.train.time_budget, "train.time_budget")
+        trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget,
+                          clock=clock)
+        if par.is_main:
+            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+        result = trainer.run()
+        par.barrier()  # every rank is past its last collective before any tears the group down
+        return result
+    finally:
+        # A process group left to interpreter exit can abort a rank ("terminate called without
+        # an active exception") after a run that succeeded.
+        if owns_par:
+            par.shutdown()
 
 
 def _check_shards_dir(data_dir: Path) -> None:
