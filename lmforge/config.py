@@ -461,9 +461,11 @@ class GuardConfig:
     enabled: watch every step; off means a non-finite step is still never applied but stops the run.
     window: recent clean losses forming the running median and MAD (median absolute deviation).
     threshold: a loss above median + threshold * 1.4826 * MAD (a robust standard deviation,
-        floored at min_rel_spread * median) is a spike.
+        floored at min_rel_spread * median and at min_abs_spread) is a spike.
     min_rel_spread: floor of that robust spread as a share of the median, so a flat loss curve
         does not turn noise into spikes.
+    min_abs_spread: floor of the spread in nats, so a loss near zero (a memorised batch) does not
+        call a rise of a few tenths of a nat a spike.
     max_rollbacks: rollbacks allowed in one run; one more stops the run with an error.
     skip_batches: optimizer steps' worth of data skipped at the offending step after a rollback.
     lr_factor: learning-rate multiplier applied after a rollback (1.0 keeps the schedule).
@@ -474,6 +476,7 @@ class GuardConfig:
     window: int = 50
     threshold: float = 6.0
     min_rel_spread: float = 0.02
+    min_abs_spread: float = 0.05
     max_rollbacks: int = 5
     skip_batches: int = 1
     lr_factor: float = 0.5
@@ -482,7 +485,7 @@ class GuardConfig:
     def validate(self) -> None:
         for name in ("window", "threshold", "skip_batches"):
             _positive(f"guard.{name}", getattr(self, name))
-        for name in ("min_rel_spread", "max_rollbacks", "lr_cooldown_steps"):
+        for name in ("min_rel_spread", "min_abs_spread", "max_rollbacks", "lr_cooldown_steps"):
             _non_negative(f"guard.{name}", getattr(self, name))
         if not 0.0 < self.lr_factor <= 1.0:
             raise ConfigError(f"guard.lr_factor={self.lr_factor} must be in (0, 1]")

@@ -7,7 +7,7 @@ checkpoint, skip the data that caused it and go on, perhaps with a lower learnin
   - it keeps the last `window` clean losses and their median and MAD (median absolute deviation,
     robust to the spikes it is looking for);
   - a step is bad if its loss or gradient norm is not finite, or if its loss is above
-    median + threshold * spread, spread = max(1.4826 * MAD, min_rel_spread * median);
+    median + threshold * spread, spread = max(1.4826 * MAD, min_rel_spread * median, min_abs_spread);
   - a bad step is never applied; the loop rolls back to the last checkpoint, discards
     `skip_batches` steps' worth of data when it reaches the offending step again, and multiplies
     the learning rate by `lr_factor` for `lr_cooldown_steps` steps;
@@ -61,7 +61,7 @@ class LossGuard:
     def spike_limit(self) -> float:
         median = statistics.median(self.losses)
         mad = statistics.median(abs(x - median) for x in self.losses)
-        spread = max(_MAD_TO_STD * mad, self.cfg.min_rel_spread * abs(median))
+        spread = max(_MAD_TO_STD * mad, self.cfg.min_rel_spread * abs(median), self.cfg.min_abs_spread)
         return median + self.cfg.threshold * spread
 
     def observe(self, loss: float) -> None:

@@ -221,6 +221,7 @@ class Trainer:
                 loss, grad_norm, reason = self._attempt_step(step)
                 if reason is not None:
                     self._roll_back(step, reason, loss, grad_norm)
+                    mark = None  # steps went back: measure the speed afresh from here
                     continue
                 self.step, self.tokens, self.last_loss = step, self.tokens + self.tokens_per_step, loss
                 window_tokens += self.tokens_per_step
