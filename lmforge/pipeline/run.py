@@ -28,8 +28,9 @@ from typing import Any
 from lmforge.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
+from lmforge.hashing import file_sha256
 from lmforge.pipeline.layout import RunLayout
-from lmforge.pipeline.records import StageRecords, file_hash, inputs_hash
+from lmforge.pipeline.records import StageRecords, inputs_hash
 
 # Seconds kept free at the end of the budget for sampling and writing the report.
 REPORT_RESERVE_S = 60.0
@@ -109,7 +110,7 @@ def _run_tokenizer(ctx: Context) -> None:
 
 def _tokenizer_fingerprint(ctx: Context) -> str | None:
     path = ctx.layout.tokenizer / "tokenizer.json"
-    return file_hash(path) if path.is_file() else None
+    return file_sha256(path) if path.is_file() else None
 
 
 def _shards_config(ctx: Context) -> Any:
@@ -184,7 +185,7 @@ def _pretrain_fingerprint(ctx: Context) -> str | None:
     latest = CheckpointManager(ctx.layout.root, 1).latest()
     if latest is None:
         return None
-    return inputs_hash({"checkpoint": latest.name, "weights": file_hash(latest / "model.safetensors")})
+    return inputs_hash({"checkpoint": latest.name, "weights": file_sha256(latest / "model.safetensors")})
 
 
 def _sample_config(ctx: Context) -> Any:
@@ -228,7 +229,7 @@ def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, 
 
 
 def _sample_fingerprint(ctx: Context) -> str | None:
-    return file_hash(ctx.layout.samples) if ctx.layout.samples.is_file() else None
+    return file_sha256(ctx.layout.samples) if ctx.layout.samples.is_file() else None
 
 
 def _run_report(ctx: Context) -> None:
@@ -239,7 +240,7 @@ def _run_report(ctx: Context) -> None:
 
 def _report_fingerprint(ctx: Context) -> str | None:
     path = ctx.layout.report / "report.md"
-    return file_hash(path) if path.is_file() and (ctx.layout.report / "report.pdf").is_file() else None
+    return file_sha256(path) if path.is_file() and (ctx.layout.report / "report.pdf").is_file() else None
 
 
 STAGES: list[Stage] = [
