@@ -2,9 +2,11 @@
 
 Two measurements, each printed with the ratio ours / theirs:
 
-  train   tokens/s of a full training step (forward + backward + AdamW) on random tokens:
-          ours eager, ours with `train.compile` (each block compiled), the same plus
-          `model.head_loss` compiled, and the whole loss compiled, against transformers eager
+  train   tokens/s of a full training step (forward + backward + AdamW) on random tokens,
+          against transformers eager: ours eager with the plain loss, with the fused loss (the
+          CPU default, `train.fused_loss`), with `train.compile` and the plain head compiled too,
+          and with `train.compile` as it runs on CPU (compiled blocks, fused loss); each copy of
+          our model is set up by the trainer's own `prepare_for_training`
   decode  greedy tokens/s at batch 1: our `generate` (preallocated KV cache; eager and with
           compile=True) against transformers' `generate(do_sample=False)`, both producing
           `--new-tokens` tokens after the same prompt (and the same tokens: checked)
@@ -30,14 +32,14 @@ import torch
 from lmforge.config import load_config
 from lmforge.interop.hf import hf_config
 from lmforge.model import Transformer
-from lmforge.train.pretrain import compile_blocks
+from lmforge.train.pretrain import compile_head_loss, prepare_for_training
 
 LABELS = {
     "hf": "transformers",
     "ours": "ours (eager)",
-    "ours_blocks": "ours (train.compile)",
-    "ours_blocks_head": "ours (+ head_loss)",
-    "ours_loss": "ours (compiled loss)",
+    "ours_fused": "ours (fused loss)",
+    "ours_compile_plain": "ours (compile, plain)",
+    "ours_compile": "ours (train.compile)",
     "ours_compiled": "ours (compile=True)",
 }
 
@@ -74,10 +76,11 @@ def median_rates(fns: dict[str, Callable[[], int]], rounds: int) -> dict[str, tu
             for name, rs in rates.items()}
 
 
-def bench_train(ours, theirs, batch: int, seq: int, steps: int, rounds: int, compiled: bool):
+def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int, seq: int, steps: int, rounds: int, compiled: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, ours.cfg.vocab_size, (batch, seq), generator=g)
     y = torch.randint(0, ours.cfg.vocab_size, (batch, seq), generator=g)
+    cpu = torch.device("cpu")
 
     def runner(name: str, model, loss_fn) -> Callable[[], int]:
         model.train()
@@ -100,21 +103,26 @@ def bench_train(ours, theirs, batch: int, seq: int, steps: int, rounds: int, com
 
         return run
 
+    def trainer_model(overrides: list[str]) -> Transformer:
+        """A copy of our model set up exactly as `lmforge pretrain` would with these settings."""
+        run_cfg = load_config(preset=preset, overrides=[*base_overrides, *overrides])
+        model = prepare_for_training(twin(ours), run_cfg, cpu)
+        if run_cfg.train.compile:
+            compile_head_loss(model)
+        return model
+
+    loss = lambda m: m.loss(x, y)  # noqa: E731
     runners = {
         "hf": runner("hf", theirs, lambda m: m(input_ids=x, labels=y, shift_labels=y).loss),
-        "ours": runner("ours", ours, lambda m: m.loss(x, y)),
+        "ours": runner("ours", trainer_model(["train.fused_loss=off"]), loss),
+        "ours_fused": runner("ours_fused", trainer_model([]), loss),  # the CPU default
     }
     if compiled:
-        blocks = twin(ours)
-        compile_blocks(blocks)  # exactly what train.compile=true does
-        runners["ours_blocks"] = runner("ours_blocks", blocks, lambda m: m.loss(x, y))
-        head = twin(ours)
-        compile_blocks(head)
-        head.head_loss = torch.compile(head.head_loss)  # plus norm + LM head + cross-entropy
-        runners["ours_blocks_head"] = runner("ours_blocks_head", head, lambda m: m.loss(x, y))
-        whole = twin(ours)
-        whole_loss = torch.compile(whole.loss)  # blocks, head and cross-entropy as one graph
-        runners["ours_loss"] = runner("ours_loss", whole, lambda m: whole_loss(x, y))
+        # Compiled blocks with the plain head compiled too (fused loss off), then what
+        # train.compile=true does by default on CPU: compiled blocks and the fused loss.
+        runners["ours_compile_plain"] = runner(
+            "ours_compile_plain", trainer_model(["train.compile=true", "train.fused_loss=off"]), loss)
+        runners["ours_compile"] = runner("ours_compile", trainer_model(["train.compile=true"]), loss)
     return median_rates(runners, rounds)
 
 
@@ -184,7 +192,7 @@ def main() -> None:
           f"transformers {transformers.__version__}, {args.threads} threads")
     compiled = not args.no_compile
     if not args.skip_train:
-        rates = bench_train(ours, theirs, args.batch_size, args.seq_len, args.steps, args.rounds, compiled)
+        rates = bench_train(args.preset, args.overrides, ours, theirs, args.batch_size, args.seq_len, args.steps, args.rounds, compiled)
         report(f"train  (fwd+bwd+AdamW, batch {args.batch_size} x seq {args.seq_len})", rates)
     if not args.skip_decode:
         rates = bench_decode(ours, theirs, args.prompt_len, args.new_tokens, args.rounds, compiled)

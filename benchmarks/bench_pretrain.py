@@ -125,13 +125,16 @@ def hf_loss(model, x, y):
 def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     from lmforge.config import load_config
     from lmforge.model import Transformer
+    from lmforge.train.pretrain import prepare_for_training
 
     cfg = load_config(preset="tiny", overrides=preset_overrides)
     torch.manual_seed(0)
     T, B = cfg.model.max_seq_len, cfg.train.batch_size
     data = torch.randint(0, cfg.model.vocab_size, (4, B, T + 1))
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
-    ours, theirs = Transformer(cfg.model), hf_llama_like(cfg)
+    # Ours as `lmforge pretrain` sets it up on this CPU (the fused loss is on by default there).
+    ours = prepare_for_training(Transformer(cfg.model), cfg, torch.device("cpu"))
+    theirs = hf_llama_like(cfg)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
     results = {"ours": [], "transformers": []}

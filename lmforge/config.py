@@ -352,7 +352,11 @@ class TrainConfig:
     seed: seeds data order, initialisation and sampling.
     device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
     dtype: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
-    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss).
+    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss;
+        not with the fused loss, which already does that head's work in one pass).
+    fused_loss: "auto" (on for CPU runs, where it was measured: ~20% faster steps with a 4k
+        vocabulary), "on" or "off": the LM head and cross-entropy computed a chunk of tokens at a
+        time with their gradients, never holding the (tokens, vocab) logits (model.fused_head_loss).
     activation_checkpointing: recompute each block's activations in the backward pass.
     tensorboard: also write TensorBoard events to RUN_DIR/tb.
     time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the
@@ -404,6 +408,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    fused_loss: str = "auto"
     activation_checkpointing: bool = False
     tensorboard: bool = True
     time_budget: str = ""
@@ -435,6 +440,7 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, ("adamw", "muon"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "bf16", "fp32"))
+        _choice("train.fused_loss", self.fused_loss, ("auto", "on", "off"))
         _choice("train.parallel", self.parallel, ("none", "ddp", "fsdp", "pipeline", "fsdp+tp"))
         _choice("train.pipeline_schedule", self.pipeline_schedule, ("gpipe", "1f1b"))
         _choice("train.checkpoint_format", self.checkpoint_format, ("full", "sharded"))

@@ -30,12 +30,14 @@ class Generation:
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-                  seed: int = 0, on_text: Callable[[str], None] | None = None) -> Generation:
+                  seed: int = 0, on_text: Callable[[str], None] | None = None,
+                  compile: bool = False) -> Generation:
     """Continue `prompt` by up to `max_new_tokens` tokens with `model` (a `Transformer`).
 
     temperature 0 is greedy; top_k None/0 and top_p None/1 disable those filters. The sampling
     generator lives on the model's device, seeded with `seed`. `on_text` receives each decoded
-    piece as it is produced (for streaming to a terminal).
+    piece as it is produced (for streaming to a terminal). `compile` runs the one-token decode
+    step through torch.compile (`Transformer.generate`): for long generations from small models.
     """
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     prompt_ids = prompt_ids or [tokenizer.eot_id]
@@ -56,7 +58,8 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens
     try:
         for token in model.stream(prompt_ids, max_new_tokens, temperature=temperature,
                                   top_k=top_k or None, top_p=top_p, stop_tokens=[tokenizer.eot_id],
-                                  generator=generator, vocab_limit=tokenizer.vocab_size):
+                                  generator=generator, vocab_limit=tokenizer.vocab_size,
+                                  compile=compile):
             new_ids.append(token)
             emit(decoder.decode(tokenizer.decode_bytes([token])))
         emit(decoder.decode(b"", final=True))

@@ -191,6 +191,79 @@ class Block(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The fused LM head + cross-entropy used in training
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets`, computed a chunk of rows at a time,
+    with the gradients worked out in the forward pass.
+
+    The plain path writes the (tokens, vocab) logits, their log-softmax and, in the backward pass,
+    a gradient of the same size: several passes over a tensor far larger than the model's
+    activations. Here each chunk's logits stay small enough to sit in cache; they are turned in
+    place into the gradient of the loss, softmax(logits) - onehot(target), and multiplied straight
+    into the gradients of `h` and `weight`. Backward then only scales those by the incoming
+    gradient. The same three matrix products as the plain path, no (tokens, vocab) tensor alive.
+    Targets equal to `ignore_index` count neither in the loss nor in the mean.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                ignore_index: int, chunk_rows: int) -> torch.Tensor:
+        # Under autocast the products run in the autocast dtype, as nn.Linear's would; the softmax
+        # and the gradient accumulation run in fp32.
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        with torch.autocast(device_type, enabled=False):
+            valid = targets != ignore_index
+            scale = 1.0 / valid.sum().clamp(min=1).float()  # the mean over counted tokens
+            safe_targets = torch.where(valid, targets, 0)[:, None]
+            w = weight.to(dtype)
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h_chunk = h[rows].to(dtype)
+                logits = (h_chunk @ w.t()).float()
+                target = safe_targets[rows]
+                weight_rows = valid[rows, None] * scale  # 1/n for counted rows, 0 for ignored ones
+                target_logit = logits.gather(1, target)
+                row_max = logits.amax(dim=1, keepdim=True)
+                sum_exp = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # logits := exp(l - max)
+                total += ((sum_exp.log() + row_max - target_logit) * weight_rows).sum()
+                # d loss / d logits = (softmax - onehot(target)) / n, built in the logits' memory.
+                grad_logits = logits.mul_(weight_rows / sum_exp).scatter_add_(1, target, -weight_rows)
+                grad_logits = grad_logits.to(dtype)
+                if want_h:
+                    grad_h[rows] = grad_logits @ w
+                if want_w:
+                    grad_w += grad_logits.t() @ h_chunk
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None)
+
+
+def fused_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of the logits `h @ weight.T` ((N, d) @ (d, V)) against `targets` (N,),
+    equal to `F.cross_entropy(F.linear(h, weight), targets)` without materialising the logits.
+
+    Chunks of about 2^19 logits (2 MiB in fp32) on CPU, where staying in cache is the point; about
+    2^26 on GPUs, where fewer, larger products matter more."""
+    budget = 1 << (19 if h.device.type == "cpu" else 26)
+    chunk_rows = max(1, budget // weight.shape[0])
+    return FusedHeadLoss.apply(h, weight, targets, ignore_index, chunk_rows)
+
+
+
+# --------------------------------------------------------------------------------------------
 # The model
 
 
@@ -216,6 +289,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         self._compiled_forward = None  # built on the first generate(compile=True)
+        # Training loss through `fused_head_loss` (no full logits tensor); set from train.fused_loss.
+        self.fused_loss = False
         self.init_weights()
 
     # ---- initialisation
@@ -295,9 +370,15 @@ class Transformer(nn.Module):
         """Final hidden states -> logits; with tied embeddings the head is embed_tokens.weight."""
         if self.lm_head is not None:
             return self.lm_head(h)
+        return F.linear(h, self.head_weight())
+
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, d_model) matrix of the LM head: lm_head's, or the tied embedding's."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
         if self.embed_tokens is None:
             raise RuntimeError("tied embeddings: the stage computing logits needs embed_tokens")
-        return F.linear(h, self.embed_tokens.weight)
+        return self.embed_tokens.weight
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean") -> torch.Tensor:
@@ -311,8 +392,12 @@ class Transformer(nn.Module):
                   reduction: str = "mean") -> torch.Tensor:
         """Final norm, LM head and cross-entropy of the last hidden states. A method of its own
         so it can be compiled apart from the blocks: as one graph the (B, T, vocab) logits and
-        their softmax fuse, worth ~15% of a CPU training step with a 4k vocabulary."""
-        logits = self.head(self.norm(h))
+        their softmax fuse, worth ~15% of a CPU training step with a 4k vocabulary. With
+        `fused_loss` set, a mean loss that needs gradients goes through `fused_head_loss`."""
+        h = self.norm(h)
+        if self.fused_loss and reduction == "mean" and torch.is_grad_enabled():
+            return fused_head_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), ignore_index)
+        logits = self.head(h)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                ignore_index=ignore_index, reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss

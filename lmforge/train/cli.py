@@ -80,6 +80,9 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95, help="1 disables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token decode step: ~2x faster decoding of small "
+                             "models after a one-off compilation of tens of seconds")
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -101,6 +104,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
     sys.stdout.write(args.prompt)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=show)
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=show,
+                  compile=args.compile)
     sys.stdout.write("\n")
     return 0

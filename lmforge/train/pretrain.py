@@ -107,6 +107,22 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = lambda *args, _inner=inner, **kw: checkpoint(_inner, *args, use_reentrant=False, **kw)
 
 
+def use_fused_loss(cfg: RunConfig, device: torch.device) -> bool:
+    """train.fused_loss resolved: "auto" means on for CPU, where it was measured to pay."""
+    return cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and device.type == "cpu")
+
+
+def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Apply the training switches that work on the bare model, before any parallel wrapper:
+    the fused loss, activation checkpointing and compiled blocks. Returns the model."""
+    model.fused_loss = use_fused_loss(cfg, device)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        compile_blocks(model)
+    return model
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each block in place (names unchanged; one compiled graph reused by all)."""
     for block in model.layers.values():
@@ -119,9 +135,10 @@ def compile_head_loss(model: nn.Module) -> None:
     As one graph the (B, T, vocab) logits and their softmax fuse. `model.loss` goes through
     `forward`, which calls `self.head_loss`, so the instance attribute set here is what training
     and evaluation run; parameters and names are untouched. A pipeline stage without the final
-    norm never computes a loss, so it is left alone.
+    norm never computes a loss, and the fused loss already does the head's work in one pass, so
+    both are left alone.
     """
-    if getattr(model, "norm", None) is None:
+    if getattr(model, "norm", None) is None or getattr(model, "fused_loss", False):
         return
     model.head_loss = torch.compile(model.head_loss)
 
@@ -162,11 +179,7 @@ class Trainer:
         self.schedule_anchor: tuple[int, float] | None = None
 
         seed_everything(cfg.train.seed)
-        model = Transformer(cfg.model)
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if cfg.train.compile:
-            compile_blocks(model)
+        model = prepare_for_training(Transformer(cfg.model), cfg, self.device)
         self.model = par.parallelize(model)  # the bare model (or this rank's pipeline stage)
         if cfg.train.compile:
             compile_head_loss(self.model)
