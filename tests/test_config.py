@@ -36,6 +36,7 @@ def test_layers_override_in_order(tmp_path):
     (["model=3"], "is a section"),
     (["model.n_layers"], "expected section.field=value"),
     (["train.seq_len=1024"], "train.seq_len=1024 exceeds model.max_seq_len=256"),
+    (["train.fused_loss=yes"], "train.fused_loss='yes' must be one of: auto, on, off"),
 ])
 def test_validation_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
