@@ -238,39 +238,76 @@ def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
     """Replace `pair` by `new` in every chunk containing it, updating counts and the index.
 
     Only pairs touching an occurrence change: the pair itself and its left and right neighbours
-    go away, and pairs with the new token appear. Occurrences are non-overlapping, as in
-    `str.replace`; two back-to-back occurrences share one neighbour pair, counted once.
+    go away, and pairs with the new token appear. Most chunks hold the pair exactly once, and
+    there a chunk "x a b y" merging (a, b) turns (x, a) into (x, new) and (b, y) into (new, y):
+    the loop only files the chunk under its neighbours x and y, and the counts then move once
+    per neighbour token, by the summed weight of its chunks. Chunks holding the pair more than
+    once go through `_merge_repeated`.
     """
-    created: dict[str, set[int]] = defaultdict(set)
+    a, b = pair
+    before: dict[str, list[int]] = defaultdict(list)  # x -> chunks holding "x a b" once
+    after: dict[str, list[int]] = defaultdict(list)  # y -> chunks holding "a b y" once
+    created: set[str] = set()
     for i in where.pop(pair):
         word = words[i]
         at = word.find(pair)
         if at < 0:
             continue  # stale index entry: an earlier merge consumed this pair here
-        weight = weights[i]
-        end = -1  # where the previous occurrence ended
-        while at >= 0:
-            pair_counts[pair] -= weight
-            if at > 0 and at != end:
-                pair_counts[word[at - 1 : at + 1]] -= weight
-            if at + 2 < len(word):
-                pair_counts[word[at + 1 : at + 3]] -= weight
-            end = at + 2
-            at = word.find(pair, end)
-        merged = word.replace(pair, new)
+        merged = word.replace(pair, new)  # left to right, non-overlapping: BPE's rule
         words[i] = merged
-        at = merged.find(new)
-        while at >= 0:
-            if at > 0 and merged[at - 1] != new:  # (new, new) is counted once, from its left
-                left = merged[at - 1 : at + 1]
-                pair_counts[left] += weight
-                created[left].add(i)
-            if at + 1 < len(merged):
-                right = merged[at : at + 2]
-                pair_counts[right] += weight
-                created[right].add(i)
-            at = merged.find(new, at + 1)
-    # Only pairs with the new token gained count: index their chunks and file them in the heap.
-    for p, chunks in created.items():
-        where[p].extend(chunks)
+        if len(merged) < len(word) - 1:
+            _merge_repeated(i, word, merged, pair, new, weights[i], pair_counts, where, created)
+        else:
+            if at > 0:
+                before[word[at - 1]].append(i)
+            if at + 2 < len(word):
+                after[word[at + 2]].append(i)
+    for x, chunks in before.items():
+        weight = sum(map(weights.__getitem__, chunks))
+        pair_counts[x + a] -= weight
+        pair_counts[x + new] += weight
+        where[x + new].extend(chunks)
+        created.add(x + new)
+    for y, chunks in after.items():
+        weight = sum(map(weights.__getitem__, chunks))
+        pair_counts[b + y] -= weight
+        pair_counts[new + y] += weight
+        where[new + y].extend(chunks)
+        created.add(new + y)
+    # Every occurrence is gone (str.replace leaves none), and so is every overlap with a
+    # neighbour such as the right (a, a) in "a a a", subtracted just above.
+    pair_counts[pair] = 0
+    # Only pairs with the new token gained count: file them in the heap.
+    for p in created:
         heapq.heappush(heap, (-pair_counts[p], p))
+
+
+def _merge_repeated(i: int, word: str, merged: str, pair: str, new: str, weight: int,
+                    pair_counts: dict[str, int], where: dict[str, list[int]],
+                    created: set[str]) -> None:
+    """Counts and index for chunk `i`, which held `pair` more than once: `word` became `merged`.
+
+    Two back-to-back occurrences share one neighbour pair, counted once, and (new, new) is
+    counted once, from its left.
+    """
+    at = word.find(pair)
+    end = -1  # where the previous occurrence ended
+    while at >= 0:
+        if at > 0 and at != end:
+            pair_counts[word[at - 1 : at + 1]] -= weight
+        if at + 2 < len(word):
+            pair_counts[word[at + 1 : at + 3]] -= weight
+        end = at + 2
+        at = word.find(pair, end)
+    formed = []  # pairs with the new token, one per occurrence
+    at = merged.find(new)
+    while at >= 0:
+        if at > 0 and merged[at - 1] != new:
+            formed.append(merged[at - 1 : at + 1])
+        if at + 1 < len(merged):
+            formed.append(merged[at : at + 2])
+        at = merged.find(new, at + 1)
+    for p in formed:
+        pair_counts[p] += weight
+        where[p].append(i)
+    created.update(formed)
