@@ -22,6 +22,7 @@ tests check both learn identical merges.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import multiprocessing as mp
 import operator
@@ -29,6 +30,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import regex
 
@@ -197,40 +199,54 @@ def learn_merges(
     token_bytes = {chr(i): bytes([i]) for i in range(256)}
     known_bytes = set(token_bytes.values())
 
-    # Pair counts and the index pair -> chunks that contain it. A pair is a 2-char str.
-    pair_counts: dict[str, int] = defaultdict(int)
-    where: dict[str, list[int]] = defaultdict(list)
-    for i, (word, weight) in enumerate(zip(words, weights)):
-        pairs = list(map(operator.add, word, word[1:]))
-        for pair in pairs:
-            pair_counts[pair] += weight
-        for pair in set(pairs):
-            where[pair].append(i)
-    # Max-heap by count via negation; ties: the smaller pair string, i.e. smaller (left, right) ids.
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
+    with _gc_paused():
+        # The index pair -> chunks holding it (a chunk listed once per occurrence), and pair counts
+        # as the summed weights of those chunks. A pair is a 2-char str.
+        where: dict[str, list[int]] = defaultdict(list)
+        for i, word in enumerate(words):
+            for pair in map(operator.add, word, word[1:]):
+                where[pair].append(i)
+        pair_counts: dict[str, int] = defaultdict(int)
+        for pair, chunks in where.items():
+            pair_counts[pair] = sum(map(weights.__getitem__, chunks))
+        # Max-heap by count via negation; ties: the smaller pair string, i.e. smaller (left, right) ids.
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
 
-    merges: list[tuple[int, int]] = []
-    bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
-    while len(merges) < num_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts[pair]
-        if count != -neg_count:
-            # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
-            continue
-        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-        if merged in known_bytes:
-            continue  # these bytes are already a token: never merge this pair
-        new = chr(256 + len(merges))
-        merges.append((ord(pair[0]), ord(pair[1])))
-        token_bytes[new] = merged
-        known_bytes.add(merged)
-        _apply_merge(pair, new, words, weights, pair_counts, where, heap)
-        bar.update(1)
-    bar.close()
-    return merges
+        merges: list[tuple[int, int]] = []
+        bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
+        while len(merges) < num_merges and heap:
+            neg_count, pair = heapq.heappop(heap)
+            count = pair_counts[pair]
+            if count != -neg_count:
+                # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
+                if count > 0:
+                    heapq.heappush(heap, (-count, pair))
+                continue
+            merged = token_bytes[pair[0]] + token_bytes[pair[1]]
+            if merged in known_bytes:
+                continue  # these bytes are already a token: never merge this pair
+            new = chr(256 + len(merges))
+            merges.append((ord(pair[0]), ord(pair[1])))
+            token_bytes[new] = merged
+            known_bytes.add(merged)
+            _apply_merge(pair, new, words, weights, pair_counts, where, heap)
+            bar.update(1)
+        bar.close()
+        return merges
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: the merge tables are a million small lists and tuples
+    with no reference cycles, which each collection would scan again for nothing."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
@@ -252,7 +268,7 @@ def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
         word = words[i]
         at = word.find(pair)
         if at < 0:
-            continue  # stale index entry: an earlier merge consumed this pair here
+            continue  # stale entry: consumed by an earlier merge, or by an earlier visit here
         merged = word.replace(pair, new)  # left to right, non-overlapping: BPE's rule
         words[i] = merged
         if len(merged) < len(word) - 1:
