@@ -209,19 +209,18 @@ def learn_merges(
         pair_counts: dict[str, int] = defaultdict(int)
         for pair, chunks in where.items():
             pair_counts[pair] = sum(map(weights.__getitem__, chunks))
-        # Max-heap by count via negation; ties: the smaller pair string, i.e. smaller (left, right) ids.
-        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heap = [_heap_entry(count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
 
         merges: list[tuple[int, int]] = []
         bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
         while len(merges) < num_merges and heap:
-            neg_count, pair = heapq.heappop(heap)
+            filed_count, pair = _heap_pair(heapq.heappop(heap))
             count = pair_counts[pair]
-            if count != -neg_count:
+            if count != filed_count:
                 # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
                 if count > 0:
-                    heapq.heappush(heap, (-count, pair))
+                    heapq.heappush(heap, _heap_entry(count, pair))
                 continue
             merged = token_bytes[pair[0]] + token_bytes[pair[1]]
             if merged in known_bytes:
@@ -247,6 +246,22 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+# The heap is a min-heap of ints that sort like (-count, left id, right id): the most frequent
+# pair comes first, and among equal counts the smaller (left, right) ids (the tie-break). One
+# int compares faster than a tuple. Every token id is a code point, so it fits in 21 bits.
+_ID_BITS = 21
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+def _heap_entry(count: int, pair: str) -> int:
+    return (-count << 2 * _ID_BITS) | (ord(pair[0]) << _ID_BITS) | ord(pair[1])
+
+
+def _heap_pair(entry: int) -> tuple[int, str]:
+    """(count, pair) back from `_heap_entry`."""
+    return -(entry >> 2 * _ID_BITS), chr(entry >> _ID_BITS & _ID_MASK) + chr(entry & _ID_MASK)
 
 
 def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
@@ -295,7 +310,7 @@ def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
     pair_counts[pair] = 0
     # Only pairs with the new token gained count: file them in the heap.
     for p in created:
-        heapq.heappush(heap, (-pair_counts[p], p))
+        heapq.heappush(heap, _heap_entry(pair_counts[p], p))
 
 
 def _merge_repeated(i: int, word: str, merged: str, pair: str, new: str, weight: int,
