@@ -190,6 +190,14 @@ def learn_merges(
 
     Merge i creates token id 256 + i.
     """
+    # The merge tables are about a million small lists and ints with no reference cycles, which
+    # the cyclic garbage collector would scan again and again as they grow. It stays paused until
+    # they are freed, on return from `_learn_merges`.
+    with _gc_paused():
+        return _learn_merges(chunk_counts, num_merges, progress)
+
+
+def _learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool) -> list[tuple[int, int]]:
     from tqdm import tqdm
 
     # A chunk as a str of token ids: its UTF-8 bytes read as latin-1 give chr(byte) per byte.
@@ -199,46 +207,44 @@ def learn_merges(
     token_bytes = {chr(i): bytes([i]) for i in range(256)}
     known_bytes = set(token_bytes.values())
 
-    with _gc_paused():
-        # The index pair -> chunks holding it (a chunk listed once per occurrence), and pair counts
-        # as the summed weights of those chunks. A pair is a 2-char str.
-        where: dict[str, list[int]] = defaultdict(list)
-        for i, word in enumerate(words):
-            for pair in map(operator.add, word, word[1:]):
-                where[pair].append(i)
-        pair_counts: dict[str, int] = defaultdict(int)
-        for pair, chunks in where.items():
-            pair_counts[pair] = sum(map(weights.__getitem__, chunks))
-        heap = [_heap_entry(count, pair) for pair, count in pair_counts.items()]
-        heapq.heapify(heap)
+    # The index pair -> chunks holding it (a chunk listed once per occurrence), and pair counts
+    # as the summed weights of those chunks. A pair is a 2-char str.
+    where: dict[str, list[int]] = defaultdict(list)
+    for i, word in enumerate(words):
+        for pair in map(operator.add, word, word[1:]):
+            where[pair].append(i)
+    pair_counts: dict[str, int] = defaultdict(int)
+    for pair, chunks in where.items():
+        pair_counts[pair] = sum(map(weights.__getitem__, chunks))
+    heap = [_heap_entry(count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
 
-        merges: list[tuple[int, int]] = []
-        bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
-        while len(merges) < num_merges and heap:
-            filed_count, pair = _heap_pair(heapq.heappop(heap))
-            count = pair_counts[pair]
-            if count != filed_count:
-                # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
-                if count > 0:
-                    heapq.heappush(heap, _heap_entry(count, pair))
-                continue
-            merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-            if merged in known_bytes:
-                continue  # these bytes are already a token: never merge this pair
-            new = chr(256 + len(merges))
-            merges.append((ord(pair[0]), ord(pair[1])))
-            token_bytes[new] = merged
-            known_bytes.add(merged)
-            _apply_merge(pair, new, words, weights, pair_counts, where, heap)
-            bar.update(1)
-        bar.close()
-        return merges
+    merges: list[tuple[int, int]] = []
+    bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
+    while len(merges) < num_merges and heap:
+        filed_count, pair = _heap_pair(heapq.heappop(heap))
+        count = pair_counts[pair]
+        if count != filed_count:
+            # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
+            if count > 0:
+                heapq.heappush(heap, _heap_entry(count, pair))
+            continue
+        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
+        if merged in known_bytes:
+            continue  # these bytes are already a token: never merge this pair
+        new = chr(256 + len(merges))
+        merges.append((ord(pair[0]), ord(pair[1])))
+        token_bytes[new] = merged
+        known_bytes.add(merged)
+        _apply_merge(pair, new, words, weights, pair_counts, where, heap)
+        bar.update(1)
+    bar.close()
+    return merges
 
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector: the merge tables are a million small lists and tuples
-    with no reference cycles, which each collection would scan again for nothing."""
+    """Pause the cyclic garbage collector, then restore its previous state."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -293,18 +299,15 @@ def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
                 before[word[at - 1]].append(i)
             if at + 2 < len(word):
                 after[word[at + 2]].append(i)
-    for x, chunks in before.items():
+    # (lost pair, formed pair, chunks) per neighbour token.
+    moves = [(x + a, x + new, chunks) for x, chunks in before.items()]
+    moves += [(b + y, new + y, chunks) for y, chunks in after.items()]
+    for lost, formed, chunks in moves:
         weight = sum(map(weights.__getitem__, chunks))
-        pair_counts[x + a] -= weight
-        pair_counts[x + new] += weight
-        where[x + new].extend(chunks)
-        created.add(x + new)
-    for y, chunks in after.items():
-        weight = sum(map(weights.__getitem__, chunks))
-        pair_counts[b + y] -= weight
-        pair_counts[new + y] += weight
-        where[new + y].extend(chunks)
-        created.add(new + y)
+        pair_counts[lost] -= weight
+        pair_counts[formed] += weight
+        where[formed].extend(chunks)
+        created.add(formed)
     # Every occurrence is gone (str.replace leaves none), and so is every overlap with a
     # neighbour such as the right (a, a) in "a a a", subtracted just above.
     pair_counts[pair] = 0
