@@ -11,7 +11,8 @@ Two phases, each built for a corpus larger than memory and for both cores:
    (`chr(id)`), so merging a pair inside a chunk is one C-speed `str.replace` (left-to-right,
    non-overlapping: exactly BPE's rule). Pair counts live in a dict, the next best pair comes
    from a lazy max-heap, and an index `pair -> chunks containing it` means each merge touches only
-   the chunks it changes, never the whole table.
+   the chunks it changes, never the whole table. Most of those chunks hold the pair once; they are
+   just grouped by their neighbouring token, and the neighbour pairs' counts move once per group.
 
 Tie-break (documented, deterministic): the pair with the highest count wins; among equal counts
 the pair with the smallest (left id, right id) wins. A pair whose merged bytes already form a token
@@ -323,7 +324,7 @@ def _merge_repeated(i: int, word: str, merged: str, pair: str, new: str, weight:
     """Counts and index for chunk `i`, which held `pair` more than once: `word` became `merged`.
 
     Two back-to-back occurrences share one neighbour pair, counted once, and (new, new) is
-    counted once, from its left.
+    counted once, from its left. The caller resets the count of `pair` itself.
     """
     at = word.find(pair)
     end = -1  # where the previous occurrence ended
