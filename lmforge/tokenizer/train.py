@@ -11,7 +11,8 @@ Two phases, each built for a corpus larger than memory and for both cores:
    (`chr(id)`), so merging a pair inside a chunk is one C-speed `str.replace` (left-to-right,
    non-overlapping: exactly BPE's rule). Pair counts live in a dict, the next best pair comes
    from a lazy max-heap, and an index `pair -> chunks containing it` means each merge touches only
-   the chunks it changes, never the whole table.
+   the chunks it changes, never the whole table. Most of those chunks hold the pair once; they are
+   just grouped by their neighbouring token, and the neighbour pairs' counts move once per group.
 
 Tie-break (documented, deterministic): the pair with the highest count wins; among equal counts
 the pair with the smallest (left id, right id) wins. A pair whose merged bytes already form a token
@@ -22,6 +23,7 @@ tests check both learn identical merges.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import multiprocessing as mp
 import operator
@@ -29,6 +31,7 @@ import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import regex
 
@@ -36,8 +39,9 @@ from lmforge.config import DEFAULT_SPECIAL_TOKENS, GPT4_SPLIT_PATTERN, Tokenizer
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 # Text is sent to counting workers in batches of about this many characters: large enough that
-# inter-process overhead is small, small enough that memory stays flat.
-BATCH_CHARS = 1 << 20
+# inter-process overhead is small (well under 1 ms a batch), small enough that memory stays flat
+# and that the workers finish together (the last batch keeps one worker busy alone).
+BATCH_CHARS = 1 << 18
 
 
 def train_tokenizer(
@@ -188,6 +192,14 @@ def learn_merges(
 
     Merge i creates token id 256 + i.
     """
+    # The merge tables are about a million small lists and ints with no reference cycles, which
+    # the cyclic garbage collector would scan again and again as they grow. It stays paused until
+    # they are freed, on return from `_learn_merges`.
+    with _gc_paused():
+        return _learn_merges(chunk_counts, num_merges, progress)
+
+
+def _learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool) -> list[tuple[int, int]]:
     from tqdm import tqdm
 
     # A chunk as a str of token ids: its UTF-8 bytes read as latin-1 give chr(byte) per byte.
@@ -197,28 +209,27 @@ def learn_merges(
     token_bytes = {chr(i): bytes([i]) for i in range(256)}
     known_bytes = set(token_bytes.values())
 
-    # Pair counts and the index pair -> chunks that contain it. A pair is a 2-char str.
-    pair_counts: dict[str, int] = defaultdict(int)
+    # The index pair -> chunks holding it (a chunk listed once per occurrence), and pair counts
+    # as the summed weights of those chunks. A pair is a 2-char str.
     where: dict[str, list[int]] = defaultdict(list)
-    for i, (word, weight) in enumerate(zip(words, weights)):
-        pairs = list(map(operator.add, word, word[1:]))
-        for pair in pairs:
-            pair_counts[pair] += weight
-        for pair in set(pairs):
+    for i, word in enumerate(words):
+        for pair in map(operator.add, word, word[1:]):
             where[pair].append(i)
-    # Max-heap by count via negation; ties: the smaller pair string, i.e. smaller (left, right) ids.
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    pair_counts: dict[str, int] = defaultdict(int)
+    for pair, chunks in where.items():
+        pair_counts[pair] = sum(map(weights.__getitem__, chunks))
+    heap = [_heap_entry(count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[int, int]] = []
     bar = tqdm(total=num_merges, desc="merging", unit="merge", disable=not progress)
     while len(merges) < num_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
+        filed_count, pair = _heap_pair(heapq.heappop(heap))
         count = pair_counts[pair]
-        if count != -neg_count:
+        if count != filed_count:
             # Stale entry: counts of existing pairs only ever fall, so re-file it lower.
             if count > 0:
-                heapq.heappush(heap, (-count, pair))
+                heapq.heappush(heap, _heap_entry(count, pair))
             continue
         merged = token_bytes[pair[0]] + token_bytes[pair[1]]
         if merged in known_bytes:
@@ -233,44 +244,106 @@ def learn_merges(
     return merges
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector, then restore its previous state."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# The heap is a min-heap of ints that sort like (-count, left id, right id): the most frequent
+# pair comes first, and among equal counts the smaller (left, right) ids (the tie-break). One
+# int compares faster than a tuple. Every token id is a code point, so it fits in 21 bits.
+_ID_BITS = 21
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+def _heap_entry(count: int, pair: str) -> int:
+    return (-count << 2 * _ID_BITS) | (ord(pair[0]) << _ID_BITS) | ord(pair[1])
+
+
+def _heap_pair(entry: int) -> tuple[int, str]:
+    """(count, pair) back from `_heap_entry`."""
+    return -(entry >> 2 * _ID_BITS), chr(entry >> _ID_BITS & _ID_MASK) + chr(entry & _ID_MASK)
+
+
 def _apply_merge(pair: str, new: str, words: list[str], weights: list[int],
                  pair_counts: dict[str, int], where: dict[str, list[int]], heap: list) -> None:
     """Replace `pair` by `new` in every chunk containing it, updating counts and the index.
 
     Only pairs touching an occurrence change: the pair itself and its left and right neighbours
-    go away, and pairs with the new token appear. Occurrences are non-overlapping, as in
-    `str.replace`; two back-to-back occurrences share one neighbour pair, counted once.
+    go away, and pairs with the new token appear. Most chunks hold the pair exactly once, and
+    there a chunk "x a b y" merging (a, b) turns (x, a) into (x, new) and (b, y) into (new, y):
+    the loop only files the chunk under its neighbours x and y, and the counts then move once
+    per neighbour token, by the summed weight of its chunks. Chunks holding the pair more than
+    once go through `_merge_repeated`.
     """
-    created: dict[str, set[int]] = defaultdict(set)
+    a, b = pair
+    before: dict[str, list[int]] = defaultdict(list)  # x -> chunks holding "x a b" once
+    after: dict[str, list[int]] = defaultdict(list)  # y -> chunks holding "a b y" once
+    created: set[str] = set()
     for i in where.pop(pair):
         word = words[i]
         at = word.find(pair)
         if at < 0:
-            continue  # stale index entry: an earlier merge consumed this pair here
-        weight = weights[i]
-        end = -1  # where the previous occurrence ended
-        while at >= 0:
-            pair_counts[pair] -= weight
-            if at > 0 and at != end:
-                pair_counts[word[at - 1 : at + 1]] -= weight
-            if at + 2 < len(word):
-                pair_counts[word[at + 1 : at + 3]] -= weight
-            end = at + 2
-            at = word.find(pair, end)
-        merged = word.replace(pair, new)
+            continue  # stale entry: consumed by an earlier merge, or by an earlier visit here
+        merged = word.replace(pair, new)  # left to right, non-overlapping: BPE's rule
         words[i] = merged
-        at = merged.find(new)
-        while at >= 0:
-            if at > 0 and merged[at - 1] != new:  # (new, new) is counted once, from its left
-                left = merged[at - 1 : at + 1]
-                pair_counts[left] += weight
-                created[left].add(i)
-            if at + 1 < len(merged):
-                right = merged[at : at + 2]
-                pair_counts[right] += weight
-                created[right].add(i)
-            at = merged.find(new, at + 1)
-    # Only pairs with the new token gained count: index their chunks and file them in the heap.
-    for p, chunks in created.items():
-        where[p].extend(chunks)
-        heapq.heappush(heap, (-pair_counts[p], p))
+        if len(merged) < len(word) - 1:
+            _merge_repeated(i, word, merged, pair, new, weights[i], pair_counts, where, created)
+        else:
+            if at > 0:
+                before[word[at - 1]].append(i)
+            if at + 2 < len(word):
+                after[word[at + 2]].append(i)
+    # (lost pair, formed pair, chunks) per neighbour token.
+    moves = [(x + a, x + new, chunks) for x, chunks in before.items()]
+    moves += [(b + y, new + y, chunks) for y, chunks in after.items()]
+    for lost, formed, chunks in moves:
+        weight = sum(map(weights.__getitem__, chunks))
+        pair_counts[lost] -= weight
+        pair_counts[formed] += weight
+        where[formed].extend(chunks)
+        created.add(formed)
+    # Every occurrence is gone (str.replace leaves none), and so is every overlap with a
+    # neighbour such as the right (a, a) in "a a a", subtracted just above.
+    pair_counts[pair] = 0
+    # Only pairs with the new token gained count: file them in the heap.
+    for p in created:
+        heapq.heappush(heap, _heap_entry(pair_counts[p], p))
+
+
+def _merge_repeated(i: int, word: str, merged: str, pair: str, new: str, weight: int,
+                    pair_counts: dict[str, int], where: dict[str, list[int]],
+                    created: set[str]) -> None:
+    """Counts and index for chunk `i`, which held `pair` more than once: `word` became `merged`.
+
+    Two back-to-back occurrences share one neighbour pair, counted once, and (new, new) is
+    counted once, from its left. The caller resets the count of `pair` itself.
+    """
+    at = word.find(pair)
+    end = -1  # where the previous occurrence ended
+    while at >= 0:
+        if at > 0 and at != end:
+            pair_counts[word[at - 1 : at + 1]] -= weight
+        if at + 2 < len(word):
+            pair_counts[word[at + 1 : at + 3]] -= weight
+        end = at + 2
+        at = word.find(pair, end)
+    formed = []  # pairs with the new token, one per occurrence
+    at = merged.find(new)
+    while at >= 0:
+        if at > 0 and merged[at - 1] != new:
+            formed.append(merged[at - 1 : at + 1])
+        if at + 1 < len(merged):
+            formed.append(merged[at : at + 2])
+        at = merged.find(new, at + 1)
+    for p in formed:
+        pair_counts[p] += weight
+        where[p].append(i)
+    created.update(formed)
