@@ -17,6 +17,7 @@ cooperate on the same examples: pipeline stages and tensor-parallel peers.
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any
 
 import torch
@@ -129,8 +130,19 @@ class Parallel:
             dist.barrier()
 
     def shutdown(self) -> None:
+        """Free what holds the process group, then destroy it.
+
+        DDP's reducer and a pipeline schedule keep references to the process group; left to
+        interpreter exit, the group's C++ worker threads are torn down in no particular order and
+        can abort a rank ("terminate called without an active exception") after a run that
+        succeeded. Dropping the wrappers first lets the group be destroyed here, in order."""
+        self.release_wrappers()
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def release_wrappers(self) -> None:
+        """Drop the wrappers this strategy built around the model (DDP, pipeline schedule)."""
 
     # ---- state (checkpoint names, full tensors)
 
@@ -185,6 +197,9 @@ class DataParallel(Parallel):
             gradient_as_bucket_view=True,
         )
         return model
+
+    def release_wrappers(self) -> None:
+        self._ddp = None
 
     def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:

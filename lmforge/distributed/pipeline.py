@@ -163,6 +163,9 @@ class PipelineParallel(Parallel):
         self._model = model
         return model
 
+    def release_wrappers(self) -> None:
+        self._schedule = None
+
     def _micro_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training: a micro-batch's mean cross-entropy, its gradient carrying the accumulation
         scale. Evaluation: the per-token cross-entropies (B, T)."""
