@@ -233,3 +233,19 @@ def test_checkpoint_holds_tensors_and_json_only(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [COMPLETE, "config.json", "config.toml", "model.safetensors", "optimizer.safetensors",
          "rng.safetensors", "trainer_state.json"])
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("on", "cuda", True), ("off", "cpu", False),
+])
+def test_prepare_for_training_resolves_the_fused_loss(setting, device, expected):
+    from lmforge.train.pretrain import prepare_for_training
+
+    cfg = load_config(preset="tiny", overrides=[f"train.fused_loss={setting}"])
+    model = prepare_for_training(Transformer(cfg.model), cfg, torch.device(device))
+    assert model.fused_loss is expected
+    # The switch changes how the loss is computed, never its value.
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = Transformer(cfg.model)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model.loss(x[:, :-1], x[:, 1:]), plain.loss(x[:, :-1], x[:, 1:]), atol=1e-6)
