@@ -6,7 +6,8 @@ Two measurements, each printed with the ratio ours / theirs:
           against transformers eager: ours eager with the plain loss, with the fused loss (the
           CPU default, `train.fused_loss`), with `train.compile` and the plain head compiled too,
           and with `train.compile` as it runs on CPU (compiled blocks, fused loss); each copy of
-          our model is set up by the trainer's own `prepare_for_training`
+          our model is set up by the trainer's own `prepare_for_training` and
+          `finish_for_training`
   decode  greedy tokens/s at batch 1: our `generate` (preallocated KV cache; eager and with
           compile=True) against transformers' `generate(do_sample=False)`, both producing
           `--new-tokens` tokens after the same prompt (and the same tokens: checked)
@@ -32,7 +33,7 @@ import torch
 from lmforge.config import load_config
 from lmforge.interop.hf import hf_config
 from lmforge.model import Transformer
-from lmforge.train.pretrain import compile_head_loss, prepare_for_training
+from lmforge.train.pretrain import finish_for_training, prepare_for_training
 
 LABELS = {
     "hf": "transformers",
@@ -106,10 +107,7 @@ def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int
     def trainer_model(overrides: list[str]) -> Transformer:
         """A copy of our model set up exactly as `lmforge pretrain` would with these settings."""
         run_cfg = load_config(preset=preset, overrides=[*base_overrides, *overrides])
-        model = prepare_for_training(twin(ours), run_cfg, cpu)
-        if run_cfg.train.compile:
-            compile_head_loss(model)
-        return model
+        return finish_for_training(prepare_for_training(twin(ours), run_cfg, cpu), run_cfg)
 
     loss = lambda m: m.loss(x, y)  # noqa: E731
     runners = {

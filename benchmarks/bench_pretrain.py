@@ -126,7 +126,7 @@ def hf_loss(model, x, y):
 def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     from lmforge.config import load_config
     from lmforge.model import Transformer
-    from lmforge.train.pretrain import prepare_for_training
+    from lmforge.train.pretrain import finish_for_training, prepare_for_training
 
     cfg = load_config(preset="tiny", overrides=preset_overrides)
     torch.manual_seed(0)
@@ -136,9 +136,10 @@ def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     # Ours as `lmforge pretrain` sets it up on this CPU (the fused loss is on by default there),
     # and the same with train.compile=true (compiled in the warm-up step, outside the timing).
     cpu = torch.device("cpu")
-    ours = prepare_for_training(Transformer(cfg.model), cfg, cpu)
+    ours = finish_for_training(prepare_for_training(Transformer(cfg.model), cfg, cpu), cfg)
     compiled_cfg = load_config(preset="tiny", overrides=[*preset_overrides, "train.compile=true"])
-    ours_compiled = prepare_for_training(Transformer(cfg.model), compiled_cfg, cpu)
+    ours_compiled = finish_for_training(
+        prepare_for_training(Transformer(cfg.model), compiled_cfg, cpu), compiled_cfg)
     ours_compiled.load_state_dict(ours.state_dict())
     theirs = hf_llama_like(cfg)
     n_ours = sum(p.numel() for p in ours.parameters())

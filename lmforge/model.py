@@ -262,7 +262,6 @@ def fused_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return FusedHeadLoss.apply(h, weight, targets, ignore_index, chunk_rows)
 
 
-
 # --------------------------------------------------------------------------------------------
 # The model
 

@@ -123,6 +123,14 @@ def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device)
     return model
 
 
+def finish_for_training(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The training switches that apply after the parallel wrapper (to the bare model or stage
+    it returned): with train.compile, the compiled head_loss. Returns the model."""
+    if cfg.train.compile:
+        compile_head_loss(model)
+    return model
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each block in place (names unchanged; one compiled graph reused by all)."""
     for block in model.layers.values():
@@ -180,9 +188,8 @@ class Trainer:
 
         seed_everything(cfg.train.seed)
         model = prepare_for_training(Transformer(cfg.model), cfg, self.device)
-        self.model = par.parallelize(model)  # the bare model (or this rank's pipeline stage)
-        if cfg.train.compile:
-            compile_head_loss(self.model)
+        # the bare model (or this rank's pipeline stage)
+        self.model = finish_for_training(par.parallelize(model), cfg)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
         self.autocast = autocast_for(cfg, self.device)
 
