@@ -85,7 +85,9 @@ def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int
 
     def runner(name: str, model, loss_fn) -> Callable[[], int]:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # Fused AdamW on both sides: the default of `lmforge pretrain` and of transformers'
+        # Trainer (`adamw_torch_fused`).
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step() -> None:
             loss_fn(model).backward()

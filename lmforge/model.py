@@ -223,10 +223,13 @@ class FusedHeadLoss(torch.autograd.Function):
             grad_h = torch.empty_like(h) if want_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            # One logits buffer for every chunk: reused memory stays in cache (and is not
+            # fresh pages to fault in), which is the point of chunking on CPU.
+            buffer = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=dtype, device=h.device)
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h_chunk = h[rows].to(dtype)
-                logits = (h_chunk @ w.t()).float()
+                logits = torch.mm(h_chunk, w.t(), out=buffer[: h_chunk.shape[0]]).float()
                 target = safe_targets[rows]
                 weight_rows = valid[rows, None] * scale  # 1/n for counted rows, 0 for ignored ones
                 target_logit = logits.gather(1, target)
@@ -236,9 +239,15 @@ class FusedHeadLoss(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot(target)) / n, built in the logits' memory.
                 grad_logits = logits.mul_(weight_rows / sum_exp).scatter_add_(1, target, -weight_rows)
                 grad_logits = grad_logits.to(dtype)
-                if want_h:
+                # Products written straight into the gradients where the dtypes allow: no
+                # temporary per chunk and no extra pass to add it.
+                if want_h and grad_h.dtype == dtype:
+                    torch.mm(grad_logits, w, out=grad_h[rows])
+                elif want_h:
                     grad_h[rows] = grad_logits @ w
-                if want_w:
+                if want_w and dtype == torch.float32:
+                    grad_w.addmm_(grad_logits.t(), h_chunk)
+                elif want_w:
                     grad_w += grad_logits.t() @ h_chunk
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return total
