@@ -24,6 +24,7 @@ done, not the time spent waiting for a core). Compilation happens in warm-up, ou
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -113,7 +114,8 @@ def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int
 
     loss = lambda m: m.loss(x, y)  # noqa: E731
     runners = {
-        "hf": runner("hf", theirs, lambda m: m(input_ids=x, labels=y, shift_labels=y).loss),
+        # A copy: training moves the weights, and decoding later must start from the same ones.
+        "hf": runner("hf", copy.deepcopy(theirs), lambda m: m(input_ids=x, labels=y, shift_labels=y).loss),
         "ours": runner("ours", trainer_model(["train.fused_loss=off"]), loss),
         "ours_fused": runner("ours_fused", trainer_model([]), loss),  # the CPU default
     }
