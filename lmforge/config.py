@@ -358,6 +358,9 @@ class TrainConfig:
         vocabulary), "on" or "off": the LM head and cross-entropy computed a chunk of tokens at a
         time with their gradients, never holding the (tokens, vocab) logits (model.fused_head_loss).
     activation_checkpointing: recompute each block's activations in the backward pass.
+    tf32: on CUDA, let fp32 matrix products (those outside bf16 autocast, or all of them with
+        dtype "fp32") use TensorFloat-32 tensor cores: fp32 range and accumulation, 10-bit
+        mantissa inputs, several times faster on Ampere and later GPUs. No effect on CPU.
     tensorboard: also write TensorBoard events to RUN_DIR/tb.
     time_budget: wall-clock budget such as "15m" or "2h"; max_steps is then sized from the
         throughput measured in the first steps and re-estimated as the run goes, without LR jumps
@@ -410,6 +413,7 @@ class TrainConfig:
     compile: bool = False
     fused_loss: str = "auto"
     activation_checkpointing: bool = False
+    tf32: bool = True
     tensorboard: bool = True
     time_budget: str = ""
     parallel: str = "none"

@@ -235,10 +235,18 @@ def test_checkpoint_holds_tensors_and_json_only(tmp_path):
          "rng.safetensors", "trainer_state.json"])
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    """prepare_for_training on a CUDA device sets a process-wide matmul precision; undo it."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize("setting, device, expected", [
     ("auto", "cpu", True), ("auto", "cuda", False), ("on", "cuda", True), ("off", "cpu", False),
 ])
-def test_prepare_for_training_resolves_the_fused_loss(setting, device, expected):
+def test_prepare_for_training_resolves_the_fused_loss(setting, device, expected, restore_matmul_precision):
     from lmforge.train.pretrain import prepare_for_training
 
     cfg = load_config(preset="tiny", overrides=[f"train.fused_loss={setting}"])
@@ -249,3 +257,15 @@ def test_prepare_for_training_resolves_the_fused_loss(setting, device, expected)
     plain = Transformer(cfg.model)
     plain.load_state_dict(model.state_dict())
     assert torch.allclose(model.loss(x[:, :-1], x[:, 1:]), plain.loss(x[:, :-1], x[:, 1:]), atol=1e-6)
+
+
+@pytest.mark.parametrize("tf32, expected", [(True, "high"), (False, "highest")])
+def test_tf32_switch_sets_the_matmul_precision_on_cuda_only(tf32, expected, restore_matmul_precision):
+    from lmforge.train.pretrain import prepare_for_training
+
+    cfg = load_config(preset="tiny", overrides=[f"train.tf32={str(tf32).lower()}"])
+    torch.set_float32_matmul_precision("highest")
+    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == "highest"  # CPU runs are left alone
+    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cuda"))
+    assert torch.get_float32_matmul_precision() == expected  # "high" lets fp32 products use TF32

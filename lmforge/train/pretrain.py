@@ -114,7 +114,10 @@ def use_fused_loss(cfg: RunConfig, device: torch.device) -> bool:
 
 def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """Apply the training switches that work on the bare model, before any parallel wrapper:
-    the fused loss, activation checkpointing and compiled blocks. Returns the model."""
+    the fused loss, activation checkpointing and compiled blocks (and, on CUDA, TF32 for fp32
+    matrix products, a process-wide setting). Returns the model."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
     model.fused_loss = use_fused_loss(cfg, device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
