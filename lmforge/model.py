@@ -100,6 +100,9 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, T, d) at positions pos..pos+T; return keys/values 0..pos+T."""
         end = self.pos + k.shape[2]
+        # Under autocast the projections' outputs can differ in dtype from the cache (RoPE's fp32
+        # tables promote k, v stays in the autocast dtype): store both in the cache's dtype.
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         # index_copy_ rather than slice assignment: under torch.compile it stays an in-place
         # write, where a slice assignment to a graph input costs a copy of the whole cache.
         positions = torch.arange(self.pos, end, device=k.device)
@@ -470,7 +473,11 @@ class Transformer(nn.Module):
             return
         param = self._param()
         cache_len = self.cfg.max_seq_len if compile else T + max_new_tokens  # see _compiled_step
-        cache = KVCache(self.cfg, B, cache_len, param.device, param.dtype)
+        # Keys and values come out of the projections in the autocast dtype when autocast is on
+        # (the trainer samples under bf16 autocast on GPUs): cache them in that dtype.
+        device_type = param.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
+        cache = KVCache(self.cfg, B, cache_len, param.device, dtype)
         step = self._compiled_step() if compile else self
         logits = self(idx, cache, last_only=True)[:, -1]  # the prompt, in one eager pass
         for i in range(max_new_tokens):

@@ -351,6 +351,22 @@ def test_bf16_forward_runs_and_tracks_fp32():
     assert F.cosine_similarity(half.float().flatten(), full.flatten(), dim=0) > 0.99
 
 
+def test_decoding_under_bf16_autocast():
+    """The trainer samples under bf16 autocast on GPUs: keys and values then come out of the
+    projections in bf16 (and RoPE's fp32 tables promote the keys) while the weights are fp32. The
+    cache must take them, and cached decoding must track the whole-sequence forward."""
+    model = make(n_kv_heads=2)
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(12))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        full = model(idx).float()
+        cache = KVCache(model.cfg, batch_size=2, max_len=12, device="cpu", dtype=torch.bfloat16)
+        parts = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 12)]
+        out = model.generate(idx, 8, temperature=0)
+    assert out.shape == (2, 20) and torch.equal(out[:, :12], idx)
+    cached = torch.cat(parts, dim=1).float()
+    assert F.cosine_similarity(cached.flatten(), full.flatten(), dim=0) > 0.999
+
+
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens():
     model = make(n_layers=1, n_kv_heads=2)

@@ -269,3 +269,27 @@ def test_tf32_switch_sets_the_matmul_precision_on_cuda_only(tf32, expected, rest
     assert torch.get_float32_matmul_precision() == "highest"  # CPU runs are left alone
     prepare_for_training(Transformer(cfg.model), cfg, torch.device("cuda"))
     assert torch.get_float32_matmul_precision() == expected  # "high" lets fp32 products use TF32
+
+
+def test_sampling_runs_compiled_blocks_eagerly():
+    """Sampling calls the blocks with a KV cache and a new shape per token; under train.compile
+    each would be a recompilation. Inside run_compiled_code_eagerly nothing is compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lmforge.train.pretrain import run_compiled_code_eagerly
+
+    torch._dynamo.reset()
+    cfg = load_config(preset="tiny", overrides=["model.n_layers=2", "model.max_seq_len=32"])
+    model = Transformer(cfg.model).eval()
+    counter = CompileCounter()
+    for block in model.layers.values():
+        block.compile(backend=counter)
+    idx = torch.randint(0, cfg.model.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(idx)  # a training-shaped call compiles the block frame
+    compiled = counter.frame_count
+    assert compiled >= 1
+    with run_compiled_code_eagerly():
+        model.generate(idx, 6, temperature=0)
+    assert counter.frame_count == compiled
+    torch._dynamo.reset()

@@ -95,6 +95,14 @@ def autocast_for(cfg: RunConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def run_compiled_code_eagerly():
+    """A context in which compiled blocks run as plain eager code. Sampling calls them with a KV
+    cache and new shapes at every token, each of which would be a recompilation (until dynamo's
+    recompile limit, then eager anyway, after seconds of wasted compiling)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations during backward instead of storing them.
 
@@ -388,7 +396,7 @@ class Trainer:
         from lmforge.generation import generate_text
 
         cfg = self.cfg.train
-        with self.autocast():
+        with self.autocast(), run_compiled_code_eagerly():
             generated = generate_text(self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                       temperature=0.8, top_k=50, seed=cfg.seed + self.step)
         return cfg.sample_prompt + generated.text
