@@ -424,6 +424,11 @@ class TrainConfig:
     dist_backend: str = "auto"
     dist_timeout_s: float = 600.0
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """`dtype` resolved for a device: bf16 compute (autocast, and FSDP's bf16 parameters)
+        when asked, or by default on GPUs; fp32 otherwise."""
+        return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
+
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "keep_last",
                      "eval_batches", "log_every", "sample_tokens"):

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from train_fixtures import losses, make_shards, read_metrics, set_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -146,6 +147,23 @@ def test_fsdp_sharded_checkpoints_roll_back_resume_on_one_process_and_consolidat
     from lmforge.checkpoint import load_model
 
     assert load_model(tmp_path / "one" / "checkpoints" / "step_00000008").cfg.n_layers == 2
+
+
+def test_fsdp_bf16_mixed_precision_trains_like_fp32_and_keeps_fp32_weights(shards, single, tmp_path):
+    """train.dtype=bf16 under FSDP is the GPU default path (bf16 parameters in compute and
+    communication, fp32 gradient reduction and master weights), run here on CPU ranks: it follows
+    the fp32 single-process curve to bf16 precision, rolls the NaN back, and saves fp32 weights."""
+    from safetensors.torch import load_file
+
+    pretrain(shards, tmp_path / "bf16", "train.batch_size=4", "train.parallel=fsdp", "train.dtype=bf16",
+             nproc=2)
+    got, expected = losses(tmp_path / "bf16"), single["single8"]
+    assert list(got) == list(expected)
+    assert list(got.values()) == pytest.approx(list(expected.values()), rel=0.02)
+    rollbacks = [r for r in read_metrics(tmp_path / "bf16") if r.get("event") == "rollback"]
+    assert [(r["step"], r["to_step"]) for r in rollbacks] == [(6, 4)]
+    weights = load_file(middle(tmp_path / "bf16").parent / "step_00000008" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
 def test_sharded_checkpoints_with_pipeline_fail_clearly():

@@ -40,6 +40,19 @@ def reference(shards, tmp_path_factory):
     return run
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_samples_are_logged_at_intervals(shards, tmp_path, dtype):
+    """train.sample_every writes a continuation of the prompt into the metrics; also under bf16
+    autocast (the GPU default), where the KV cache must take bf16 keys and values."""
+    cfg = tiny_config("train.max_steps=6", "train.sample_every=3", "train.sample_tokens=8",
+                      f"train.dtype={dtype}")
+    assert pretrain(cfg, shards, tmp_path).step == 6
+    samples = [r for r in read_metrics(tmp_path) if "sample" in r]
+    assert [r["step"] for r in samples] == [3, 6]
+    assert all(r["sample"].startswith(cfg.train.sample_prompt) for r in samples)
+    assert all(len(r["sample"]) > len(cfg.train.sample_prompt) for r in samples)
+
+
 def test_a_run_logs_metrics_and_writes_loadable_checkpoints(reference):
     import lmforge
 

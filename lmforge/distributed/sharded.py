@@ -113,9 +113,9 @@ class ShardedParallel(Parallel):
             dist.broadcast(tensor, src=0)
         if self.tp_size > 1:
             apply_tensor_parallel(model, self.mesh["tp"])
-        # On GPUs: bf16 compute and communication of parameters, fp32 gradient reduction and
-        # fp32 master weights. On CPUs everything stays fp32.
-        if self.device.type == "cuda":
+        # With bf16 compute (train.dtype; the default on GPUs): bf16 compute and communication
+        # of parameters, fp32 gradient reduction and fp32 master weights. Otherwise all fp32.
+        if self.cfg.train.uses_bf16(self.device.type):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()

@@ -88,9 +88,7 @@ def batch_geometry(cfg: RunConfig, dp_size: int) -> tuple[int, int, int]:
 
 def autocast_for(cfg: RunConfig, device: torch.device):
     """bf16 autocast on GPU (or when asked), plain fp32 otherwise; returns a context factory."""
-    dtype = cfg.train.dtype
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not cfg.train.uses_bf16(device.type):
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
