@@ -80,3 +80,33 @@ def test_anchored_cosine_goes_on_from_where_it_was():
         assert lr_multiplier(new_total, cfg, new_total, anchor) == pytest.approx(0.1)
         # Without the anchor the old behaviour: the same step jumps to another learning rate.
         assert abs(lr_multiplier(at + 1, cfg, new_total) - before) > 0.05
+
+
+def test_reserve_shrinks_to_the_measured_cost_of_evaluation_and_checkpoint(shards, tmp_path, monkeypatch):
+    """Once evaluations and checkpoints have been timed, the run keeps twice their cost free for the
+    final ones instead of a fixed 5% of the budget: it ends within the budget, final evaluation and
+    checkpoint included, having trained past the old 95% mark."""
+    clock = FakeClock(lambda now: 0.25)
+    step, evaluate, save = Trainer._attempt_step, Trainer.evaluate, Trainer._save_checkpoint
+
+    def timed_step(self, n):
+        clock.now += 0.25
+        return step(self, n)
+
+    def slow_evaluate(self):
+        clock.now += 0.5  # an evaluation costs two steps' time
+        return evaluate(self)
+
+    def slow_save(self):
+        clock.now += 0.25
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "_attempt_step", timed_step)
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", slow_save)
+    cfg = tiny_config(f"train.time_budget={BUDGET_S:.0f}s", "train.max_steps=100000", "train.warmup_steps=20",
+                      "train.eval_every=40", "train.checkpoint_every=40")
+    pretrain(cfg, shards, tmp_path / "run", clock=clock)
+    assert clock.now <= BUDGET_S  # the final evaluation and checkpoint fit
+    # A fixed 5% reserve stops training at 95 s and ends by 96 s; 2 x (0.5 + 0.25) + 1 s leaves 2.5 s.
+    assert clock.now > 0.97 * BUDGET_S

@@ -23,7 +23,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from lmforge.train.metrics import MetricsLogger, memory_gb, peak_flops
 from lmforge.train.optim import build_optimizer, set_learning_rate
 from lmforge.train.schedule import decay_progress, lr_multiplier, wsd_decay_start
 
-# Share of a time budget kept free for the final evaluation and checkpoint.
+# Share of a time budget kept free for the final evaluation and checkpoint until their cost has
+# been measured (then twice the measured cost, see Trainer._reserve_s).
 _BUDGET_RESERVE = 0.05
 # Steps left out of the speed measurement: the first ones pay allocation and compilation.
 _UNTIMED_STEPS = 2
@@ -191,6 +192,7 @@ class Trainer:
         self.max_steps = cfg.train.max_steps
         self.time_budget_s = time_budget_s
         self.sizings = 0  # times max_steps was (re)estimated from the measured speed
+        self.end_costs: dict[str, float] = {}  # slowest evaluation / sample / checkpoint so far, s
         # (step, cosine progress there) from which the schedule walks to max_steps: set when
         # max_steps changes mid-run, so the learning rate goes on from where it was.
         self.schedule_anchor: tuple[int, float] | None = None
@@ -356,16 +358,26 @@ class Trainer:
         cfg = self.cfg.train
         last = final or step >= self.max_steps
         if step % cfg.eval_every == 0 or last:
-            self.last_val = self.evaluate()
+            with self._timed("eval"):
+                self.last_val = self.evaluate()
             self.metrics.log({"step": step, **self.last_val})
             self.metrics.write(f"step {step}: val_loss {self.last_val['val_loss']:.4f}  "
                                f"val_bpb {self.last_val['val_bpb']:.4f}")
         if cfg.sample_every and (step % cfg.sample_every == 0 or last):
-            text = self.sample()
+            with self._timed("sample"):
+                text = self.sample()
             if text is not None:
                 self.metrics.log({"step": step, "sample": text})
         if step % cfg.checkpoint_every == 0 or last or self.stop_requested:
-            self._save_checkpoint()
+            with self._timed("checkpoint"):
+                self._save_checkpoint()
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        """Keep the slowest duration of `name` (end-of-run work the time budget must leave room for)."""
+        start = self.clock()
+        yield
+        self.end_costs[name] = max(self.end_costs.get(name, 0.0), self.clock() - start)
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss and bits per byte over the same `eval_batches` batches every time."""
@@ -433,7 +445,7 @@ class Trainer:
             # Measured before any evaluation: add its estimated share (a validation batch is a
             # forward pass, about a third of a training micro-batch). Later measurements include it.
             seconds_per_step *= 1 + cfg.eval_batches / (3 * self.accum) / cfg.eval_every
-        remaining = self.time_budget_s * (1 - _BUDGET_RESERVE) - (self.clock() - self.t_start)
+        remaining = self.time_budget_s - self._reserve_s() - (self.clock() - self.t_start)
         steps = self.step + max(1, int(remaining / seconds_per_step))
         # Each rank reads its own clock: take the smallest count so all stop at the same step.
         steps = -int(self.par.all_reduce(torch.tensor(-steps, dtype=torch.float64), "max"))
@@ -454,8 +466,18 @@ class Trainer:
     def _budget_exhausted(self) -> bool:
         if self.time_budget_s is None or self.step >= self.max_steps:
             return False
-        over = self.clock() - self.t_start > self.time_budget_s * (1 - _BUDGET_RESERVE)
+        over = self.clock() - self.t_start > self.time_budget_s - self._reserve_s()
         return bool(float(self.par.all_reduce(torch.tensor(float(over)), "max")))
+
+    def _reserve_s(self) -> float:
+        """Time kept free for the final evaluation, sample and checkpoint: twice their slowest
+        measured cost plus a second, at most 5% of the budget (and 5% until all were measured)."""
+        assert self.time_budget_s is not None
+        cap = self.time_budget_s * _BUDGET_RESERVE
+        needed = ["eval", "checkpoint"] + (["sample"] if self.cfg.train.sample_every else [])
+        if any(name not in self.end_costs for name in needed):
+            return cap
+        return min(cap, 1.0 + 2.0 * sum(self.end_costs[name] for name in needed))
 
     # ---- checkpoints
 
