@@ -31,6 +31,13 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 
+
+def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in on this device type: autocast's when autocast is on
+    there, else `default` (the weights' or activations' own dtype)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 # --------------------------------------------------------------------------------------------
 # Normalisation and rotary position embeddings
 
@@ -216,7 +223,7 @@ class FusedHeadLoss(torch.autograd.Function):
         # Under autocast the products run in the autocast dtype, as nn.Linear's would; the softmax
         # and the gradient accumulation run in fp32.
         device_type = h.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        dtype = compute_dtype(device_type, h.dtype)
         with torch.autocast(device_type, enabled=False):
             valid = targets != ignore_index
             scale = 1.0 / valid.sum().clamp(min=1).float()  # the mean over counted tokens
@@ -475,9 +482,9 @@ class Transformer(nn.Module):
         cache_len = self.cfg.max_seq_len if compile else T + max_new_tokens  # see _compiled_step
         # Keys and values come out of the projections in the autocast dtype when autocast is on
         # (the trainer samples under bf16 autocast on GPUs): cache them in that dtype.
-        device_type = param.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else param.dtype
-        cache = KVCache(self.cfg, B, cache_len, param.device, dtype)
+        # Keys and values come out of the projections in the autocast dtype when autocast is on
+        # (the trainer samples under bf16 autocast on GPUs): cache them in that dtype.
+        cache = KVCache(self.cfg, B, cache_len, param.device, compute_dtype(param.device.type, param.dtype))
         step = self._compiled_step() if compile else self
         logits = self(idx, cache, last_only=True)[:, -1]  # the prompt, in one eager pass
         for i in range(max_new_tokens):
