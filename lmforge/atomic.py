@@ -2,6 +2,10 @@
 
 Every write of state in lmforge goes through here: write to a temporary sibling, fsync, rename.
 A directory is built under a temporary name and renamed into place when complete.
+
+What lands in place follows the user's umask, like a file made with `open()` or a directory made
+with `mkdir`: tempfile makes its files 0600 and its directories 0700, which would leave a
+checkpoint or an export readable only by its owner.
 """
 
 from __future__ import annotations
@@ -26,12 +30,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """This process's umask (read from /proc where it can be, since setting it is process-wide)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir` would give a new directory."""
+    return 0o777 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary file, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -62,6 +89,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        tmp.chmod(dir_mode())
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():

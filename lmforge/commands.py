@@ -6,6 +6,7 @@ import argparse
 
 from lmforge.cli import add_config_args, config_from_args
 from lmforge.config import ModelConfig
+from lmforge.outputs import add_force_arg
 
 
 def config_show_args(parser: argparse.ArgumentParser) -> None:
@@ -20,18 +21,15 @@ def config_show(args: argparse.Namespace) -> int:
 def init_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, preset_required=True)
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_force_arg(parser)
 
 
 def init(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from lmforge.errors import UserError
+    from lmforge.outputs import check_output
 
     # Check the cheap things first, before importing torch and building the model.
     cfg = config_from_args(args)
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"{args.out} already exists; choose a new directory or pass --force")
+    check_output(args.out, args.force)
 
     import torch
 
@@ -41,7 +39,7 @@ def init(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
-    out = save_model(model, cfg, args.out, overwrite=args.force)
+    out = save_model(model, cfg, args.out, overwrite=True)  # checked above
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {human(n)} parameters, seed {cfg.train.seed}")
     return 0

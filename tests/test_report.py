@@ -127,8 +127,8 @@ def test_pdf_pages_render_with_plots(tmp_path):
 
 
 def test_missing_artefacts_give_not_available_sections(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    empty = tmp_path / "empty"  # a run stopped before its first stage finished
+    atomic_write_json(empty / "stages.json", {"version": 1, "stages": {}})
     out = build_report(empty)
     md = (out / "report.md").read_text(encoding="utf-8")
     for title in SECTION_TITLES:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lmforge.cli import add_config_args, config_from_args
 from lmforge.errors import UserError
+from lmforge.outputs import add_force_arg, check_output
+from lmforge.runlock import run_lock
 
 
 def prepare_args(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +21,9 @@ def prepare_args(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory to use; without it one is trained on the "
                              "curated train split with the [tokenizer] config")
     parser.add_argument("--out", default="data", metavar="DIR",
-                        help="output shards directory (default: data)")
+                        help="output shards directory (default: data); a directory this command "
+                             "wrote is continued, any other non-empty one refused without --force")
+    add_force_arg(parser)
     parser.add_argument("--strict", action="store_true",
                         help="malformed input (bad JSONL lines, non-UTF-8 bytes) is an error")
     add_config_args(parser)
@@ -34,8 +38,12 @@ def prepare(args: argparse.Namespace) -> int:
     if args.strict:
         cfg.data.strict = True
     cfg.validate()
+    out = Path(args.out)
+    ours = (out / "manifest.json").is_file() or (out / "curated").is_dir()
+    check_output(out, args.force or ours)  # continuing its own earlier work is not overwriting
     start = time.perf_counter()
-    manifest = prepare(cfg, args.out, tokenizer_dir=args.tokenizer)
+    with run_lock(out, "data prepare"):
+        manifest = prepare(cfg, out, tokenizer_dir=args.tokenizer)
     seconds = time.perf_counter() - start
     read = manifest["read"]
     for problem in read["problems"]:

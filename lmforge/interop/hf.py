@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lmforge.atomic import atomic_directory, atomic_write_json
 from lmforge.config import ModelConfig, RunConfig
 from lmforge.errors import UserError
+from lmforge.outputs import add_force_arg, check_output
 
 if TYPE_CHECKING:  # torch is imported only by the commands that load weights
     import torch
@@ -239,11 +240,12 @@ def export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="checkpoint directory (or a run directory: its newest complete checkpoint)")
     parser.add_argument("--out", required=True, metavar="DIR", help="Hugging Face model directory to write")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_force_arg(parser)
 
 
 def export_command(args: argparse.Namespace) -> int:
-    out = export_hf(args.checkpoint, args.out, overwrite=args.force)
+    check_output(args.out, args.force)  # before loading the model
+    out = export_hf(args.checkpoint, args.out, overwrite=True)
     print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -252,10 +254,11 @@ def import_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="DIR",
                         help="local Hugging Face Llama/Qwen3 model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, metavar="DIR", help="lmforge checkpoint directory to write")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_force_arg(parser)
 
 
 def import_command(args: argparse.Namespace) -> int:
-    out = import_hf(args.source, args.out, overwrite=args.force)
+    check_output(args.out, args.force)
+    out = import_hf(args.source, args.out, overwrite=True)
     print(f"wrote {out}")
     return 0

@@ -26,6 +26,7 @@ def run_args(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from lmforge.config import parse_duration
     from lmforge.pipeline.run import run_pipeline
+    from lmforge.runlock import run_lock
 
     cfg = config_from_args(args)
     if args.source:
@@ -35,7 +36,8 @@ def run_command(args: argparse.Namespace) -> int:
     budget_s = None if budget in ("none", "0", "") else parse_duration(budget, "--time-budget")
     out = args.out or f"runs/{args.preset or 'default'}"
     try:
-        report = run_pipeline(cfg, out, budget_s)
+        with run_lock(out, "run"):
+            report = run_pipeline(cfg, out, budget_s)
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to continue where it stopped (in {out})",
               file=sys.stderr)

@@ -9,6 +9,7 @@
     RUN/tb/                  TensorBoard events    }
     RUN/logs/                samples.json, environment.json, pipeline.log
     RUN/report/              report.md, report.html, report.pdf and the plots they show
+    RUN/previous/            outputs of stages redone on changed inputs, STAGE-TIMESTAMP/ each
 
 The report reads any `lmforge pretrain` run directory too: it has the same top level.
 """
@@ -66,6 +67,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def previous(self) -> Path:
+        return self.root / "previous"
 
     @property
     def metrics(self) -> Path:

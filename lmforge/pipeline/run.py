@@ -4,11 +4,14 @@ Each stage calls the stage's own Python API on the run directory (see layout.py)
 RUN/stages.json (records.py). Running the same command again skips every stage whose inputs are
 unchanged and whose outputs are intact, continues an interrupted stage (data shards and training
 checkpoints are resumable on their own), and reruns a changed stage and everything after it.
+A rerun never loses a finished stage's outputs: a stage redone on changed inputs first moves what
+its last attempt left to RUN/previous/STAGE-TIMESTAMP/ (with that attempt's record and config).
 
 The time budget covers the whole invocation: data, tokenizer and shards take what they take,
 pre-training gets what is left minus a small reserve for sampling and the report, through
 pre-training's own budget mechanism (`train.time_budget`), which sizes the number of steps from the
-throughput it measures.
+throughput it measures. The budget is checked before anything is touched: one too small for the
+stages left (the data stages as long as they last took) is refused with the smallest that works.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import math
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +36,21 @@ from lmforge.errors import UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline.layout import RunLayout
 from lmforge.pipeline.records import StageRecords, inputs_hash
+from lmforge.runlock import LOCK_NAME
 
 # Seconds kept free at the end of the budget for sampling and writing the report (measured with
 # the tiny preset: 2-4 s on a quiet 2-core machine, 24 s at a load average of 9).
 REPORT_RESERVE_S = 30.0
 # Pre-training needs at least this long to measure its throughput and take some steps.
 MIN_PRETRAIN_S = 30.0
+# Checked up front, a budget keeps this much more for the driver itself (imports, hashing outputs).
+DRIVER_RESERVE_S = 5.0
 # Prompts of the sample generations in the report (a new document, the configured prompt, and
 # openings from each part of the built-in corpus).
 BUILTIN_PROMPTS = ["ROMEO:", "And God said", "def "]
 SAMPLE_TOKENS = 120
+# In each RUN/previous/ entry: which stage, when, why, and its record (stages.json) at the time.
+PREVIOUS_NOTE = "previous.json"
 # The tokenizer's bytes per token are measured on (about) this much of the validation split.
 VAL_STATS_BYTES = 2_000_000
 
@@ -53,6 +63,8 @@ class Context:
     started: float  # time.monotonic() when the invocation started
     progress: bool
     same_inputs: bool = False  # the running stage's last attempt had the same inputs
+    stamp: str = ""  # UTC time of this invocation, names the RUN/previous/ entries it makes
+    old_config: str | None = None  # RUN/config.toml as this invocation found it
 
     def remaining_s(self) -> float | None:
         if self.budget_s is None:
@@ -67,6 +79,8 @@ class Stage:
     config: Callable[[Context], Any]  # the part of the config (and options) it depends on
     run: Callable[[Context], None]
     fingerprint: Callable[[Context], str | None]  # of its outputs; None when they are missing
+    # What the stage writes (files or directories): kept aside when it is redone on other inputs.
+    outputs: Callable[[RunLayout], list[Path]] = field(default=lambda layout: [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,19 +167,13 @@ def _run_pretrain(ctx: Context) -> None:
     atomic_write_json(layout.environment, machine_info())  # the machine that trains, for the report
     resume_from = CheckpointManager(layout.root, 1).latest() if ctx.same_inputs else None
     if resume_from is None:
-        if layout.checkpoints.is_dir() and not ctx.same_inputs:
-            print("  the inputs of pre-training changed: starting it afresh (old checkpoints removed)",
-                  flush=True)
+        # Other inputs' outputs were moved aside by the driver; these are an earlier attempt's on
+        # the same inputs that never reached a checkpoint.
         _clear_training_outputs(layout)
     cfg = copy.deepcopy(ctx.cfg)
     remaining = ctx.remaining_s()
-    if remaining is not None:
-        seconds = remaining - REPORT_RESERVE_S
-        if seconds < MIN_PRETRAIN_S:
-            raise UserError(
-                f"--time-budget: only {max(remaining, 0):.0f}s left for pre-training after the data "
-                f"stages; give a larger budget (or rerun: finished stages are skipped)")
-        cfg.train.time_budget = f"{seconds:.0f}s"
+    if remaining is not None:  # the driver checked that this leaves at least MIN_PRETRAIN_S
+        cfg.train.time_budget = f"{max(remaining - REPORT_RESERVE_S, MIN_PRETRAIN_S):.0f}s"
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
     result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
@@ -173,8 +181,12 @@ def _run_pretrain(ctx: Context) -> None:
         raise KeyboardInterrupt  # checkpointed; the stage stays unfinished and resumes next time
 
 
+def _pretrain_outputs(layout: RunLayout) -> list[Path]:
+    return [layout.checkpoints, layout.metrics, layout.tensorboard, layout.environment]
+
+
 def _clear_training_outputs(layout: RunLayout) -> None:
-    """Pre-training starts afresh: the checkpoints and metrics of other inputs must go."""
+    """Pre-training starts afresh on the inputs of an attempt that left no checkpoint."""
     shutil.rmtree(layout.checkpoints, ignore_errors=True)
     shutil.rmtree(layout.tensorboard, ignore_errors=True)
     layout.metrics.unlink(missing_ok=True)
@@ -244,13 +256,24 @@ def _report_fingerprint(ctx: Context) -> str | None:
     return file_sha256(path) if path.is_file() and (ctx.layout.report / "report.pdf").is_file() else None
 
 
+def _shards_outputs(layout: RunLayout) -> list[Path]:
+    data = layout.data
+    shards = [p for split in ("train", "val") for p in sorted(data.glob(f"{split}_*.bin"))]
+    return [layout.data_manifest, data / "tokenizer", *sorted(data.glob("progress_*.json")), *shards]
+
+
 STAGES: list[Stage] = [
-    Stage("data", (), _data_config, _run_data, _data_fingerprint),
+    Stage("data", (), _data_config, _run_data, _data_fingerprint,
+          lambda layout: [layout.data / "curated"]),
     Stage("tokenizer", ("data",), lambda ctx: dataclasses.asdict(ctx.cfg.tokenizer), _run_tokenizer,
-          _tokenizer_fingerprint),
-    Stage("shards", ("data", "tokenizer"), _shards_config, _run_shards, _shards_fingerprint),
-    Stage("pretrain", ("shards",), _pretrain_config, _run_pretrain, _pretrain_fingerprint),
-    Stage("sample", ("pretrain",), _sample_config, _run_sample, _sample_fingerprint),
+          _tokenizer_fingerprint, lambda layout: [layout.tokenizer]),
+    Stage("shards", ("data", "tokenizer"), _shards_config, _run_shards, _shards_fingerprint,
+          _shards_outputs),
+    Stage("pretrain", ("shards",), _pretrain_config, _run_pretrain, _pretrain_fingerprint,
+          _pretrain_outputs),
+    Stage("sample", ("pretrain",), _sample_config, _run_sample, _sample_fingerprint,
+          lambda layout: [layout.samples]),
+    # The report is regenerated from the artefacts (and leaves the user's files in report/ alone).
     Stage("report", ("data", "tokenizer", "shards", "pretrain", "sample"), lambda ctx: None,
           _run_report, _report_fingerprint),
 ]
@@ -264,8 +287,16 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
                  progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Run (or continue) every stage in `out`; returns the report directory."""
     ctx = Context(cfg, RunLayout(Path(out)), budget_s, time.monotonic(),
-                  sys.stderr.isatty() if progress is None else progress)
+                  sys.stderr.isatty() if progress is None else progress,
+                  stamp=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     layout = ctx.layout
+    _check_run_dir(layout.root)
+    records = StageRecords(layout.stages)
+    # Everything that can refuse the run is checked before the first write.
+    planned = _plan(ctx, records)
+    estimates = {name: _estimate_s(name, records) for name in planned}
+    _check_budget(ctx, planned, estimates, up_front=True)
+
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.logs.mkdir(exist_ok=True)
     show = log or (lambda line: print(line, flush=True))
@@ -276,8 +307,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
         with open(layout.pipeline_log, "a", encoding="utf-8") as f:
             f.write(f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} {line}\n")
 
+    ctx.old_config = layout.config.read_text(encoding="utf-8") if layout.config.is_file() else None
     atomic_write_text(layout.config, cfg.to_toml())
-    records = StageRecords(layout.stages)
     budget = f"time budget {budget_s / 60:.1f} min" if budget_s else "no time budget"
     say(f"lmforge run: {layout.root} ({budget}; {len(STAGES)} stages)")
     for number, stage in enumerate(STAGES, 1):
@@ -286,11 +317,19 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
         digest = inputs_hash(inputs)
         head = f"[{number}/{len(STAGES)}] {stage.name:<9}"
         record = records.get(stage.name)
-        if records.is_current(stage.name, digest) and stage.fingerprint(ctx) == record.get("outputs"):
+        # A planned stage is looked at again: the stage before it may have made the same outputs.
+        if stage.name not in planned or (records.is_current(stage.name, digest)
+                                         and stage.fingerprint(ctx) == record.get("outputs")):
             say(f"{head} skipped: unchanged since {record.get('finished_at', '?')}")
             continue
+        if stage.name == "pretrain":  # the data stages may have taken longer than they did before
+            _check_budget(ctx, planned[planned.index(stage.name):], estimates, up_front=False)
         # Same inputs as the last attempt: what that attempt left may be continued.
         ctx.same_inputs = bool(record and record.get("inputs_hash") == digest)
+        if not ctx.same_inputs:
+            kept = _keep_previous(ctx, stage, record)
+            if kept is not None:
+                say(f"{head} inputs changed: the previous outputs are kept in {kept}")
         unfinished = ctx.same_inputs and record.get("status") == "running"
         say(f"{head} running" + (" (continuing an unfinished attempt)" if unfinished else ""))
         records.started(stage.name, digest, inputs)
@@ -305,6 +344,99 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     total = time.monotonic() - ctx.started
     say(f"finished in {total / 60:.1f} min")
     return layout.report
+
+
+def _check_run_dir(root: Path) -> None:
+    """`--out` is new, empty, or a run (of `lmforge run` or `lmforge pretrain`): never a folder of
+    other files that the run would write into."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UserError(f"--out {root} is a file; give a run directory")
+    layout = RunLayout(root)
+    if layout.stages.is_file() or layout.config.is_file():
+        return
+    if any(p.name != LOCK_NAME for p in root.iterdir()):
+        raise UserError(f"--out {root} holds other files and is not a run directory (no stages.json "
+                        "or config.toml); give a new or empty directory, or a run to continue")
+
+
+def _plan(ctx: Context, records: StageRecords) -> list[str]:
+    """The stages this invocation will run: changed ones, ones with missing outputs, and every
+    stage after one of those."""
+    planned: list[str] = []
+    for stage in STAGES:
+        if any(name in planned for name in stage.after):
+            planned.append(stage.name)
+            continue
+        inputs = {"config": stage.config(ctx),
+                  "after": {name: _upstream(records, name) for name in stage.after}}
+        record = records.get(stage.name)
+        if not (records.is_current(stage.name, inputs_hash(inputs))
+                and stage.fingerprint(ctx) == record.get("outputs")):
+            planned.append(stage.name)
+    return planned
+
+
+def _estimate_s(name: str, records: StageRecords) -> float:
+    """The least time stage `name` needs: pre-training its minimum plus the reserve for sampling
+    and the report; a data stage as long as its last attempt took (0 when never measured)."""
+    if name == "pretrain":
+        return MIN_PRETRAIN_S + REPORT_RESERVE_S
+    if name in ("sample", "report"):
+        return 0.0  # inside REPORT_RESERVE_S
+    return float((records.get(name) or {}).get("seconds") or 0.0)
+
+
+def _check_budget(ctx: Context, left: list[str], estimates: dict[str, float], up_front: bool) -> None:
+    """Refuse, before a stage touches anything, a budget that cannot fit the stages left: up front
+    (before any stage) and again right before pre-training."""
+    remaining = ctx.remaining_s()
+    if remaining is None or "pretrain" not in left:
+        return
+    need = sum(estimates.get(name, 0.0) for name in left)
+    if up_front:
+        need += DRIVER_RESERVE_S
+    if remaining >= need:
+        return
+    assert ctx.budget_s is not None
+    if up_front:
+        smallest = math.ceil((ctx.budget_s - remaining + need) / 10) * 10
+        data = sum(estimates.get(name, 0.0) for name in left if name != "pretrain")
+        measured = f", the data stages {data:.0f}s as last measured" if data else ""
+        raise UserError(
+            f"--time-budget {ctx.budget_s:.0f}s is too small for the stages left ({', '.join(left)}): "
+            f"pre-training needs {MIN_PRETRAIN_S:.0f}s and {REPORT_RESERVE_S:.0f}s are kept for the "
+            f"samples and the report{measured}; give --time-budget {smallest}s or more (or 'none')")
+    raise UserError(
+        f"--time-budget: only {max(remaining, 0):.0f}s of {ctx.budget_s:.0f}s left for pre-training "
+        f"after the data stages; they are finished now, so the same command again gives "
+        f"pre-training the whole budget")
+
+
+def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) -> Path | None:
+    """Move what `stage` left on other inputs to RUN/previous/STAGE-STAMP/; None if nothing."""
+    layout = ctx.layout
+    found = [p for p in stage.outputs(layout) if p.exists()]
+    if not found:
+        return None
+    kept = layout.previous / f"{stage.name}-{ctx.stamp}"
+    for n in range(1, 1000):  # two redone stages of one invocation never share a directory
+        if not kept.exists():
+            break
+        kept = layout.previous / f"{stage.name}-{ctx.stamp}-{n}"
+    kept.mkdir(parents=True)
+    for path in found:
+        target = kept / path.relative_to(layout.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)  # a rename: nothing is copied or lost
+    if ctx.old_config is not None:
+        atomic_write_text(kept / "config.toml", ctx.old_config)
+    atomic_write_json(kept / PREVIOUS_NOTE, {
+        "stage": stage.name, "moved_at": ctx.stamp,
+        "why": f"lmforge run redid {stage.name} on changed inputs",
+        "record": record or {}, "paths": [str(p.relative_to(layout.root)) for p in found]})
+    return kept
 
 
 def _upstream(records: StageRecords, name: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import argparse
 
 def report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `lmforge run` "
-                        "or `lmforge pretrain`")
+                        "or `lmforge pretrain`; RUN_DIR/report/ gets report.md, .html, .pdf and "
+                        "plots/ (other files there are left alone)")
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.outputs import add_force_arg, check_output
+from lmforge.runlock import run_lock
 
 
 def _tokenizer_arg(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,7 @@ def train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, metavar="N",
                         help="256 bytes + merges + special tokens (default: tokenizer.vocab_size)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    add_force_arg(parser)
     parser.add_argument("--text-field", metavar="NAME",
                         help="field holding the text in .jsonl records (default: data.text_field)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -43,11 +46,13 @@ def train(args: argparse.Namespace) -> int:
     cfg = run_cfg.tokenizer
     text_field = args.text_field or run_cfg.data.text_field
     files = expand_inputs(args.input)  # fail on a bad path before any work
+    check_output(args.out, args.force)
     start = time.perf_counter()
-    tok = train_tokenizer(iter_texts([str(f) for f in files], text_field=text_field),
-                          vocab_size=cfg.vocab_size, pattern=cfg.pattern,
-                          special_tokens=cfg.special_tokens, workers=args.workers)
-    path = tok.save(args.out)
+    with run_lock(args.out, "tokenizer train"):
+        tok = train_tokenizer(iter_texts([str(f) for f in files], text_field=text_field),
+                              vocab_size=cfg.vocab_size, pattern=cfg.pattern,
+                              special_tokens=cfg.special_tokens, workers=args.workers)
+        path = tok.save(args.out)
     print(f"trained {tok!r} on {len(files)} file(s) in {time.perf_counter() - start:.1f}s -> {path}")
     if tok.vocab_size < cfg.vocab_size:
         print(f"note: the corpus ran out of pairs to merge; vocab_size is {tok.vocab_size}, "
@@ -145,12 +150,17 @@ def export_args(parser: argparse.ArgumentParser) -> None:
                         help="hf: tokenizer.json (+config) for tokenizers/transformers; "
                              "tiktoken: base64 rank file + pattern and specials")
     _tokenizer_arg(parser)
-    parser.add_argument("--out", required=True, metavar="PATH", help="directory to write into")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="directory to write into (files of the same names are refused "
+                             "without --force)")
+    add_force_arg(parser)
 
 
 def export(args: argparse.Namespace) -> int:
-    from lmforge.tokenizer.export import export_hf, export_tiktoken
+    from lmforge.tokenizer.export import EXPORT_FILES, export_hf, export_tiktoken
 
-    out = (export_hf if args.format == "hf" else export_tiktoken)(args.tokenizer, args.out)
+    check_output(args.out, args.force, writes=EXPORT_FILES[args.format])
+    with run_lock(args.out, "tokenizer export"):
+        out = (export_hf if args.format == "hf" else export_tiktoken)(args.tokenizer, args.out)
     print(f"wrote {args.format} tokenizer to {out}")
     return 0

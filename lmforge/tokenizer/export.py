@@ -21,6 +21,11 @@ from lmforge.atomic import atomic_write_json, atomic_write_text
 from lmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"
+# The files each format writes into its output directory (and nothing else).
+EXPORT_FILES = {
+    "hf": ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"),
+    "tiktoken": (TIKTOKEN_FILE, "tiktoken_config.json"),
+}
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -35,6 +35,13 @@ def pretrain_command(args: argparse.Namespace) -> int:
         from lmforge.distributed.launch import exec_torchrun
 
         exec_torchrun(args.nproc)
+    from lmforge.runlock import run_lock
+
+    with run_lock(args.out, "pretrain"):  # one writer per run directory (rank 0 holds it)
+        return _pretrain(args)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import read_config
     from lmforge.train.checkpoint import resolve_resume
     from lmforge.train.pretrain import pretrain
