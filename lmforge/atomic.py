@@ -83,7 +83,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success fsync its files and rename it to `final`.
 
-    On an exception the temporary directory is removed and `final` is left as it was.
+    What it holds gets the modes of the umask (some writers, e.g. safetensors, make their files
+    0600, and a copied tree keeps its source's modes). On an exception the temporary directory is
+    removed and `final` is left as it was.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,13 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         tmp.chmod(dir_mode())
         yield tmp
         for p in tmp.rglob("*"):
-            if p.is_file():
+            if p.is_symlink():
+                continue
+            if p.is_dir():
+                p.chmod(dir_mode())
+            elif p.is_file():
+                executable = p.stat().st_mode & 0o111
+                p.chmod(dir_mode() if executable else file_mode())
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.runlock import LOCK_NAME
 
 FORCE_HELP = "replace what is already at --out (default: refuse to overwrite anything)"
 
@@ -43,7 +44,8 @@ def check_output(out: str | os.PathLike, force: bool, *, directory: bool = True,
     elif writes is not None:
         clash = next((out / name for name in writes if (out / name).exists()), None)
     else:
-        clash = out if any(out.iterdir()) else None
+        # A lock alone is another writer at work: run_lock names it rather than "already exists".
+        clash = out if any(p.name != LOCK_NAME for p in out.iterdir()) else None
     if clash is not None:
         raise UserError(f"{clash} already exists; choose another {flag} or pass --force to replace it")
     return out

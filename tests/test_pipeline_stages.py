@@ -1,5 +1,6 @@
 """The pipeline driver on stand-in stages (fast): skip when unchanged, rerun a changed stage and
-everything after it, redo a stage whose outputs went missing, and retry an interrupted one."""
+everything after it, redo a stage whose outputs went missing, and retry an interrupted one; never
+lose a finished stage's outputs (kept aside when redone, a too small budget refused up front)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
+from lmforge.errors import UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline import run as pipeline
 from lmforge.pipeline.records import StageRecords
 
 
-def fake_stages(calls: list[str], fail_in: set[str]) -> list[pipeline.Stage]:
+def fake_stages(calls: list[str], fail_in: set[str],
+                names: tuple[str, str, str] = ("a", "b", "c")) -> list[pipeline.Stage]:
     """Three stages: each writes a file from its config field and the previous stage's file."""
 
     def make(name: str, after: tuple[str, ...], field: str) -> pipeline.Stage:
@@ -31,10 +34,21 @@ def fake_stages(calls: list[str], fail_in: set[str]) -> list[pipeline.Stage]:
 
         return pipeline.Stage(
             name, after, lambda ctx: getattr(getattr(ctx.cfg, field.split(".")[0]), field.split(".")[1]),
-            run, lambda ctx: file_sha256(output(ctx)) if output(ctx).is_file() else None)
+            run, lambda ctx: file_sha256(output(ctx)) if output(ctx).is_file() else None,
+            lambda layout: [layout.root / f"{name}.txt"])
 
-    return [make("a", (), "data.val_fraction"), make("b", ("a",), "tokenizer.vocab_size"),
-            make("c", ("b",), "train.max_steps")]
+    a, b, c = names
+    return [make(a, (), "data.val_fraction"), make(b, (a,), "tokenizer.vocab_size"),
+            make(c, (b,), "train.max_steps")]
+
+
+def run_in(root: Path, *overrides: str, budget_s: float | None = None) -> None:
+    cfg = load_config(preset="tiny", overrides=list(overrides))
+    pipeline.run_pipeline(cfg, root, budget_s=budget_s, progress=False, log=lambda line: None)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -91,3 +105,47 @@ def test_an_interrupted_stage_is_retried_and_the_ones_before_it_kept(driver):
     fail_in.clear()
     assert run() == ["b", "c"]
     assert StageRecords(root / "stages.json").get("b")["attempts"] == 2
+
+
+def test_a_redone_stage_keeps_its_previous_outputs(driver):
+    run, _, root = driver
+    run()
+    old = (root / "c.txt").read_text()
+    assert run("train.max_steps=7") == ["c"]
+    assert (root / "c.txt").read_text() == "a=0.01;b=4096;c=7;"
+    [kept] = (root / "previous").iterdir()
+    assert kept.name.startswith("c-") and (kept / "c.txt").read_text() == old
+    note = json.loads((kept / pipeline.PREVIOUS_NOTE).read_text())
+    assert note["stage"] == "c" and note["record"]["status"] == "complete"
+    assert "max_steps = 1000" in (kept / "config.toml").read_text()  # the config it was made with
+    # A change further up keeps every redone stage's outputs, each in its own folder.
+    assert run("train.max_steps=7", "tokenizer.vocab_size=512") == ["b", "c"]
+    assert sorted(p.name.split("-")[0] for p in (root / "previous").iterdir()) == ["b", "c", "c"]
+
+
+def test_a_budget_too_small_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
+    calls: list[str] = []
+    # The budget is about pre-training: a stand-in "pretrain" stage (depending on tokenizer.vocab_size).
+    monkeypatch.setattr(pipeline, "STAGES", fake_stages(calls, set(), ("data", "pretrain", "sample")))
+    root = tmp_path / "run"
+    with pytest.raises(UserError, match="--time-budget 50s is too small .* give --time-budget 70s"):
+        run_in(root, budget_s=50)
+    assert not root.exists() and calls == []
+
+    run_in(root)  # no budget: every stage runs
+    before = snapshot(root)
+    with pytest.raises(UserError, match=r"stages left \(pretrain, sample\).* give --time-budget 70s"):
+        run_in(root, "tokenizer.vocab_size=512", budget_s=50)
+    assert snapshot(root) == before  # nothing moved, removed or rewritten (config.toml included)
+    calls.clear()
+    run_in(root, "tokenizer.vocab_size=512", budget_s=70)  # the smallest it named works
+    assert calls == ["pretrain", "sample"]
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not a run directory"):
+        run_in(root)
+    assert snapshot(root) == {"notes.txt": b"x"}

@@ -316,9 +316,28 @@ def timings(run: RunArtefacts) -> list[Block] | str:
             status = "writing this report" if name == "report" else "running or interrupted"
         rows.append([name, status, _duration(record.get("seconds")), str(record.get("finished_at", "-")),
                      str(record.get("attempts", 1))])
-    return [Paragraph("Time of each stage's last attempt; a stage skipped as unchanged keeps the "
-                      "time of the run that did it."),
-            Table(["stage", "status", "time", "finished", "attempts"], rows)]
+    blocks: list[Block] = [
+        Paragraph("Time of each stage's last attempt; a stage skipped as unchanged keeps the "
+                  "time of the run that did it."),
+        Table(["stage", "status", "time", "finished", "attempts"], rows)]
+    return blocks + previous_outputs(run)
+
+
+def previous_outputs(run: RunArtefacts) -> list[Block]:
+    """The outputs of stages redone on changed inputs, which `lmforge run` kept in RUN/previous/."""
+    from lmforge.pipeline.run import PREVIOUS_NOTE
+
+    kept = sorted(p for p in run.layout.previous.glob("*/") if (p / PREVIOUS_NOTE).is_file())
+    if not kept:
+        return []
+    rows = []
+    for path in kept:
+        note = _read_json(path / PREVIOUS_NOTE)
+        rows.append([str(note.get("stage", "?")), str(note.get("moved_at", "?")),
+                     str(note.get("record", {}).get("finished_at", "-")), path.name])
+    return [Paragraph(f"Redone on changed inputs, the earlier outputs of these stages are kept in "
+                      f"{run.layout.previous} (delete a folder there to free its space)."),
+            Table(["stage", "moved aside", "it had finished", "folder"], rows)]
 
 
 def environment(run: RunArtefacts) -> list[Block]:
