@@ -146,12 +146,34 @@ def test_changed_config_reruns_its_stage_and_everything_after(finished, corpus, 
         assert stage_lines(stdout)[name].startswith("done"), name
         assert after_tokenizer[name]["outputs"] != first[name]["outputs"], name
     assert json.loads((run / "tokenizer" / "stats.json").read_text())["vocab_size"] == 320
+    # Nothing finished was lost: the old model (and tokenizer, shards, samples) are kept aside.
+    [kept] = (run / "previous").glob("pretrain-*")
+    old, new = final_weights(kept), final_weights(run)
+    assert all((old[k] == theirs).all() for k, theirs in final_weights(finished[0]).items())
+    assert any((old[k] != new[k]).any() for k in new)
+    assert {p.name.split("-")[0] for p in (run / "previous").iterdir()} == {
+        "tokenizer", "shards", "pretrain", "sample"}
+    assert "Redone on changed inputs" in (run / "report" / "report.md").read_text()
 
     # The data config changes: every stage is redone.
     stdout = lmforge_run(run, corpus, "tokenizer.vocab_size=320", "data.val_fraction=0.1").stdout
     assert all(line.startswith("done") for line in stage_lines(stdout).values())
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     assert manifest["config"]["val_fraction"] == 0.1
+
+
+def test_a_budget_too_small_for_a_redo_is_refused_before_anything_is_touched(finished, corpus,
+                                                                            tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(finished[0], run)
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # A changed budget is a changed input of pre-training: it would be redone, in under a minute.
+    command = run_command(run, corpus)
+    command[command.index("--time-budget") + 1] = "1m"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "give --time-budget 70s" in done.stderr
+    assert {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def wait_for_step(run: Path, process: subprocess.Popen, step: int, timeout: float = 240) -> None:
