@@ -92,6 +92,8 @@ def run_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
     if not _is_main_rank():
         yield
         return
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file; give a directory to write into")
     directory.mkdir(parents=True, exist_ok=True)
     lock = (directory / LOCK_NAME).resolve()
     if lock in _held:
