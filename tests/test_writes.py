@@ -244,3 +244,14 @@ def test_the_lock_is_reentrant_names_its_holder_and_is_taken_by_rank_0_only(tmp_
     monkeypatch.setenv("RANK", "1")
     with run_lock(tmp_path / "b", "pretrain"):
         assert not (tmp_path / "b" / LOCK_NAME).exists()
+
+
+def test_a_new_pretrain_run_refuses_a_folder_of_other_files(tmp_path, capsys):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "config.toml").write_text("# the user's\n")  # a run's name, but with other files
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(tmp_path / "shards"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a run's (shards)" in err, err
+    assert (tmp_path / "config.toml").read_text() == "# the user's\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "shards"]

@@ -47,6 +47,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from lmforge.train.pretrain import pretrain
 
     resume_from = resolve_resume(Path(args.out), args.resume)
+    if resume_from is None:
+        _refuse_other_files(Path(args.out))
     base = None
     if resume_from:
         # The run continues with its own config; debug switches (fault injection) belong to the
@@ -75,6 +77,20 @@ def _pretrain(args: argparse.Namespace) -> int:
           f"{result.loss if result.loss is None else round(result.loss, 4)}{val}; "
           f"checkpoint: {result.checkpoint}")
     return 0
+
+
+# What a pre-training run directory holds; anything else in the --out of a new run is someone else's.
+RUN_NAMES = {"config.toml", "metrics.jsonl", "tb", "checkpoints", "logs", ".lmforge.lock"}
+
+
+def _refuse_other_files(out: Path) -> None:
+    """A new run writes config.toml and metrics.jsonl into --out: not into a folder of other files."""
+    if not out.is_dir() or (out / "stages.json").is_file():  # new, or an `lmforge run` directory
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name not in RUN_NAMES)
+    if other:
+        raise UserError(f"--out {out} holds files that are not a run's ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); give a new directory, or --resume a run")
 
 
 def sample_args(parser: argparse.ArgumentParser) -> None:
