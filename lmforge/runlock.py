@@ -38,6 +38,8 @@ def _is_main_rank() -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negative numbers would name process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,8 +113,9 @@ def run_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
         stale = read_holder(lock)
         if stale:
             host = socket.gethostname()
-            gone = stale.get("host") != host or not _pid_alive(int(stale.get("pid", 0)))
-            note = "no longer running" if gone else "its lock was released"
+            pid = stale.get("pid")
+            dead = stale.get("host") == host and not (isinstance(pid, int) and _pid_alive(pid))
+            note = "no longer running" if dead else "its lock was released"
             print(f"note: taking over the stale lock of {directory} left by "
                   f"{describe_holder(stale)}: {note}", file=sys.stderr)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
