@@ -201,7 +201,8 @@ def test_consolidate_command_end_to_end(worker_results, tmp_path):
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
     bad = subprocess.run([sys.executable, "-m", "lmforge", "checkpoint", "consolidate",
-                          str(tmp_path / "missing"), "--out", str(out)], capture_output=True, text=True)
+                          str(tmp_path / "missing"), "--out", str(tmp_path / "new.safetensors")],
+                         capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing'}: no sharded checkpoint here (no .safetensors files)"]
