@@ -96,6 +96,8 @@ def export_peft(checkpoint: str | os.PathLike, out: str | os.PathLike, base_name
     tensors = {peft_name(name): t.contiguous() for name, t in state.items()}
     base = base_name or str(read_lora_meta(directory).checkpoint)
     config = adapter_config(cfg.lora, base, cfg.model.tie_embeddings)
+    if config["ensure_weight_tying"]:  # peft reads the tied head's copy from its own key
+        tensors[peft_name("lm_head.weight")] = state["embed_tokens.weight"].clone()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", config)
