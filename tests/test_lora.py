@@ -317,3 +317,31 @@ def test_export_peft_of_a_plain_checkpoint_is_one_user_error(tmp_path, capsys):
     base = save_model(base_model(cfg), cfg, tmp_path / "base")
     assert main(["export", "peft", "--checkpoint", str(base), "--out", str(tmp_path / "a")]) == 2
     assert "is not a LoRA checkpoint" in capsys.readouterr().err
+
+
+def test_a_few_steps_on_the_adapters_alone_fit_a_batch():
+    cfg = config("lora.rank=8", "lora.alpha=16")
+    model = lora.apply_lora(base_model(cfg), cfg.lora).train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW(lora.trainable_parameters(model).values(), lr=1e-2)
+    x, y = tokens(5), tokens(6)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x, y)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.5  # nats: B starts at zero, so any fit is the adapters'
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_a_bf16_base_trains_its_fp32_adapters_under_autocast():
+    cfg = config()
+    model = lora.apply_lora(base_model(cfg).to(torch.bfloat16), cfg.lora).train()
+    randomize_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(tokens(), tokens(4))
+    loss.backward()
+    grads = [p.grad for p in lora.trainable_parameters(model).values()]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

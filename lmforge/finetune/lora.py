@@ -37,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from torch import nn
 from lmforge.atomic import atomic_directory, atomic_write_json
 from lmforge.config import LoraConfig, RunConfig
 from lmforge.errors import UserError
+
+if TYPE_CHECKING:
+    from lmforge.model import Transformer
 
 # lora.targets name -> the module's path inside a block (Hugging Face Llama names).
 TARGET_MODULES = {
@@ -158,7 +161,8 @@ def target_paths(model: nn.Module, targets: list[str]) -> list[str]:
     if missing:
         arch = getattr(getattr(model, "cfg", None), "arch", "?")
         raise UserError(f"lora.targets: {', '.join(map(repr, missing))} is not a layer of this model "
-                        f"(model.arch={arch!r} has {', '.join(present)})")
+                        f"(model.arch={arch!r} has {', '.join(present)}); e.g. "
+                        f"--set lora.targets={','.join(present)}")
     return [f"layers.{i}.{TARGET_MODULES[t]}" for i in blocks for t in targets]
 
 
@@ -352,7 +356,7 @@ def read_lora_meta(directory: str | os.PathLike) -> BaseRef:
 
 
 def load_lora_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-                    merged: bool = True) -> nn.Module:
+                    merged: bool = True) -> Transformer:
     """A LoRA checkpoint's base with its adapters applied, in eval mode.
 
     The base must be the very checkpoint the adapters were trained on (same sha256 of its
