@@ -109,8 +109,8 @@ class LoRALinear(nn.Module):
         return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
-        """(alpha / r) B A in fp32: what merging adds to W."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+        """(alpha / r) B A in the adapters' dtype (fp32 or wider): what merging adds to W."""
+        return (self.lora_B.detach() @ self.lora_A.detach()) * self.scale
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -118,7 +118,7 @@ class LoRALinear(nn.Module):
         (subtracting the update again would round). Costs a copy of W while merged."""
         if not self.merged:
             self.base_weight = self.weight.detach().clone()
-            self.weight.copy_(self.weight.float() + self.delta())
+            self.weight.copy_(self.weight.to(self.lora_A.dtype) + self.delta())
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -128,7 +128,7 @@ class LoRALinear(nn.Module):
 
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + (alpha/r) B A (in W's dtype and device)."""
-        weight = self.weight.detach() if self.merged else (self.weight.detach().float() + self.delta())
+        weight = self.weight.detach() if self.merged else self.weight.detach().to(self.lora_A.dtype) + self.delta()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta")
         linear.weight = nn.Parameter(weight.to(self.weight.dtype))
