@@ -345,3 +345,22 @@ def test_a_bf16_base_trains_its_fp32_adapters_under_autocast():
     loss.backward()
     grads = [p.grad for p in lora.trainable_parameters(model).values()]
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_sample_reads_a_lora_checkpoint_as_its_merged_model(tmp_path, capsys):
+    from lmforge.tokenizer.train import train_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    train_tokenizer(["the adapters and the base model, merged or not"] * 20, vocab_size=300).save(tokenizer)
+    cfg = config()
+    base = save_model(base_model(cfg), cfg, tmp_path / "base", tokenizer_dir=tokenizer)
+    model = lora_model(cfg)
+    ckpt = lora.save_lora_checkpoint(model, cfg, tmp_path / "lora", lora.base_reference(base), tokenizer)
+    assert main(["lora", "merge", "--checkpoint", str(ckpt), "--out", str(tmp_path / "merged")]) == 0
+    outputs = {}
+    for name in ("lora", "merged", "base"):
+        capsys.readouterr()
+        assert main(["sample", "--checkpoint", str(tmp_path / name), "--prompt", "the",
+                     "--max-new-tokens", "12", "--temperature", "0"]) == 0
+        outputs[name] = capsys.readouterr().out
+    assert outputs["lora"] == outputs["merged"] != outputs["base"]
