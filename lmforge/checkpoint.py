@@ -4,6 +4,9 @@
     CKPT_DIR/config.json         {"format": "lmforge-checkpoint", "version": 1, "config": RunConfig}
     CKPT_DIR/tokenizer/          optional: the tokenizer the model was trained with
 
+A LoRA checkpoint holds lora.safetensors + lora.json (adapters and its base's path and hash)
+instead of model.safetensors; `load_model` returns its base with the adapters merged in.
+
 A training checkpoint (under RUN_DIR/checkpoints/) holds the same files plus optimizer and trainer
 state, and a `COMPLETE` marker written last; one without the marker is never loaded.
 """
@@ -50,6 +53,14 @@ def write_model_files(model: Transformer | dict[str, torch.Tensor], cfg: RunConf
     tensors = model if isinstance(model, dict) else model.state_dict()
     state = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_config_files(cfg, directory, tokenizer_dir)
+
+
+def write_config_files(cfg: RunConfig, directory: str | os.PathLike,
+                       tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """config.json and the tokenizer copy: what every checkpoint has besides its weights
+    (a LoRA checkpoint writes adapters instead of model.safetensors, lmforge/finetune/lora.py)."""
+    directory = Path(directory)
     atomic_write_json(directory / CONFIG_FILE, {"format": FORMAT, "version": VERSION, "config": cfg.to_dict()})
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, directory / TOKENIZER_DIR)
@@ -154,8 +165,13 @@ def build_model(cfg: RunConfig, state: dict[str, torch.Tensor], source: str,
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
-    """Load a checkpoint directory, or a run directory's newest complete checkpoint, in eval mode."""
+    """Load a checkpoint directory, or a run directory's newest complete checkpoint, in eval mode.
+    A LoRA checkpoint gives its base with the adapters merged in (lmforge/finetune/lora.py)."""
+    from lmforge.finetune.lora import is_lora_checkpoint, load_lora_model
+
     directory = resolve_checkpoint(path)
+    if is_lora_checkpoint(directory):
+        return load_lora_model(directory, device)
     cfg = read_config(directory)
     state = load_state(directory / WEIGHTS_FILE)
     return build_model(cfg, state, str(directory / WEIGHTS_FILE), device)

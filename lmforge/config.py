@@ -524,6 +524,46 @@ class DebugConfig:
             parse_inject(self.inject)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters for fine-tuning (lmforge/finetune/lora.py): each targeted linear layer
+    computes W x + (alpha / rank) B A x with W frozen and only A (rank x in) and B (out x rank)
+    trained; B starts at zero, so training starts from the base model exactly.
+
+    rank: rank r of the adapters; 0 means full fine-tuning (no adapters, every parameter trains).
+    alpha: scale numerator; the adapters' output is multiplied by alpha / rank.
+    dropout: dropout on the adapters' input while training (the frozen path sees no dropout).
+    targets: the linear layers that get adapters, among q, k, v, o (attention projections) and
+        gate, up, down (MLP projections; the gpt2 arch has no gate).
+    train_embeddings: the token (and position) embeddings train in full beside the adapters.
+    train_head: the LM head trains in full beside the adapters; with tied embeddings the head is
+        the embedding matrix, so either flag trains that shared matrix.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    train_embeddings: bool = False
+    train_head: bool = False
+
+    def validate(self) -> None:
+        _non_negative("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        for target in self.targets:
+            _choice("lora.targets", target, LORA_TARGETS)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets={self.targets} names a layer twice")
+        if self.rank and not self.targets:
+            raise ConfigError(f"lora.targets is empty but lora.rank={self.rank}: name layers among "
+                              f"{', '.join(LORA_TARGETS)}, or set lora.rank=0 for full fine-tuning")
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs, grouped by lifecycle stage."""
@@ -534,6 +574,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):

@@ -1,0 +1,1 @@
+"""Fine-tuning: supervised fine-tuning data and LoRA adapters (lmforge/finetune/lora.py)."""
