@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from lmforge.errors import ConfigError
+from lmforge.finetune.config import SftConfig
 
 # The GPT-4 (cl100k) style pre-split: contractions, words with a leading non-letter, numbers of at
 # most three digits, punctuation runs, and whitespace handled so that spaces attach to the next word.
@@ -554,6 +555,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):

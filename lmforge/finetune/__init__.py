@@ -1,0 +1,1 @@
+"""Fine-tuning: conversation data for SFT (`data`), its config section (`config`)."""
