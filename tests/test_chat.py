@@ -136,3 +136,23 @@ def test_export_without_chat_tokens_has_no_template(tmp_path):
     plain = train_tokenizer(["abc abd abe"], vocab_size=262, special_tokens=["<|endoftext|>", "<|pad|>"])
     config = json.loads((export_hf(plain, tmp_path) / "tokenizer_config.json").read_text())
     assert "chat_template" not in config
+
+
+def test_lmforge_export_hf_of_a_checkpoint_carries_the_chat_template(tok, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from lmforge.checkpoint import save_model
+    from lmforge.config import load_config
+    from lmforge.interop.hf import export_hf as export_checkpoint
+    from lmforge.model import Transformer
+
+    tok.save(tmp_path / "tok")
+    cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", "model.d_model=32",
+                                 "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=64"])
+    torch.manual_seed(0)
+    ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    hf = AutoTokenizer.from_pretrained(str(export_checkpoint(ckpt, tmp_path / "hf")))
+    messages = [SYSTEM, *TURNS]
+    assert _hf_ids(hf, messages) == render_conversation(tok, messages)[0]
+    assert _hf_ids(hf, messages[:2], add_generation_prompt=True) == render_prompt(tok, messages[:2])
