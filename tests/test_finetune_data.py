@@ -61,6 +61,13 @@ def test_openai_sharegpt_and_parquet_read_the_same(tmp_path):
         assert read_conversations(path).conversations == CONVERSATIONS
 
 
+def test_sharegpt_with_a_top_level_system_prompt(tmp_path):
+    record = as_sharegpt(CONVERSATIONS[0][1:])
+    record["system"] = CONVERSATIONS[0][0]["content"]
+    path = write_jsonl(tmp_path / "s.jsonl", [record])
+    assert read_conversations(path).conversations == [CONVERSATIONS[0]]
+
+
 def test_alpaca_records(tmp_path):
     path = write_jsonl(tmp_path / "alpaca.jsonl", [
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},

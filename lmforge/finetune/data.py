@@ -3,6 +3,7 @@
 Readers. One record per JSONL line or Parquet row, in any of three shapes (detected per record):
   OpenAI     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
   ShareGPT   {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}
+             (and an optional top-level "system": ...)
   Alpaca     {"instruction": ..., "input": ... (optional), "output": ...}
 A malformed record is a UserError naming file and line, or skipped and counted (`sft.strict`).
 
@@ -25,9 +26,13 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.chat.format import render_conversation, validate_messages
 from lmforge.errors import UserError
+
+if TYPE_CHECKING:
+    from lmforge.tasks.common import Task
 
 IGNORE = -100  # target value the loss skips
 BUILTIN_CHAT = "builtin:chat"
@@ -73,6 +78,8 @@ def to_messages(record: object) -> Messages:
         messages = record["messages"]
     elif "conversations" in record:
         messages = [_sharegpt_turn(turn) for turn in _as_list(record["conversations"], "conversations")]
+        if isinstance(record.get("system"), str) and record["system"]:  # a variant keeps it apart
+            messages.insert(0, {"role": "system", "content": record["system"]})
     elif "instruction" in record and "output" in record:
         prompt = "\n\n".join(str(record[k]) for k in ("instruction", "input") if record.get(k))
         messages = [{"role": "user", "content": prompt},
@@ -180,8 +187,10 @@ def weighted(items: Sequence, weight: float, rng: random.Random) -> list:
 
 
 def load_sft_data(sources: Sequence[str], seed: int = 0, val_fraction: float = 0.05,
-                  builtin_examples: int = 20_000, strict: bool = True, tasks=None) -> SftData:
-    """Read and mix `sources` (see `SftConfig.data`); the same seed gives the same data."""
+                  builtin_examples: int = 20_000, strict: bool = True,
+                  tasks: dict[str, Task] | None = None) -> SftData:
+    """Read and mix `sources` (see `SftConfig.data`); the same seed gives the same data.
+    `tasks` replaces the built-in task generators (tests)."""
     data = SftData()
     for spec in sources:
         source = parse_source(spec)
@@ -199,7 +208,8 @@ def load_sft_data(sources: Sequence[str], seed: int = 0, val_fraction: float = 0
     return data
 
 
-def _builtin_chat(seed: int, n: int, val_fraction: float, tasks) -> tuple[list[Messages], list[Messages]]:
+def _builtin_chat(seed: int, n: int, val_fraction: float,
+                  tasks: dict[str, Task] | None) -> tuple[list[Messages], list[Messages]]:
     from lmforge.tasks import builtin_chat
 
     train = builtin_chat("train", seed, n, tasks=tasks)

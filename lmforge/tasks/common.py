@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmforge.errors import UserError
@@ -125,7 +125,3 @@ def final_number(text: str) -> str | None:
     tail = text.rsplit("####", 1)[1] if "####" in text else text
     numbers = re.findall(r"-?\d+", tail.replace(",", ""))
     return numbers[-1] if numbers else None
-
-
-def iter_keys(examples: Sequence[Example]) -> Iterator[str]:
-    return (e.key for e in examples)
