@@ -32,6 +32,7 @@ from lmforge.chat.format import render_conversation, validate_messages
 from lmforge.errors import UserError
 
 if TYPE_CHECKING:
+    from lmforge.finetune.config import SftConfig
     from lmforge.tasks.common import Task
 
 IGNORE = -100  # target value the loss skips
@@ -208,13 +209,19 @@ def load_sft_data(sources: Sequence[str], seed: int = 0, val_fraction: float = 0
     return data
 
 
+def sft_data(cfg: SftConfig, seed: int) -> SftData:
+    """`load_sft_data` as the `sft` config section describes it."""
+    return load_sft_data(cfg.data, seed, cfg.val_fraction, cfg.builtin_examples, cfg.strict)
+
+
 def _builtin_chat(seed: int, n: int, val_fraction: float,
                   tasks: dict[str, Task] | None) -> tuple[list[Messages], list[Messages]]:
     from lmforge.tasks import builtin_chat
 
     train = builtin_chat("train", seed, n, tasks=tasks)
     val = builtin_chat("test", seed, max(1, round(val_fraction * n)), tasks=tasks) if val_fraction else []
-    return [list(e.messages) for e in train], [list(e.messages) for e in val]
+    # Copies: the generators' examples are shared (cached pools).
+    return [[dict(m) for m in e.messages] for e in train], [[dict(m) for m in e.messages] for e in val]
 
 
 # -- rendering and batches -----------------------------------------------------------------------
