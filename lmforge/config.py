@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from lmforge.errors import ConfigError
+from lmforge.finetune.config import SftConfig
 
 # The GPT-4 (cl100k) style pre-split: contractions, words with a leading non-letter, numbers of at
 # most three digits, punctuation runs, and whitespace handled so that spaces attach to the next word.
@@ -40,7 +41,12 @@ DEFAULT_SPECIAL_TOKENS = [
     "<|user|>",
     "<|assistant|>",
     "<|end|>",
+    "<|tool|>",  # reserved: a tool call (calculator) opens ...
+    "<|/tool|>",  # ... and closes; see lmforge/chat/format.py
 ]
+
+# The digit rule inside GPT4_SPLIT_PATTERN; `tokenizer.digits` rewrites its upper bound.
+DIGIT_RUN = r"\p{N}{1,3}"
 
 
 @dataclass
@@ -126,13 +132,28 @@ class TokenizerConfig:
     vocab_size: target vocabulary, 256 byte tokens + merges + special tokens.
     pattern: regex that pre-splits text into chunks; merges never cross chunk boundaries.
     special_tokens: strings that are never split or merged; their ids follow the merges in order.
+    digits: longest run of digits kept in one chunk: 3 (GPT-4's groups, e.g. "2024" -> "202" "4")
+        or 1 (one digit per token: every number is spelled digit by digit, as arithmetic needs).
+        It rewrites the digit rule (`DIGIT_RUN`) of `pattern`, see `split_pattern`.
     """
 
     vocab_size: int = 4096
     pattern: str = GPT4_SPLIT_PATTERN
     special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    digits: int = 3
+
+    @property
+    def split_pattern(self) -> str:
+        """`pattern` with digit runs capped at `digits` (the regex the tokenizer is trained with)."""
+        if self.digits == 3:
+            return self.pattern
+        return self.pattern.replace(DIGIT_RUN, DIGIT_RUN.replace("3", str(self.digits)))
 
     def validate(self) -> None:
+        _positive("tokenizer.digits", self.digits)
+        if self.digits != 3 and DIGIT_RUN not in self.pattern:
+            raise ConfigError(f"tokenizer.digits={self.digits} needs tokenizer.pattern to contain "
+                              f"{DIGIT_RUN} (the digit rule it rewrites)")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             dupes = sorted({t for t in self.special_tokens if self.special_tokens.count(t) > 1})
             raise ConfigError(f"tokenizer.special_tokens has duplicates: {dupes}")
@@ -574,6 +595,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> RunConfig:

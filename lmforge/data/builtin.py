@@ -74,7 +74,16 @@ def read_shakespeare(archive: Path) -> Iterator[tuple[str, str]]:
 
 
 def read_bible(archive: Path) -> Iterator[tuple[str, str]]:
-    """The World English Bible, one chapter per document, titled "Book chapter".
+    """The World English Bible, one chapter per document, titled "Book chapter"."""
+    chapters: dict[str, list[str]] = {}
+    for book, chapter, _, text in bible_verses(archive):
+        chapters.setdefault(f"{book} {chapter}", []).append(text)
+    for title, verses in chapters.items():
+        yield title, f"{title}\n\n" + " ".join(v.strip() for v in verses)
+
+
+def bible_verses(archive: Path) -> Iterator[tuple[str, int, int, str]]:
+    """(book title, chapter, verse, text) of every verse of the World English Bible, in order.
 
     `plain_text_readers_bible.py` builds `Bible(version, text, verse_start, verse_end, ...,
     book_titles, ...)` where verse ids are book * 1_000_000 + chapter * 1000 + verse and the two
@@ -94,13 +103,9 @@ def read_bible(archive: Path) -> Iterator[tuple[str, str]]:
     starts = ast.literal_eval(call.args[2])
     ends = ast.literal_eval(call.args[3])
     titles = [ast.literal_eval(v) for v in call.args[5].values]  # type: ignore[attr-defined]
-    chapters: dict[tuple[int, int], list[str]] = {}
     for verse_id in sorted(starts):
-        book, chapter = verse_id // 1_000_000, verse_id // 1000 % 1000
-        chapters.setdefault((book, chapter), []).append(text[starts[verse_id] : ends[verse_id]])
-    for (book, chapter), verses in chapters.items():
-        title = f"{titles[book - 1]} {chapter}"
-        yield title, f"{title}\n\n" + " ".join(v.strip() for v in verses)
+        book, chapter, verse = verse_id // 1_000_000, verse_id // 1000 % 1000, verse_id % 1000
+        yield titles[book - 1], chapter, verse, text[starts[verse_id] : ends[verse_id]]
 
 
 def read_stdlib(max_bytes: int) -> Iterator[tuple[str, str]]:

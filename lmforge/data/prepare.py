@@ -349,7 +349,7 @@ def prepare(cfg: RunConfig, out_dir: str | Path, tokenizer_dir: str | Path | Non
             tok = load_tokenizer(tok_out)
         else:
             tc = cfg.tokenizer
-            tok = train_tokenizer(curated_texts(out_dir, "train"), tc.vocab_size, tc.pattern,
+            tok = train_tokenizer(curated_texts(out_dir, "train"), tc.vocab_size, tc.split_pattern,
                                   tc.special_tokens, workers=cfg.data.workers, progress=progress)
             with atomic_directory(tok_out, overwrite=True) as tmp:
                 tok.save(tmp)

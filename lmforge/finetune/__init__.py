@@ -1,1 +1,1 @@
-"""Fine-tuning: supervised fine-tuning data and LoRA adapters (lmforge/finetune/lora.py)."""
+"""Fine-tuning: conversation data for SFT (`data`), its config section (`config`), LoRA adapters (`lora`)."""

@@ -115,7 +115,7 @@ def _run_tokenizer(ctx: Context) -> None:
     from lmforge.tokenizer.stats import tokenizer_stats
 
     tc = ctx.cfg.tokenizer
-    tok = train_tokenizer(curated_texts(ctx.layout.data, "train"), tc.vocab_size, tc.pattern,
+    tok = train_tokenizer(curated_texts(ctx.layout.data, "train"), tc.vocab_size, tc.split_pattern,
                           tc.special_tokens, workers=ctx.cfg.data.workers, progress=ctx.progress)
     stats = tokenizer_stats(tok, curated_texts(ctx.layout.data, "val"), max_bytes=VAL_STATS_BYTES)
     with atomic_directory(ctx.layout.tokenizer, overwrite=True) as tmp:

@@ -50,7 +50,7 @@ def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with run_lock(args.out, "tokenizer train"):
         tok = train_tokenizer(iter_texts([str(f) for f in files], text_field=text_field),
-                              vocab_size=cfg.vocab_size, pattern=cfg.pattern,
+                              vocab_size=cfg.vocab_size, pattern=cfg.split_pattern,
                               special_tokens=cfg.special_tokens, workers=args.workers)
         path = tok.save(args.out)
     print(f"trained {tok!r} on {len(files)} file(s) in {time.perf_counter() - start:.1f}s -> {path}")

@@ -8,7 +8,9 @@ make it apply exactly our (tiktoken's) rule, see `lmforge.tokenizer.reference`:
     learned), ranked by the id of the result - tiktoken merges any adjacent pair whose joined
     bytes are a token, lowest id first (rule step 4).
 Special tokens are added tokens; note that Hugging Face always treats them as special in input
-text, like our `encode(text, allowed_special="all")`.
+text, like our `encode(text, allowed_special="all")`. A tokenizer with the chat tokens also gets
+our chat format as the Jinja `chat_template` (see `lmforge.chat.format`), so `apply_chat_template`
+gives the ids of `render_conversation` / `render_prompt`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 from pathlib import Path
 
 from lmforge.atomic import atomic_write_json, atomic_write_text
+from lmforge.chat.format import CHAT_TEMPLATE, CHAT_TOKENS
 from lmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"
@@ -105,13 +108,16 @@ def export_hf(tokenizer_dir: str | os.PathLike | Tokenizer, out_dir: str | os.Pa
         s for s in tok.special_tokens if s not in special_map.values()
     ]
     atomic_write_json(out / "special_tokens_map.json", special_map)
-    atomic_write_json(out / "tokenizer_config.json", {
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
         "lmforge_content_hash": tok.content_hash,
         **special_map,
-    })
+    }
+    if all(t in tok.special_tokens for t in CHAT_TOKENS):
+        config["chat_template"] = CHAT_TEMPLATE
+    atomic_write_json(out / "tokenizer_config.json", config)
     return out
 
 

