@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from lmforge.config import load_config
+from lmforge.engine import generate
 from lmforge.interop.hf import hf_config
 from lmforge.model import Transformer
 from lmforge.train.pretrain import finish_for_training, prepare_for_training
@@ -135,16 +136,16 @@ def bench_decode(ours, theirs, prompt_len: int, new_tokens: int, rounds: int, co
     reference = hf_generate(theirs, prompt, new_tokens)
     runners = {
         "hf": lambda: hf_generate(theirs, prompt, new_tokens).shape[1] - prompt_len,
-        "ours": lambda: ours.generate(prompt, new_tokens, temperature=0).shape[1] - prompt_len,
+        "ours": lambda: generate(ours, prompt, new_tokens, temperature=0).shape[1] - prompt_len,
     }
-    same = torch.equal(ours.generate(prompt, new_tokens, temperature=0), reference)
+    same = torch.equal(generate(ours, prompt, new_tokens, temperature=0), reference)
     if compiled:
         t0 = time.perf_counter()
-        out = ours.generate(prompt, new_tokens, temperature=0, compile=True)
+        out = generate(ours, prompt, new_tokens, temperature=0, compile=True)
         print(f"  compile (first generate with compile=True): {time.perf_counter() - t0:.1f}s", flush=True)
         same = same and torch.equal(out, reference)
         runners["ours_compiled"] = (
-            lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True).shape[1] - prompt_len
+            lambda: generate(ours, prompt, new_tokens, temperature=0, compile=True).shape[1] - prompt_len
         )
     print(f"  greedy tokens identical to transformers: {same}")
     return median_rates(runners, rounds)

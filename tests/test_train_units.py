@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from lmforge.engine import generate
 from lmforge.errors import ConfigError, UserError
 from lmforge.model import Transformer
 from lmforge.train.checkpoint import (
@@ -290,6 +291,6 @@ def test_sampling_runs_compiled_blocks_eagerly():
     compiled = counter.frame_count
     assert compiled >= 1
     with run_compiled_code_eagerly():
-        model.generate(idx, 6, temperature=0)
+        generate(model, idx, 6, temperature=0)
     assert counter.frame_count == compiled
     torch._dynamo.reset()

@@ -214,7 +214,7 @@ def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, 
                      temperature: float = 0.8, top_k: int = 50) -> list[dict[str, Any]]:
     """One seeded continuation per prompt ("" starts a new document) from a checkpoint."""
     from lmforge.checkpoint import load_model
-    from lmforge.generation import generate_text
+    from lmforge.engine import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint / "tokenizer")

@@ -87,7 +87,7 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
 
 def sample_command(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, resolve_checkpoint
-    from lmforge.generation import generate_text
+    from lmforge.engine import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:

@@ -403,7 +403,7 @@ class Trainer:
             return None
         if not self.par.is_main:
             return None
-        from lmforge.generation import generate_text
+        from lmforge.engine import generate_text
 
         cfg = self.cfg.train
         with self.autocast(), run_compiled_code_eagerly():
