@@ -24,11 +24,13 @@ knows of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -279,8 +281,6 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor | None
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
-        # Training loss through `fused_head_loss` (no full logits tensor); set from train.fused_loss.
-        self.fused_loss = False
         self.init_weights()
 
     # ---- initialisation
@@ -318,24 +318,28 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
+                checkpoint_blocks: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`; the loss of
-        `targets` (see `loss`) when they are given.
+        `targets` (see `loss`) when they are given, computed by `head_loss` (a callable with the
+        signature of the method `head_loss`, e.g. a compiled or fused one the trainer holds).
 
         With a `cache`, the T tokens continue the cached sequence at position `cache.pos`.
+        `checkpoint_blocks` recomputes each block's activations in backward instead of storing them.
         A pipeline stage without `embed_tokens` takes hidden states (B, T, d_model) instead, and
         one without `norm` returns hidden states.
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, checkpoint_blocks)
         if self.norm is None:
             return h
         if targets is not None:
-            return self.head_loss(h, targets, ignore_index, reduction)
+            return (head_loss or self.head_loss)(h, targets, ignore_index, reduction)
         if last_only:
             h = h[:, -1:]
         return self.head(self.norm(h))
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      checkpoint_blocks: bool = False) -> torch.Tensor:
         """Embedding and blocks: token ids (B, T) -> the residual stream after the last block."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
@@ -351,7 +355,10 @@ class Transformer(nn.Module):
         if start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h.device).tril(diagonal=start)
         for block in self.layers.values():
-            h = block(h, rope, cache, mask)
+            if checkpoint_blocks:  # the block's hooks (FSDP, compile) run again in the recompute
+                h = checkpoint(block, h, rope, cache, mask, use_reentrant=False)
+            else:
+                h = block(h, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return h
@@ -371,21 +378,24 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
+             checkpoint_blocks: bool = False) -> torch.Tensor:
         """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T).
+        `head_loss` and `checkpoint_blocks` as in `forward`.
 
         It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
         root's weights there, and a compiled or hooked forward applies to training too."""
-        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
+        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction,
+                    head_loss=head_loss, checkpoint_blocks=checkpoint_blocks)
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", fused: bool = False) -> torch.Tensor:
         """Final norm, LM head and cross-entropy of the last hidden states. A method of its own
         so it can be compiled apart from the blocks: as one graph the (B, T, vocab) logits and
         their softmax fuse, worth ~15% of a CPU training step with a 4k vocabulary. With
-        `fused_loss` set, a mean loss that needs gradients goes through `fused_head_loss`."""
+        `fused`, a mean loss that needs gradients goes through `fused_head_loss`."""
         h = self.norm(h)
-        if self.fused_loss and reduction == "mean" and torch.is_grad_enabled():
+        if fused and reduction == "mean" and torch.is_grad_enabled():
             return fused_head_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), ignore_index)
         logits = self.head(h)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),

@@ -4,6 +4,7 @@ real parameter count (for the accounting)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -103,13 +104,12 @@ def test_loss_matches_transformers_and_ignores_index():
 def test_fused_loss_gradients_match_transformers(case):
     """The fused head + loss (train.fused_loss) gives transformers' loss and gradients."""
     model = make(**CASES[case]).train()
-    model.fused_loss = True
     hf = hf_reference(model).train()
     idx = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(3))
     targets = torch.roll(idx, -1, dims=1)
     targets[:, -1] = -100
     targets[1, :7] = -100
-    ours = model.loss(idx, targets)
+    ours = model.loss(idx, targets, head_loss=functools.partial(model.head_loss, fused=True))
     theirs = hf(idx, labels=targets, shift_labels=targets).loss
     ours.backward()
     theirs.backward()

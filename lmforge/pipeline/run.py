@@ -13,7 +13,6 @@ throughput it measures.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as dt
 import json
@@ -157,7 +156,7 @@ def _run_pretrain(ctx: Context) -> None:
             print("  the inputs of pre-training changed: starting it afresh (old checkpoints removed)",
                   flush=True)
         _clear_training_outputs(layout)
-    cfg = copy.deepcopy(ctx.cfg)
+    cfg = ctx.cfg  # pre-training never changes its config: no copy needed
     remaining = ctx.remaining_s()
     if remaining is not None:
         seconds = remaining - REPORT_RESERVE_S
@@ -165,7 +164,7 @@ def _run_pretrain(ctx: Context) -> None:
             raise UserError(
                 f"--time-budget: only {max(remaining, 0):.0f}s left for pre-training after the data "
                 f"stages; give a larger budget (or rerun: finished stages are skipped)")
-        cfg.train.time_budget = f"{seconds:.0f}s"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=f"{seconds:.0f}s"))
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
     result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
