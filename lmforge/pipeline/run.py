@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 
 from lmforge.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline.layout import RunLayout
 from lmforge.pipeline.records import StageRecords, inputs_hash
@@ -168,8 +169,8 @@ def _run_pretrain(ctx: Context) -> None:
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
     result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
-    if result.stopped_by_signal:
-        raise KeyboardInterrupt  # checkpointed; the stage stays unfinished and resumes next time
+    if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
+        raise Interrupted(result.signal or signal.SIGINT, saved=True)
 
 
 def _clear_training_outputs(layout: RunLayout) -> None:

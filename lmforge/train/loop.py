@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.config import RunConfig
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 from lmforge.train.checkpoint import (
     CheckpointManager,
     TrainingCheckpoint,
@@ -550,8 +550,10 @@ class TrainLoop:
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         def request_stop(signum, frame):
-            if self.stop_requested:  # a second signal: stop now
-                raise KeyboardInterrupt
+            if self.stop_requested:
+                # A second signal: stop now. A checkpoint being written is left as a temporary
+                # directory that atomic_directory removes (and the next start too): never half a one.
+                raise Interrupted(signum, saved=False)
             self.stop_signal = signum
             self.metrics.write(f"{signal.Signals(signum).name}: finishing step, then checkpointing "
                                "(again to stop at once)")
