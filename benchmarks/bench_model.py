@@ -113,7 +113,7 @@ def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int
         """A copy of our model set up exactly as `lmforge pretrain` would with these settings,
         and the loss the pre-training objective computes with them."""
         run_cfg = load_config(preset=preset, overrides=[*base_overrides, *overrides])
-        model = prepare_for_training(twin(ours), run_cfg, cpu)
+        model = prepare_for_training(twin(ours), run_cfg.train, cpu)
         options = loss_options(model, run_cfg.train, cpu)
         return model, lambda m: m.loss(x, y, **options)
 

@@ -134,9 +134,9 @@ def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     # Ours as `lmforge pretrain` sets it up on this CPU (the fused loss is on by default there),
     # and the same with train.compile=true (compiled in the warm-up step, outside the timing).
     cpu = torch.device("cpu")
-    ours = prepare_for_training(Transformer(cfg.model), cfg, cpu)
+    ours = prepare_for_training(Transformer(cfg.model), cfg.train, cpu)
     compiled_cfg = load_config(preset="tiny", overrides=[*preset_overrides, "train.compile=true"])
-    ours_compiled = prepare_for_training(Transformer(cfg.model), compiled_cfg, cpu)
+    ours_compiled = prepare_for_training(Transformer(cfg.model), compiled_cfg.train, cpu)
     ours_compiled.load_state_dict(ours.state_dict())
     # the loss each is trained with, as the pre-training objective passes it (fused / compiled head)
     options = loss_options(ours, cfg.train, cpu)

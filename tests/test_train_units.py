@@ -254,7 +254,7 @@ def test_pretraining_resolves_the_fused_loss(setting, device, expected, restore_
     from lmforge.train.pretrain import loss_options
 
     cfg = load_config(preset="tiny", overrides=[f"train.fused_loss={setting}"])
-    model = prepare_for_training(Transformer(cfg.model), cfg, torch.device(device))
+    model = prepare_for_training(Transformer(cfg.model), cfg.train, torch.device(device))
     before = dict(vars(model))
     options = loss_options(model, cfg.train, torch.device(device))
     head_loss = options.get("head_loss")
@@ -273,9 +273,9 @@ def test_tf32_switch_sets_the_matmul_precision_on_cuda_only(tf32, expected, rest
 
     cfg = load_config(preset="tiny", overrides=[f"train.tf32={str(tf32).lower()}"])
     torch.set_float32_matmul_precision("highest")
-    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cpu"))
+    prepare_for_training(Transformer(cfg.model), cfg.train, torch.device("cpu"))
     assert torch.get_float32_matmul_precision() == "highest"  # CPU runs are left alone
-    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cuda"))
+    prepare_for_training(Transformer(cfg.model), cfg.train, torch.device("cuda"))
     assert torch.get_float32_matmul_precision() == expected  # "high" lets fp32 products use TF32
 
 

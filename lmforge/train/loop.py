@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import RunConfig
+from lmforge.config import RunConfig, TrainConfig
 from lmforge.errors import Interrupted, UserError
 from lmforge.train.checkpoint import (
     CheckpointManager,
@@ -160,13 +160,13 @@ def run_compiled_code_eagerly():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def prepare_for_training(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+def prepare_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
     """What the loop does to the bare model before the parallel wrapper: with train.compile, each
     block compiled through nn.Module.compile (torch's own in-place API: names and forward
     unchanged); on CUDA, TF32 for fp32 matrix products (a process-wide setting). Returns the model."""
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
-    if cfg.train.compile:
+        torch.set_float32_matmul_precision("high" if train.tf32 else "highest")
+    if train.compile:
         for block in model.layers.values():
             block.compile()
     return model
@@ -205,7 +205,7 @@ class TrainLoop:
             if id(p) not in trainable:
                 p.requires_grad_(False)
         # the bare model (or this rank's pipeline stage)
-        self.model = par.parallelize(prepare_for_training(model, cfg, self.device))
+        self.model = par.parallelize(prepare_for_training(model, self.train, self.device))
         objective.attach(self.model, par)
         self.optimizer = build_optimizer(self.model, self.train, self.device)
         self.autocast = autocast_for(cfg, self.device)
