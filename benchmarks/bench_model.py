@@ -6,8 +6,8 @@ Two measurements, each printed with the ratio ours / theirs:
           against transformers eager: ours eager with the plain loss, with the fused loss (the
           CPU default, `train.fused_loss`), with `train.compile` and the plain head compiled too,
           and with `train.compile` as it runs on CPU (compiled blocks, fused loss); each copy of
-          our model is set up by the trainer's own `prepare_for_training` and
-          `finish_for_training`
+          our model is set up by the trainer's own `prepare_for_training` and trained with
+          the loss options of the pre-training objective (`loss_options`)
   decode  greedy tokens/s at batch 1: our `generate` (preallocated KV cache; eager and with
           compile=True) against transformers' `generate(do_sample=False)`, both producing
           `--new-tokens` tokens after the same prompt (and the same tokens: checked)
@@ -32,9 +32,11 @@ from collections.abc import Callable
 import torch
 
 from lmforge.config import load_config
+from lmforge.engine import generate
 from lmforge.interop.hf import hf_config
 from lmforge.model import Transformer
-from lmforge.train.pretrain import finish_for_training, prepare_for_training
+from lmforge.train.loop import prepare_for_training
+from lmforge.train.pretrain import loss_options
 
 LABELS = {
     "hf": "transformers",
@@ -107,24 +109,26 @@ def bench_train(preset: str, base_overrides: list[str], ours, theirs, batch: int
 
         return run
 
-    def trainer_model(overrides: list[str]) -> Transformer:
-        """A copy of our model set up exactly as `lmforge pretrain` would with these settings."""
+    def trainer_model(overrides: list[str]) -> tuple[Transformer, Callable]:
+        """A copy of our model set up exactly as `lmforge pretrain` would with these settings,
+        and the loss the pre-training objective computes with them."""
         run_cfg = load_config(preset=preset, overrides=[*base_overrides, *overrides])
-        return finish_for_training(prepare_for_training(twin(ours), run_cfg, cpu), run_cfg)
+        model = prepare_for_training(twin(ours), run_cfg.train, cpu)
+        options = loss_options(model, run_cfg.train, cpu)
+        return model, lambda m: m.loss(x, y, **options)
 
-    loss = lambda m: m.loss(x, y)  # noqa: E731
     runners = {
         # A copy: training moves the weights, and decoding later must start from the same ones.
         "hf": runner("hf", copy.deepcopy(theirs), lambda m: m(input_ids=x, labels=y, shift_labels=y).loss),
-        "ours": runner("ours", trainer_model(["train.fused_loss=off"]), loss),
-        "ours_fused": runner("ours_fused", trainer_model([]), loss),  # the CPU default
+        "ours": runner("ours", *trainer_model(["train.fused_loss=off"])),
+        "ours_fused": runner("ours_fused", *trainer_model([])),  # the CPU default
     }
     if compiled:
         # Compiled blocks with the plain head compiled too (fused loss off), then what
         # train.compile=true does by default on CPU: compiled blocks and the fused loss.
         runners["ours_compile_plain"] = runner(
-            "ours_compile_plain", trainer_model(["train.compile=true", "train.fused_loss=off"]), loss)
-        runners["ours_compile"] = runner("ours_compile", trainer_model(["train.compile=true"]), loss)
+            "ours_compile_plain", *trainer_model(["train.compile=true", "train.fused_loss=off"]))
+        runners["ours_compile"] = runner("ours_compile", *trainer_model(["train.compile=true"]))
     return median_rates(runners, rounds)
 
 
@@ -135,16 +139,16 @@ def bench_decode(ours, theirs, prompt_len: int, new_tokens: int, rounds: int, co
     reference = hf_generate(theirs, prompt, new_tokens)
     runners = {
         "hf": lambda: hf_generate(theirs, prompt, new_tokens).shape[1] - prompt_len,
-        "ours": lambda: ours.generate(prompt, new_tokens, temperature=0).shape[1] - prompt_len,
+        "ours": lambda: generate(ours, prompt, new_tokens, temperature=0).shape[1] - prompt_len,
     }
-    same = torch.equal(ours.generate(prompt, new_tokens, temperature=0), reference)
+    same = torch.equal(generate(ours, prompt, new_tokens, temperature=0), reference)
     if compiled:
         t0 = time.perf_counter()
-        out = ours.generate(prompt, new_tokens, temperature=0, compile=True)
+        out = generate(ours, prompt, new_tokens, temperature=0, compile=True)
         print(f"  compile (first generate with compile=True): {time.perf_counter() - t0:.1f}s", flush=True)
         same = same and torch.equal(out, reference)
         runners["ours_compiled"] = (
-            lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True).shape[1] - prompt_len
+            lambda: generate(ours, prompt, new_tokens, temperature=0, compile=True).shape[1] - prompt_len
         )
     print(f"  greedy tokens identical to transformers: {same}")
     return median_rates(runners, rounds)

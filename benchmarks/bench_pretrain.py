@@ -115,10 +115,6 @@ def tokens_per_s(loss_fn, model, batches, steps: int) -> float:
     return steps * batches[0][0].numel() / (time.perf_counter() - start)
 
 
-def ours_loss(model, x, y):
-    return model.loss(x, y)
-
-
 def hf_loss(model, x, y):
     logits = model(input_ids=x).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -127,7 +123,8 @@ def hf_loss(model, x, y):
 def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     from lmforge.config import load_config
     from lmforge.model import Transformer
-    from lmforge.train.pretrain import finish_for_training, prepare_for_training
+    from lmforge.train.loop import prepare_for_training
+    from lmforge.train.pretrain import loss_options
 
     cfg = load_config(preset="tiny", overrides=preset_overrides)
     torch.manual_seed(0)
@@ -137,11 +134,17 @@ def run_speed(rounds: int, steps: int, preset_overrides: list[str]) -> dict:
     # Ours as `lmforge pretrain` sets it up on this CPU (the fused loss is on by default there),
     # and the same with train.compile=true (compiled in the warm-up step, outside the timing).
     cpu = torch.device("cpu")
-    ours = finish_for_training(prepare_for_training(Transformer(cfg.model), cfg, cpu), cfg)
+    ours = prepare_for_training(Transformer(cfg.model), cfg.train, cpu)
     compiled_cfg = load_config(preset="tiny", overrides=[*preset_overrides, "train.compile=true"])
-    ours_compiled = finish_for_training(
-        prepare_for_training(Transformer(cfg.model), compiled_cfg, cpu), compiled_cfg)
+    ours_compiled = prepare_for_training(Transformer(cfg.model), compiled_cfg.train, cpu)
     ours_compiled.load_state_dict(ours.state_dict())
+    # the loss each is trained with, as the pre-training objective passes it (fused / compiled head)
+    options = loss_options(ours, cfg.train, cpu)
+    compiled_options = loss_options(ours_compiled, compiled_cfg.train, cpu)
+
+    def ours_loss(model, x, y):
+        return model.loss(x, y, **(compiled_options if model is ours_compiled else options))
+
     theirs = hf_llama_like(cfg)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())

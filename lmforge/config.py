@@ -373,8 +373,9 @@ class TrainConfig:
     seed: seeds data order, initialisation and sampling.
     device: "auto" (CUDA if available, else CPU), "cpu" or "cuda".
     dtype: "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32".
-    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss;
-        not with the fused loss, which already does that head's work in one pass).
+    compile: torch.compile each transformer block and the final norm + head + loss (model.head_loss,
+        compiled and held by the pre-training objective; not with the fused loss, which already does
+        that head's work in one pass).
     fused_loss: "auto" (on for CPU runs, where it was measured: ~20% faster steps with a 4k
         vocabulary), "on" or "off": the LM head and cross-entropy computed a chunk of tokens at a
         time with their gradients, never holding the (tokens, vocab) logits (model.fused_head_loss).

@@ -16,20 +16,26 @@ With tied embeddings there is no `lm_head` at all: the head multiplies by `embed
 None: a pipeline stage deletes what it does not own, keeps stable parameter names, and its forward
 maps hidden states to hidden states.
 
-Generation uses a preallocated `KVCache`: each step writes one key/value column in place and
-attends to a view of the filled prefix, so the per-token loop allocates nothing but activations.
+Generation (the KV cache, sampling, the decode loop) lives in lmforge/engine.py: `forward` takes an
+optional cache object (anything with `pos` and `update(layer, k, v)`), and that is all the network
+knows of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
+
+if TYPE_CHECKING:  # the cache is the engine's; the network only calls its update()
+    from lmforge.engine import KVCache
 
 
 def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -83,39 +89,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     `roll` by d/2 swaps the halves; the signed sin table supplies the minus sign.
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
-
-
-# --------------------------------------------------------------------------------------------
-# The key/value cache for incremental decoding
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
-
-    `pos` counts the positions filled so far. Writes go into slices in place; attention reads a
-    view of the filled prefix, so decoding one token allocates no cache memory.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, kv_heads, T, d) at positions pos..pos+T; return keys/values 0..pos+T."""
-        end = self.pos + k.shape[2]
-        # Under autocast the projections' outputs can differ in dtype from the cache (RoPE's fp32
-        # tables promote k, v stays in the autocast dtype): store both in the cache's dtype.
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
-        # index_copy_ rather than slice assignment: under torch.compile it stays an in-place
-        # write, where a slice assignment to a graph input costs a copy of the whole cache.
-        positions = torch.arange(self.pos, end, device=k.device)
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +261,7 @@ def fused_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 class Transformer(nn.Module):
-    """The whole model: `model(idx)` -> logits, `model.loss(...)`, `generate(...)`, `stream(...)`."""
+    """The whole model: `model(idx)` -> logits, `model.loss(...)`; generation is lmforge.engine."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -308,9 +281,6 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor | None
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
-        self._compiled_forward = None  # built on the first generate(compile=True)
-        # Training loss through `fused_head_loss` (no full logits tensor); set from train.fused_loss.
-        self.fused_loss = False
         self.init_weights()
 
     # ---- initialisation
@@ -348,24 +318,28 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
+                checkpoint_blocks: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`; the loss of
-        `targets` (see `loss`) when they are given.
+        `targets` (see `loss`) when they are given, computed by `head_loss` (a callable with the
+        signature of the method `head_loss`, e.g. a compiled or fused one the trainer holds).
 
         With a `cache`, the T tokens continue the cached sequence at position `cache.pos`.
+        `checkpoint_blocks` recomputes each block's activations in backward instead of storing them.
         A pipeline stage without `embed_tokens` takes hidden states (B, T, d_model) instead, and
         one without `norm` returns hidden states.
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, checkpoint_blocks)
         if self.norm is None:
             return h
         if targets is not None:
-            return self.head_loss(h, targets, ignore_index, reduction)
+            return (head_loss or self.head_loss)(h, targets, ignore_index, reduction)
         if last_only:
             h = h[:, -1:]
         return self.head(self.norm(h))
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      checkpoint_blocks: bool = False) -> torch.Tensor:
         """Embedding and blocks: token ids (B, T) -> the residual stream after the last block."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
@@ -381,7 +355,10 @@ class Transformer(nn.Module):
         if start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h.device).tril(diagonal=start)
         for block in self.layers.values():
-            h = block(h, rope, cache, mask)
+            if checkpoint_blocks:  # the block's hooks (FSDP, compile) run again in the recompute
+                h = checkpoint(block, h, rope, cache, mask, use_reentrant=False)
+            else:
+                h = block(h, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return h
@@ -401,136 +378,30 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
+             checkpoint_blocks: bool = False) -> torch.Tensor:
         """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T).
+        `head_loss` and `checkpoint_blocks` as in `forward`.
 
         It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
         root's weights there, and a compiled or hooked forward applies to training too."""
-        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
+        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction,
+                    head_loss=head_loss, checkpoint_blocks=checkpoint_blocks)
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", fused: bool = False) -> torch.Tensor:
         """Final norm, LM head and cross-entropy of the last hidden states. A method of its own
         so it can be compiled apart from the blocks: as one graph the (B, T, vocab) logits and
         their softmax fuse, worth ~15% of a CPU training step with a 4k vocabulary. With
-        `fused_loss` set, a mean loss that needs gradients goes through `fused_head_loss`."""
+        `fused`, a mean loss that needs gradients goes through `fused_head_loss`."""
         h = self.norm(h)
-        if self.fused_loss and reduction == "mean" and torch.is_grad_enabled():
+        if fused and reduction == "mean" and torch.is_grad_enabled():
             return fused_head_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), ignore_index)
         logits = self.head(h)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                ignore_index=ignore_index, reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
-    # ---- generation
-
-    @torch.inference_mode()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-                 compile: bool = False, vocab_limit: int | None = None) -> torch.Tensor:
-        """Continue each row of `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
-
-        temperature 0 is greedy. A row that emits a stop token keeps it and is padded with it
-        afterwards; generation ends early once every row has stopped. `compile` runs the
-        one-token decode step through torch.compile: worth it for long generations (the first
-        call compiles for tens of seconds; later calls reuse it), see docs/guide/model.md.
-        `vocab_limit`: only ids below it are ever picked (see `sample_next`).
-        """
-        stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        out = [idx]
-        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                  vocab_limit):
-            if len(stops):
-                token = torch.where(done, stops[0], token)
-                done |= torch.isin(token, stops)
-            out.append(token[:, None])
-            if len(stops) and bool(done.all()):
-                break
-        return torch.cat(out, dim=1)
-
-    @torch.inference_mode()
-    def stream(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-               compile: bool = False, vocab_limit: int | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time for one prompt; stops before yielding a stop token.
-        Text generation with a tokenizer goes through `lmforge.generation.generate_text`."""
-        device = self._param().device
-        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-        stops = set(stop_tokens)
-        for token in self._decode(idx, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                  vocab_limit):
-            t = int(token[0])
-            if t in stops:
-                return
-            yield t
-
-    def _decode(self, idx: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None, compile: bool = False,
-                vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
-        """Prefill the cache with the prompt, then yield (B,) next tokens one step at a time."""
-        B, T = idx.shape
-        if not 0 < T <= self.cfg.max_seq_len:
-            raise ValueError(f"a prompt of {T} tokens; need 1 to model.max_seq_len={self.cfg.max_seq_len}")
-        max_new_tokens = min(max_new_tokens, self.cfg.max_seq_len - T)  # the context ends there
-        if max_new_tokens <= 0:
-            return
-        param = self._param()
-        cache_len = self.cfg.max_seq_len if compile else T + max_new_tokens  # see _compiled_step
-        # Keys and values come out of the projections in the autocast dtype when autocast is on
-        # (the trainer samples under bf16 autocast on GPUs): cache them in that dtype.
-        # Keys and values come out of the projections in the autocast dtype when autocast is on
-        # (the trainer samples under bf16 autocast on GPUs): cache them in that dtype.
-        cache = KVCache(self.cfg, B, cache_len, param.device, compute_dtype(param.device.type, param.dtype))
-        step = self._compiled_step() if compile else self
-        logits = self(idx, cache, last_only=True)[:, -1]  # the prompt, in one eager pass
-        for i in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
-            yield token
-            if i + 1 < max_new_tokens:
-                logits = step(token[:, None], cache, last_only=True)[:, -1]
-
-    def _compiled_step(self):
-        """forward compiled for one-token steps. The first step specialises on the cache position,
-        the second recompiles with the position as a dynamic size; from then on one graph serves
-        every step and every prompt (the cache always spans model.max_seq_len, so its shape never
-        changes). On CPU the C++ wrapper removes most per-kernel Python cost."""
-        if self._compiled_forward is None:
-            options = {"cpp_wrapper": True} if self._param().device.type == "cpu" else {}
-            self._compiled_forward = torch.compile(self.forward, options=options)
-        return self._compiled_forward
-
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
 
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None,
-                vocab_limit: int | None = None) -> torch.Tensor:
-    """Pick the next token from logits (B, vocab) -> (B,): greedy at temperature 0, else sampled
-    from the softmax at `temperature`, restricted to the `top_k` best and the smallest set whose
-    probability reaches `top_p` (nucleus).
-
-    `vocab_limit` keeps ids >= it out of reach: a model's vocabulary may be larger than its
-    tokenizer's (padded to a fast matmul size, or a tokenizer that ran out of merges), and those
-    rows mean nothing and cannot be decoded."""
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits[..., :vocab_limit]  # ids keep their value: the kept rows come first
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the best always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -59,8 +59,8 @@ def shape_for_params(base: ModelConfig, n_params: int) -> ModelConfig:
 def measure_tokens_per_s(cfg: RunConfig, steps: int = 4, device: str | None = None) -> float:
     """Training tokens/s of cfg's model on random tokens: forward, backward, AdamW step."""
     from lmforge.model import Transformer
+    from lmforge.train.loop import autocast_for
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import autocast_for
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"))
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len

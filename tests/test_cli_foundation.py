@@ -13,6 +13,7 @@ import torch
 import lmforge
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import load_config
+from lmforge.engine import generate
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 
@@ -158,4 +159,4 @@ def test_bf16_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, 300, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
-    assert loaded.generate(idx, 4, temperature=0).shape == (1, 12)
+    assert generate(loaded, idx, 4, temperature=0).shape == (1, 12)

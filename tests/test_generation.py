@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.generation import generate_text
-from lmforge.model import Transformer, sample_next
+from lmforge.engine import generate_text, sample_next, stream
+from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
 TEXTS = ["the cat sat on the mat. " * 20, "a dog ran in the park, the dog was happy. " * 20]
@@ -42,7 +42,7 @@ def test_padded_ids_are_never_sampled(tokenizer):
     model = rigged_model()
     pad_biased(model, tokenizer.vocab_size, model.cfg.vocab_size)
     # Sanity: without the limit the model does emit padded ids (so this test can fail).
-    free = list(model.stream([tokenizer.eot_id], 20, temperature=1.0,
+    free = list(stream(model, [tokenizer.eot_id], 20, temperature=1.0,
                              generator=torch.Generator().manual_seed(0)))
     assert any(t >= tokenizer.vocab_size for t in free)
 

@@ -12,6 +12,7 @@ import torch
 import lmforge
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
+from lmforge.engine import generate
 from lmforge.errors import UserError
 from lmforge.interop.hf import export_hf, import_hf
 from lmforge.model import Transformer
@@ -113,7 +114,7 @@ def test_cli_init_export_and_transformers_greedy_generate_agree(tmp_path):
     with torch.no_grad():
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=40, min_new_tokens=40, pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 40, temperature=0), theirs)
+    assert torch.equal(generate(ours, prompt, 40, temperature=0), theirs)
 
 
 def test_export_carries_the_tokenizer(tmp_path):

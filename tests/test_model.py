@@ -4,6 +4,7 @@ real parameter count (for the accounting)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 
 from lmforge.accounting import param_counts
 from lmforge.config import ModelConfig, load_config
+from lmforge.engine import KVCache, generate, stream
 from lmforge.model import (
     FusedHeadLoss,
-    KVCache,
     Transformer,
     apply_rope,
     fused_head_loss,
@@ -103,13 +104,12 @@ def test_loss_matches_transformers_and_ignores_index():
 def test_fused_loss_gradients_match_transformers(case):
     """The fused head + loss (train.fused_loss) gives transformers' loss and gradients."""
     model = make(**CASES[case]).train()
-    model.fused_loss = True
     hf = hf_reference(model).train()
     idx = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(3))
     targets = torch.roll(idx, -1, dims=1)
     targets[:, -1] = -100
     targets[1, :7] = -100
-    ours = model.loss(idx, targets)
+    ours = model.loss(idx, targets, head_loss=functools.partial(model.head_loss, fused=True))
     theirs = hf(idx, labels=targets, shift_labels=targets).loss
     ours.backward()
     theirs.backward()
@@ -202,7 +202,7 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_greedy_generate_matches_recomputing_the_whole_sequence():
     model = make(n_kv_heads=2)
     prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(6))
-    out = model.generate(prompt, max_new_tokens=12, temperature=0)
+    out = generate(model, prompt, max_new_tokens=12, temperature=0)
     assert out.shape == (2, 17)
     assert torch.equal(out[:, :5], prompt)
     seq = prompt
@@ -210,16 +210,16 @@ def test_greedy_generate_matches_recomputing_the_whole_sequence():
         for _ in range(12):  # no cache: the independent truth
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
-    assert list(model.stream(prompt[0].tolist(), 12, temperature=0)) == seq[0, 5:].tolist()
+    assert list(stream(model, prompt[0].tolist(), 12, temperature=0)) == seq[0, 5:].tolist()
 
 
 def test_sampling_is_seeded_and_filters_work():
     model = make()
     prompt = torch.tensor([[1, 2, 3]])
-    greedy = model.generate(prompt, 10, temperature=0)
+    greedy = generate(model, prompt, 10, temperature=0)
 
     def sample(seed: int, **kw) -> torch.Tensor:
-        return model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(model, prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2)) or not torch.equal(sample(1), sample(3))
@@ -233,14 +233,14 @@ def test_sampling_is_seeded_and_filters_work():
 def test_stop_tokens_end_generation():
     model = make()
     prompt = torch.tensor([[7, 8, 9]])
-    free = model.generate(prompt, 10, temperature=0)[0, 3:].tolist()
+    free = generate(model, prompt, 10, temperature=0)[0, 3:].tolist()
     stop = free[3]
     first = free.index(stop)
-    out = model.generate(prompt, 10, temperature=0, stop_tokens=[stop])
+    out = generate(model, prompt, 10, temperature=0, stop_tokens=[stop])
     assert out[0, 3:].tolist() == free[:first + 1]  # the stop token is kept, then it ends
-    assert list(model.stream([7, 8, 9], 10, temperature=0, stop_tokens=[stop])) == free[:first]
+    assert list(stream(model, [7, 8, 9], 10, temperature=0, stop_tokens=[stop])) == free[:first]
     # Generation never runs past the context.
-    long = model.generate(torch.zeros(1, 60, dtype=torch.long), 50, temperature=0)
+    long = generate(model, torch.zeros(1, 60, dtype=torch.long), 50, temperature=0)
     assert long.shape == (1, model.cfg.max_seq_len)
 
 
@@ -298,7 +298,7 @@ def test_gpt2_arch_forward_backward():
     assert abs(loss.item() - math.log(512)) < 0.5  # near uniform at init
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert model.generate(idx[:1, :4], 5, temperature=0).shape == (1, 9)
+    assert generate(model, idx[:1, :4], 5, temperature=0).shape == (1, 9)
     # Positions are learned: the same token at two positions gets different outputs.
     with torch.no_grad():
         out = model(torch.full((1, 2), 3))
@@ -361,7 +361,7 @@ def test_decoding_under_bf16_autocast():
         full = model(idx).float()
         cache = KVCache(model.cfg, batch_size=2, max_len=12, device="cpu", dtype=torch.bfloat16)
         parts = [model(idx[:, :6], cache)] + [model(idx[:, t:t + 1], cache) for t in range(6, 12)]
-        out = model.generate(idx, 8, temperature=0)
+        out = generate(model, idx, 8, temperature=0)
     assert out.shape == (2, 20) and torch.equal(out[:, :12], idx)
     cached = torch.cat(parts, dim=1).float()
     assert F.cosine_similarity(cached.flatten(), full.flatten(), dim=0) > 0.999
@@ -371,8 +371,8 @@ def test_decoding_under_bf16_autocast():
 def test_compiled_decoding_gives_the_same_tokens():
     model = make(n_layers=1, n_kv_heads=2)
     prompt = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(11))
-    eager = model.generate(prompt, 20, temperature=0)
-    assert torch.equal(model.generate(prompt, 20, temperature=0, compile=True), eager)
+    eager = generate(model, prompt, 20, temperature=0)
+    assert torch.equal(generate(model, prompt, 20, temperature=0, compile=True), eager)
     # A second prompt of another length reuses the compiled step (dynamic cache position).
     other = prompt[:, :3]
-    assert torch.equal(model.generate(other, 20, temperature=0, compile=True), model.generate(other, 20, temperature=0))
+    assert torch.equal(generate(model, other, 20, temperature=0, compile=True), generate(model, other, 20, temperature=0))

@@ -1,13 +1,16 @@
-"""`train.compile` also compiles `model.head_loss`: same loss and gradients as eager (the truth),
-and a pipeline stage without the final norm is left alone."""
+"""`train.compile` also compiles the final norm + head + loss: the pre-training objective holds the
+compiled callable (the model is not changed), same loss and gradients as eager (the truth), and a
+pipeline stage without the final norm gets none."""
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model import Transformer
-from lmforge.train.pretrain import compile_head_loss
+from lmforge.train.pretrain import head_loss_for
+
+COMPILED = TrainConfig(compile=True, fused_loss="off")
 
 
 def _model() -> Transformer:
@@ -17,13 +20,14 @@ def _model() -> Transformer:
 
 def test_compiled_head_loss_matches_eager():
     eager, compiled = _model(), _model()
-    compile_head_loss(compiled)
-    assert "head_loss" in vars(compiled)  # the instance now holds a compiled callable
+    head_loss = head_loss_for(compiled, COMPILED, torch.device("cpu"))
+    assert head_loss is not None
+    assert "head_loss" not in vars(compiled)  # the callable is the objective's, not the model's
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
-    for m in (eager, compiled):
-        m.loss(x, y).backward()
-    torch.testing.assert_close(compiled.loss(x, y), eager.loss(x, y))
+    eager.loss(x, y).backward()
+    compiled.loss(x, y, head_loss=head_loss).backward()
+    torch.testing.assert_close(compiled.loss(x, y, head_loss=head_loss), eager.loss(x, y))
     for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoint names unchanged
@@ -32,5 +36,4 @@ def test_compiled_head_loss_matches_eager():
 def test_stage_without_norm_is_not_compiled():
     stage = _model()
     stage.norm = None
-    compile_head_loss(stage)
-    assert "head_loss" not in vars(stage)
+    assert head_loss_for(stage, COMPILED, torch.device("cpu")) is None

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import GuardConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from lmforge.engine import generate
 from lmforge.errors import ConfigError, UserError
 from lmforge.model import Transformer
 from lmforge.train.checkpoint import (
@@ -246,28 +247,35 @@ def restore_matmul_precision():
 @pytest.mark.parametrize("setting, device, expected", [
     ("auto", "cpu", True), ("auto", "cuda", False), ("on", "cuda", True), ("off", "cpu", False),
 ])
-def test_prepare_for_training_resolves_the_fused_loss(setting, device, expected, restore_matmul_precision):
-    from lmforge.train.pretrain import prepare_for_training
+def test_pretraining_resolves_the_fused_loss(setting, device, expected, restore_matmul_precision):
+    """train.fused_loss picks the head loss the pre-training objective holds; the model itself is
+    never changed (no attribute set on it)."""
+    from lmforge.train.loop import prepare_for_training
+    from lmforge.train.pretrain import loss_options
 
     cfg = load_config(preset="tiny", overrides=[f"train.fused_loss={setting}"])
-    model = prepare_for_training(Transformer(cfg.model), cfg, torch.device(device))
-    assert model.fused_loss is expected
+    model = prepare_for_training(Transformer(cfg.model), cfg.train, torch.device(device))
+    before = dict(vars(model))
+    options = loss_options(model, cfg.train, torch.device(device))
+    head_loss = options.get("head_loss")
+    assert (head_loss is not None and head_loss.keywords == {"fused": True}) is expected
+    assert vars(model) == before
     # The switch changes how the loss is computed, never its value.
     x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     plain = Transformer(cfg.model)
     plain.load_state_dict(model.state_dict())
-    assert torch.allclose(model.loss(x[:, :-1], x[:, 1:]), plain.loss(x[:, :-1], x[:, 1:]), atol=1e-6)
+    assert torch.allclose(model.loss(x[:, :-1], x[:, 1:], **options), plain.loss(x[:, :-1], x[:, 1:]), atol=1e-6)
 
 
 @pytest.mark.parametrize("tf32, expected", [(True, "high"), (False, "highest")])
 def test_tf32_switch_sets_the_matmul_precision_on_cuda_only(tf32, expected, restore_matmul_precision):
-    from lmforge.train.pretrain import prepare_for_training
+    from lmforge.train.loop import prepare_for_training
 
     cfg = load_config(preset="tiny", overrides=[f"train.tf32={str(tf32).lower()}"])
     torch.set_float32_matmul_precision("highest")
-    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cpu"))
+    prepare_for_training(Transformer(cfg.model), cfg.train, torch.device("cpu"))
     assert torch.get_float32_matmul_precision() == "highest"  # CPU runs are left alone
-    prepare_for_training(Transformer(cfg.model), cfg, torch.device("cuda"))
+    prepare_for_training(Transformer(cfg.model), cfg.train, torch.device("cuda"))
     assert torch.get_float32_matmul_precision() == expected  # "high" lets fp32 products use TF32
 
 
@@ -276,7 +284,7 @@ def test_sampling_runs_compiled_blocks_eagerly():
     each would be a recompilation. Inside run_compiled_code_eagerly nothing is compiled."""
     from torch._dynamo.testing import CompileCounter
 
-    from lmforge.train.pretrain import run_compiled_code_eagerly
+    from lmforge.train.loop import run_compiled_code_eagerly
 
     torch._dynamo.reset()
     cfg = load_config(preset="tiny", overrides=["model.n_layers=2", "model.max_seq_len=32"])
@@ -290,6 +298,6 @@ def test_sampling_runs_compiled_blocks_eagerly():
     compiled = counter.frame_count
     assert compiled >= 1
     with run_compiled_code_eagerly():
-        model.generate(idx, 6, temperature=0)
+        generate(model, idx, 6, temperature=0)
     assert counter.frame_count == compiled
     torch._dynamo.reset()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,17 +64,29 @@ class Parallel:
         return model.to(self.device)
 
     def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
-        """Backward of loss * loss_scale; returns the detached mean loss, the same on every rank."""
-        loss = model.loss(x.to(self.device), y.to(self.device))
+                         loss_scale: float = 1.0, last_micro: bool = True,
+                         **loss_options: Any) -> torch.Tensor:
+        """Next-token loss of tokens x, targets y: backward of loss * loss_scale; returns the
+        detached mean loss, the same on every rank. `loss_options` go to `model.loss`
+        (head_loss, checkpoint_blocks) where the whole model runs on this rank."""
+        x, y = x.to(self.device), y.to(self.device)
+        return self.backward(model, lambda m: m.loss(x, y, **loss_options), loss_scale, last_micro)
+
+    def backward(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                 loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
+        """Any objective's loss: backward of loss_fn(model) * loss_scale (loss_fn must run the
+        model through its module call, so wrappers' hooks see it); returns the detached mean
+        loss, the same on every rank. `last_micro`: the last micro-batch of a step (gradients
+        are synchronised then)."""
+        loss = loss_fn(model)
         (loss * loss_scale).backward()
         return self.all_reduce(loss.detach(), "mean")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **loss_options: Any) -> torch.Tensor:
         """Per-token losses (B, T) of this rank's batch, without gradients: `model.loss(...,
         reduction="none")` wherever the model is split. Collective; reduce totals with all_reduce."""
-        return model.loss(x.to(self.device), y.to(self.device), reduction="none")
+        return model.loss(x.to(self.device), y.to(self.device), reduction="none", **loss_options)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Scale gradients down to a global norm of at most `max_norm` (<= 0: measure only).
@@ -165,7 +178,7 @@ class Parallel:
 
 
 class _LossOf(nn.Module):
-    """Makes `model.loss` the forward, so DDP's hooks see the training forward.
+    """Makes an objective's loss the forward, so DDP's hooks see the training forward.
 
     Only DDP holds this wrapper; the loop keeps the bare model, so names, evaluation and
     sampling are unchanged.
@@ -175,8 +188,8 @@ class _LossOf(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, y)
+    def forward(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        return loss_fn(self.model)
 
 
 class DataParallel(Parallel):
@@ -201,13 +214,13 @@ class DataParallel(Parallel):
     def release_wrappers(self) -> None:
         self._ddp = None
 
-    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
+    def backward(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                 loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
         if self._ddp is None or self._ddp.module.model is not model:
             raise RuntimeError("forward_backward needs the model returned by parallelize()")
         # Accumulation steps skip the gradient all-reduce; the last micro-batch syncs the sum.
         sync = contextlib.nullcontext() if last_micro else self._ddp.no_sync()
         with sync:
-            loss = self._ddp(x.to(self.device), y.to(self.device))
+            loss = self._ddp(loss_fn)
             (loss * loss_scale).backward()
         return self.all_reduce(loss.detach(), "mean")

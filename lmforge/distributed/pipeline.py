@@ -16,6 +16,7 @@ copies start equal and receive the same summed gradient, so they stay equal (as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,6 +87,18 @@ class TiedHead(nn.Embedding):
         return F.linear(h, self.weight)
 
 
+class _CheckpointedStage(nn.Module):
+    """A stage whose blocks recompute their activations in backward (train.activation_checkpointing):
+    the schedule calls the stage with its input only, so the option is passed here."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model(h, checkpoint_blocks=True)
+
+
 def split_stage(model: nn.Module, n_stages: int, stage: int) -> nn.Module:
     """Cut `model` down (in place) to what stage `stage` of `n_stages` computes."""
     keep = {str(i) for i in stage_layers(model.cfg.n_layers, n_stages, stage)}
@@ -145,12 +158,12 @@ class PipelineParallel(Parallel):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         model = split_stage(model.to(self.device), self.n_stages, self.stage_index)
-        computed: nn.Module = model
+        computed: nn.Module = _CheckpointedStage(model) if self.cfg.train.activation_checkpointing else model
         if self.dp_size > 1:  # DDP also starts every replica of this stage from replica 0's weights
             # find_unused_parameters=True turns off DDP's bucket rebuilding after the first step,
             # which miscounts when several micro-batches run backward in one step.
             computed = DistributedDataParallel(
-                model, process_group=self.dp_group, find_unused_parameters=True,
+                computed, process_group=self.dp_group, find_unused_parameters=True,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.tied and (self.first or self.last):  # the head copy starts as stage 0's embedding
             weight = model.embed_tokens.weight if self.first else model.lm_head.weight
@@ -189,7 +202,10 @@ class PipelineParallel(Parallel):
         return args, kwargs
 
     def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
+                         loss_scale: float = 1.0, last_micro: bool = True,
+                         **loss_options: Any) -> torch.Tensor:
+        """The last stage computes the plain cross-entropy itself (_micro_loss), so loss_options
+        (a compiled or fused head loss) do not apply; activation checkpointing is the stage's."""
         if model is not self._model:
             raise RuntimeError("forward_backward needs the stage returned by parallelize()")
         self._check_batch(x)
@@ -205,8 +221,13 @@ class PipelineParallel(Parallel):
             dist.all_reduce(weight.grad, dist.ReduceOp.SUM, group=self._tied_group)
         return loss
 
+    def backward(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                 loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
+        raise UserError("train.parallel='pipeline' trains next-token objectives only (pre-training); "
+                        "use ddp or fsdp for this stage")
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **loss_options: Any) -> torch.Tensor:
         self._check_batch(x)
         self._training = False
         losses: list[torch.Tensor] = []

@@ -14,6 +14,7 @@ ranks, FSDP down the columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,11 +127,11 @@ class ShardedParallel(Parallel):
         fully_shard(model, mesh=self.dp_mesh, mp_policy=mp, reshard_after_forward=False)
         return model
 
-    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
+    def backward(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor],
+                 loss_scale: float = 1.0, last_micro: bool = True) -> torch.Tensor:
         # Accumulation steps keep unsharded gradients locally; the last one reduce-scatters.
         model.set_requires_gradient_sync(last_micro)
-        return super().forward_backward(model, x, y, loss_scale, last_micro)
+        return super().backward(model, loss_fn, loss_scale, last_micro)
 
     def _grad_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
         # With TP, block gradients live on the 2D mesh and the rest on the dp mesh; DTensor ops

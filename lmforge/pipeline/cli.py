@@ -38,10 +38,10 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         with run_lock(out, "run"):
             report = run_pipeline(cfg, out, budget_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Interrupted (SIGINT/SIGTERM in pre-training) carries 130 / 143
         print(f"interrupted; run the same command again to continue where it stopped (in {out})",
               file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     print(f"report: {report / 'report.html'}")
     print(f"        {report / 'report.md'}")
     print(f"        {report / 'report.pdf'}")

@@ -16,13 +16,13 @@ stages left (the data stages as long as they last took) is refused with the smal
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as dt
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +32,7 @@ from typing import Any
 
 from lmforge.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline.layout import RunLayout
 from lmforge.pipeline.records import StageRecords, inputs_hash
@@ -170,15 +170,16 @@ def _run_pretrain(ctx: Context) -> None:
         # Other inputs' outputs were moved aside by the driver; these are an earlier attempt's on
         # the same inputs that never reached a checkpoint.
         _clear_training_outputs(layout)
-    cfg = copy.deepcopy(ctx.cfg)
+    cfg = ctx.cfg  # pre-training never changes its config: no copy needed
     remaining = ctx.remaining_s()
     if remaining is not None:  # the driver checked that this leaves at least MIN_PRETRAIN_S
-        cfg.train.time_budget = f"{max(remaining - REPORT_RESERVE_S, MIN_PRETRAIN_S):.0f}s"
+        seconds = max(remaining - REPORT_RESERVE_S, MIN_PRETRAIN_S)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=f"{seconds:.0f}s"))
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
     result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
-    if result.stopped_by_signal:
-        raise KeyboardInterrupt  # checkpointed; the stage stays unfinished and resumes next time
+    if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
+        raise Interrupted(result.signal or signal.SIGINT, saved=True)
 
 
 def _pretrain_outputs(layout: RunLayout) -> list[Path]:
@@ -226,7 +227,7 @@ def generate_samples(checkpoint: Path, prompts: list[str], max_new_tokens: int, 
                      temperature: float = 0.8, top_k: int = 50) -> list[dict[str, Any]]:
     """One seeded continuation per prompt ("" starts a new document) from a checkpoint."""
     from lmforge.checkpoint import load_model
-    from lmforge.generation import generate_text
+    from lmforge.engine import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint / "tokenizer")

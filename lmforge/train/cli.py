@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from lmforge.cli import add_config_args, config_from_args
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 
 
 def pretrain_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         cfg = auto_size(cfg, Path(args.data))
     result = pretrain(cfg, args.data, args.out, resume_from=resume_from)
+    if result.stopped_by_signal:  # checkpointed; exit 130 / 143 so `... && next` does not go on
+        raise Interrupted(result.signal or signal.SIGINT, saved=True)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main rank reports
         return 0
     val = f", val_loss {result.val_loss:.4f}, val_bpb {result.val_bpb:.4f}" if result.val_loss is not None else ""
@@ -110,7 +113,7 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
 
 def sample_command(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_model, resolve_checkpoint
-    from lmforge.generation import generate_text
+    from lmforge.engine import generate_text
     from lmforge.tokenizer import load_tokenizer
 
     if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
