@@ -27,6 +27,7 @@ def prepare_args(parser: argparse.ArgumentParser) -> None:
 
 def prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import format_table, prepare
+    from lmforge.data.sources import warning_lines
 
     cfg = config_from_args(args)
     if args.source:
@@ -38,14 +39,7 @@ def prepare(args: argparse.Namespace) -> int:
     manifest = prepare(cfg, args.out, tokenizer_dir=args.tokenizer)
     seconds = time.perf_counter() - start
     read = manifest["read"]
-    for problem in read["problems"]:
-        print(f"warning: {problem}")
-    shown = len(read["problems"])
-    hidden = read["malformed_lines"] + read["decode_errors"] - shown
-    if hidden > 0:
-        print(f"warning: ... and {hidden} more malformed inputs")
-    print(f"malformed lines: {read['malformed_lines']}, undecodable files: {read['decode_errors']}, "
-          f"empty files: {read['empty_files']}")
+    print("\n".join(warning_lines(read)))
     stats = {"read": read, "stages": manifest["stages"], "splits": manifest["splits"]}
     print(format_table(stats))
     for split, info in manifest["splits"].items():

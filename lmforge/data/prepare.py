@@ -261,9 +261,7 @@ def curate(cfg: DataConfig, out_dir: str | Path, progress: bool | None = None) -
         stages = [cleaning, empty, *by_rule_order, exact, near, decontam]
         stats = {
             "key": key,
-            "read": {"documents": report.documents, "bytes": report.bytes, "files": report.files,
-                     "empty_files": report.empty_files, "malformed_lines": report.malformed,
-                     "decode_errors": report.decode_errors, "problems": report.problems},
+            "read": report.summary(),
             "stages": [dataclasses.asdict(s) for s in stages],
             "flagged": flagged,
             "splits": counts,
