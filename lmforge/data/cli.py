@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import add_config_args, config_from_args, nonnegative_int, positive_int
 from lmforge.errors import UserError
 
 
@@ -58,10 +58,10 @@ def prepare(args: argparse.Namespace) -> int:
 
 def inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="a shards directory written by `data prepare`")
-    parser.add_argument("--samples", type=int, default=3, help="decoded windows to print")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample window")
+    parser.add_argument("--samples", type=nonnegative_int, default=3, help="decoded windows to print")
+    parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens per sample window")
     parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def inspect(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmforge.cli import nonnegative_int, positive_int
 from lmforge.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     parser.add_argument("--text-field", metavar="NAME",
                         help="field holding the text in .jsonl records (default: data.text_field)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="processes counting chunks (default: all cores)")
     _strict_arg(parser)
     add_config_args(parser)
@@ -137,7 +138,7 @@ def stats_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="text files, directories, glob patterns or .jsonl files")
     parser.add_argument("--text-field", default="text", metavar="NAME")
-    parser.add_argument("--top", type=int, default=10, metavar="K", help="longest tokens to list")
+    parser.add_argument("--top", type=nonnegative_int, default=10, metavar="K", help="longest tokens to list")
     _strict_arg(parser)
 
 
