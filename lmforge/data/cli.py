@@ -65,12 +65,6 @@ def inspect_args(parser: argparse.ArgumentParser) -> None:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from lmforge.data.prepare import format_table
-    from lmforge.data.shards import open_shard
-    from lmforge.tokenizer import load_tokenizer
-
     root = Path(args.dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -78,8 +72,22 @@ def inspect(args: argparse.Namespace) -> int:
                         "`lmforge data prepare`?")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{manifest_path}: not valid JSON ({e})") from None
+    try:
+        return _inspect(args, root, manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{manifest_path}: not a shards manifest (field {e} missing or malformed)") from None
+
+
+def _inspect(args: argparse.Namespace, root: Path, manifest: dict) -> int:
+    import numpy as np
+
+    from lmforge.data.prepare import format_table
+    from lmforge.data.shards import inside_root, open_shard
+    from lmforge.tokenizer import load_tokenizer
+
+    where = str(root / "manifest.json")
     tok_info = manifest["tokenizer"]
     print(f"sources: {', '.join(manifest['sources'])}")
     print(f"tokenizer: {tok_info['hash']} (vocab {tok_info['vocab_size']}), dtype {manifest['dtype']}")
@@ -87,15 +95,15 @@ def inspect(args: argparse.Namespace) -> int:
                         "splits": manifest["splits"]}))
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            open_shard(root / shard["file"], verify=True)  # raises naming a damaged file
+            open_shard(inside_root(root, shard["file"], where), verify=True)  # raises naming a damaged file
         print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards (checksums ok)")
     shards = manifest["splits"][args.split]["shards"]
     if not shards or args.samples <= 0:
         return 0
-    tok = load_tokenizer(root / tok_info["dir"])
+    tok = load_tokenizer(inside_root(root, tok_info["dir"], where))
     rng = np.random.default_rng(args.seed)
     for i in range(args.samples):
-        tokens = open_shard(root / shards[int(rng.integers(len(shards)))]["file"], verify=False)
+        tokens = open_shard(inside_root(root, shards[int(rng.integers(len(shards)))]["file"], where), verify=False)
         start = int(rng.integers(max(1, len(tokens) - args.seq_len)))
         window = tokens[start : start + args.seq_len].tolist()
         print(f"--- sample {i + 1} ({args.split}, tokens {start}..{start + len(window)}) ---")
