@@ -34,7 +34,7 @@ def prepare(args: argparse.Namespace) -> int:
         cfg.data.sources = list(args.source)
     if args.strict:
         cfg.data.strict = True
-    cfg.validate()
+    cfg.validate().hold_out_one_evaluation()
     start = time.perf_counter()
     manifest = prepare(cfg, args.out, tokenizer_dir=args.tokenizer)
     seconds = time.perf_counter() - start

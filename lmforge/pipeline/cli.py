@@ -31,6 +31,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.source:
         cfg.data.sources = list(args.source)
         cfg.validate()
+    cfg.hold_out_one_evaluation()  # a small --source still gets a validation split the trainer can use
     budget = args.time_budget.strip().lower()
     budget_s = None if budget in ("none", "0", "") else parse_duration(budget, "--time-budget")
     out = args.out or f"runs/{args.preset or 'default'}"
