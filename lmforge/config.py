@@ -750,7 +750,10 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        # nan and inf pass every range check (nan <= 0 is False), so they are refused here, once.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {path}={value!r} must be a finite number")
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -85,6 +85,7 @@ LONG_PROMPT = "the cat sat on the mat " * 4400  # ~100,000 characters, far past 
 # (bad invocation with {R} for the fixtures' root, the --out it may create or None, words of its one line)
 BAD: list[tuple[list[str], str | None, str]] = [
     (["config", "show", "--set", "model.d_model=abc"], None, "model.d_model"),
+    (["config", "show", "--set", "train.lr=inf"], None, "finite"),
     (["init", "--preset", "tiny", "--out", "{R}/afile"], None, "already exists"),
     (["init", "--preset", "tiny", "--set", "model.vocab_size=1000000000000", "--out", "{R}/new"], "new", "GiB"),
     (["model", "info", "--preset", "tiny", "--batch-size", "0"], None, "--batch-size"),
@@ -107,6 +108,9 @@ BAD: list[tuple[list[str], str | None, str]] = [
      "already a full checkpoint"),
     (["checkpoint", "consolidate", "{R}/missing", "--out", "{R}/new.safetensors"], "new.safetensors", "missing"),
     (["pretrain", "--data", "{R}/missing", "--out", "{R}/new"], "new", "missing"),
+    (["pretrain", "--data", "{R}/shards", "--out", "{R}/new", "--set", "model.n_layers=100000"], "new", "GiB"),
+    (["run", "--source", "{R}/corpus", "--out", "{R}/new", "--set", "model.n_layers=100000",
+      "--time-budget", "none"], "new", "GiB"),
     (["plan", "--preset", "tiny", "--world-size", "0"], None, "--world-size"),
     (["plan", "--preset", "tiny", "--tokens-per-s", "inf"], None, "--tokens-per-s"),
     (["sample", "--checkpoint", "{R}/ckpt", "--device", "cuda:99"], None, "cuda:99"),

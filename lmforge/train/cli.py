@@ -66,6 +66,9 @@ def pretrain_command(args: argparse.Namespace) -> int:
         from lmforge.plan import auto_size
 
         cfg = auto_size(cfg, Path(args.data))
+    from lmforge.commands import check_fits_in_memory
+
+    check_fits_in_memory(cfg.model, "pretrain")
     result = pretrain(cfg, args.data, args.out, resume_from=resume_from)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the main rank reports
         return 0
