@@ -222,12 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Exception as e:  # an expected failure of the machine or a path becomes one line too
-        line = expected_failure(e)
-        if line is None or os.environ.get("LMFORGE_TRACEBACK"):
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -235,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except Exception as e:  # last: an expected failure of the machine or a path is one line too
+        line = expected_failure(e)
+        if line is None or os.environ.get("LMFORGE_TRACEBACK"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 
