@@ -52,6 +52,9 @@ def world(tmp_path_factory) -> Path:
     state = load_file(root / "nan_ckpt" / "model.safetensors")
     state["norm.weight"][0] = float("nan")
     save_file(state, str(root / "nan_ckpt" / "model.safetensors"))
+    shutil.copytree(root / "ckpt", root / "mismatch_ckpt")  # a tokenizer larger than the model's vocab
+    train_tokenizer([corpus_text(i) for i in range(40)], vocab_size=400, progress=False).save(
+        root / "mismatch_ckpt" / "tokenizer")
     r = run("data", "prepare", "--source", corpus, "--tokenizer", root / "tok", "--out", root / "shards",
             "--set", "data.workers=1", cwd=root)
     assert r.returncode == 0, r.stderr
@@ -120,6 +123,7 @@ BAD: list[tuple[list[str], str | None, str]] = [
     (["sample", "--checkpoint", "{R}/ckpt", "--max-new-tokens", "-1"], None, "--max-new-tokens"),
     (["sample", "--checkpoint", "{R}/ckpt", "--prompt", LONG_PROMPT], None, "max_seq_len=32"),
     (["sample", "--checkpoint", "{R}/nan_ckpt"], None, "NaN"),
+    (["sample", "--checkpoint", "{R}/mismatch_ckpt"], None, "do not belong together"),
     (["run", "--source", "{R}/missing", "--out", "{R}/new", "--time-budget", "none"], "new", "no such file"),
     (["report", "{R}/missing"], None, "missing"),
     (["nonsense"], None, "unknown command"),

@@ -107,7 +107,11 @@ def sample_command(args: argparse.Namespace) -> int:
     if not (directory / "tokenizer").is_dir():
         raise UserError(f"{directory} has no tokenizer/ directory; sampling needs the model's tokenizer")
     tokenizer = load_tokenizer(directory / "tokenizer")
-    max_seq_len = read_config(directory).model.max_seq_len
+    model_cfg = read_config(directory).model
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"model.vocab_size={model_cfg.vocab_size}; they do not belong together")
+    max_seq_len = model_cfg.max_seq_len
     prompt_ids(tokenizer, args.prompt, max_seq_len)
     model = load_model(directory, device=device)
 
