@@ -101,6 +101,8 @@ def model_info(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     batch = args.batch_size if args.batch_size is not None else cfg.train.batch_size
     seq = args.seq_len if args.seq_len is not None else (cfg.train.seq_len or cfg.model.max_seq_len)
+    if seq > cfg.model.max_seq_len:
+        raise UserError(f"--seq-len={seq} exceeds the model's context, model.max_seq_len={cfg.model.max_seq_len}")
     print(format_model_info(cfg.model, batch, seq))
     return 0
 

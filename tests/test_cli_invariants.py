@@ -92,6 +92,7 @@ BAD: list[tuple[list[str], str | None, str]] = [
     (["init", "--preset", "tiny", "--out", "{R}/afile"], None, "already exists"),
     (["init", "--preset", "tiny", "--set", "model.vocab_size=1000000000000", "--out", "{R}/new"], "new", "GiB"),
     (["model", "info", "--preset", "tiny", "--batch-size", "0"], None, "--batch-size"),
+    (["model", "info", "--preset", "tiny", "--seq-len", "100000"], None, "max_seq_len=256"),
     (["model", "info", "--checkpoint", "{R}/missing"], None, "not found"),
     (["export", "hf", "--checkpoint", "{R}/ckpt", "--out", "{R}/afile"], None, "already exists"),
     (["export", "hf", "--checkpoint", "{R}/nan_ckpt", "--out", "{R}/new"], "new", "NaN"),
