@@ -1,4 +1,5 @@
-"""Read raw documents from the places a user names.
+"""Read raw documents from the places a user names: the one reader of sources, used by
+`data prepare`, `lmforge run` and (through `lmforge.tokenizer.sources`) `tokenizer train / stats`.
 
 A source is a file, a directory (all files below it, sorted), a glob, or `builtin:default`.
 Files are read by their suffix: `.jsonl` / `.ndjson` (one JSON object per line, text in
