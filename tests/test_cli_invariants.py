@@ -131,38 +131,43 @@ BAD: list[tuple[list[str], str | None, str]] = [
 ]
 
 
+def own(case: tuple, text: str) -> str:
+    """Each case writes its own `new_<index>`, so that cases can run side by side."""
+    return text.replace("{R}/new", f"{{R}}/new_{BAD.index(case)}")
+
+
+def out_of(case: tuple) -> str | None:
+    return None if case[1] is None else own(case, "{R}/" + case[1]).removeprefix("{R}/")
+
+
 @pytest.fixture(scope="module")
 def results(world):
-    """All bad invocations, two at a time, each with the tree before and after."""
+    """All bad invocations, three at a time, each with the tree before and after it."""
     def one(case):
-        argv, _, _ = case
         before = snapshot(world)
-        r = run(*[a.replace("{R}", str(world)) for a in argv], cwd=world / "cwd", stdin="hello")
+        r = run(*[own(case, a).replace("{R}", str(world)) for a in case[0]], cwd=world / "cwd", stdin="hello")
         return r, before, snapshot(world)
 
-    # Cases that may write (an --out) run alone, so that no case sees another's output appear.
-    readers = [c for c in BAD if c[1] is None]
-    with ThreadPoolExecutor(2) as pool:
-        got = dict(zip(map(id, readers), pool.map(one, readers), strict=True))
-    for case in BAD:
-        if case[1] is not None:
-            got[id(case)] = one(case)
-    return got
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(map(id, BAD), pool.map(one, BAD), strict=True))
 
 
 @pytest.mark.parametrize("case", BAD, ids=[" ".join(c[0][:3])[:40] for c in BAD])
 def test_bad_invocation_fails_in_one_line_and_changes_nothing_else(world, results, case):
-    argv, out, words = case
+    argv, _, words = case
     r, before, after = results[id(case)]
     assert r.returncode != 0, (argv, r.stdout[-500:], r.stderr[-2000:])
     assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
     error_lines = [line for line in r.stderr.splitlines() if "error" in line]
     assert error_lines and words.lower() in r.stderr.lower(), r.stderr[-2000:]
-    # Nothing outside the given --out changed (the --out itself may have been created, not left half-made).
+    # Nothing outside the given --out changed: the --out may have been created (not left
+    # half-made), and the outs of the cases that ran alongside are theirs.
+    outs = {o for o in map(out_of, BAD) if o is not None}
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
-    assert {p for p in changed if out is None or not (p == out or p.startswith(out + "/"))} == set(), changed
-    if out == "afile":
+    assert {p for p in changed if not any(p == o or p.startswith(o + "/") for o in outs)} == set(), changed
+    if out_of(case) == "afile":
         assert (world / "afile").read_text() == "a user's file\n"
+    assert not (world / "cwd").exists() or not any((world / "cwd").iterdir())
     # A refused prompt is not echoed whole before the error.
     assert len(r.stdout) < 10_000
 
