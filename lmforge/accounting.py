@@ -106,18 +106,17 @@ def activation_elements_per_token(cfg: ModelConfig, seq_len: int, fused_attentio
 
 def memory_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: str = "fp32",
                  fused_attention: bool = True) -> dict[str, int]:
-    """Training memory in bytes with every tensor in `dtype` ("fp32" or "bf16").
-
-    weights, grads: one copy each; adamw: two moments per parameter; activations: see the module
-    doc (the loss's log-softmax is fp32 either way). With bf16 autocast the weights, grads and
-    AdamW state follow the fp32 figures and the activations the bf16 ones.
+    """Training memory in bytes as lmforge trains: `dtype` ("fp32" or "bf16") is the compute
+    dtype of the activations (bf16 under autocast); weights, grads and the two AdamW moments are
+    fp32 master copies either way. The loss's log-softmax is fp32 either way (see the module doc).
+    `lmforge model info`, `lmforge plan` and the run report all print this one estimate.
     """
-    b = BYTES[dtype]
     n = param_counts(cfg).total
     tokens = batch_size * seq_len
-    activations = tokens * (activation_elements_per_token(cfg, seq_len, fused_attention) * b
+    activations = tokens * (activation_elements_per_token(cfg, seq_len, fused_attention) * BYTES[dtype]
                             + cfg.vocab_size * 4)
-    out = {"weights": n * b, "grads": n * b, "adamw": 2 * n * b, "activations": activations}
+    fp32 = BYTES["fp32"]
+    out = {"weights": n * fp32, "grads": n * fp32, "adamw": 2 * n * fp32, "activations": activations}
     out["total"] = sum(out.values())
     return out
 

@@ -149,6 +149,18 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             raise UserError(f"{source}: unexpected tensor {name!r} (not part of the model its config describes)")
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Fail with one line naming the first tensor holding NaN or infinity: such weights (a
+    diverged run, a damaged file) give NaN logits, which no sampler or export can use."""
+    import torch
+
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{source}: tensor {name!r} holds {bad:,} NaN or infinite values; "
+                            "the weights are damaged or training diverged (use an earlier checkpoint)")
+
+
 def build_model(cfg: RunConfig, state: dict[str, torch.Tensor], source: str,
                 device: torch.device | str = "cpu") -> Transformer:
     """A model for `cfg` holding the tensors of `state` (checked first), in eval mode."""
@@ -159,6 +171,7 @@ def build_model(cfg: RunConfig, state: dict[str, torch.Tensor], source: str,
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = Transformer(cfg.model)
     check_state(model, state, source)
+    check_finite(state, source)
     model.load_state_dict(state, assign=True)
     model.init_buffers(device="cpu")
     return model.to(device).eval()

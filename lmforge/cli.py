@@ -5,12 +5,16 @@ function that declares its arguments, both as "module:function" strings, so `lmf
 command's own `--help` import only what they need (torch is not imported to print a config).
 
 Every handler takes the parsed `argparse.Namespace` and returns an exit code (or None for 0).
-A `UserError` raised anywhere becomes one line on stderr and exit code 2.
+A `UserError` raised anywhere becomes one line on stderr and exit code 2, and so do the expected
+failures of `expected_failure` (out of disk space, an output path that is a file or not writable,
+an allocation beyond memory); anything else is a bug and keeps its traceback
+(LMFORGE_TRACEBACK=1 shows it for those too).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -86,6 +90,39 @@ def add_config_args(parser: argparse.ArgumentParser, preset_required: bool = Fal
                        help="override one field (repeatable), e.g. --set model.n_layers=8")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 or less is refused, never replaced by a default)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def config_from_args(args: argparse.Namespace, base: dict | None = None):
     """Resolve the RunConfig described by --preset / --config / --set."""
     from lmforge.config import load_config
@@ -96,6 +133,43 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None):
         overrides=getattr(args, "overrides", None),
         base=base,
     )
+
+
+# OS errors that are about the user's paths or machine, not about lmforge's code.
+_PATH_ERRNOS = {
+    errno.EEXIST: "already exists",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "a part of this path is not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOENT: "no such file or directory",
+    errno.ELOOP: "too many levels of symbolic links",
+}
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def expected_failure(e: BaseException) -> str | None:
+    """One line for a failure that is the machine's or the user's paths', not a bug; else None.
+
+    Out of disk space, an output path that is a file or not writable, memory that cannot be
+    allocated: these are told in one line (exit 2). Anything else keeps its traceback.
+    """
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        where = f" writing {e.filename}" if e.filename else ""
+        return (f"out of disk space{where} ({os.strerror(e.errno)}); nothing half-written was "
+                "left behind: free some space and rerun")
+    if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and e.filename:
+        other = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{e.filename}{other}: {_PATH_ERRNOS[e.errno]}"
+    text = str(e)
+    if isinstance(e, MemoryError) or (
+            isinstance(e, RuntimeError) and any(s in text.lower() for s in _ALLOCATION_FAILURES)):
+        detail = text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__
+        return f"out of memory: {detail} (use a smaller model, batch or sequence)"
+    return None
 
 
 def _resolve(target: str) -> Callable:
@@ -159,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except Exception as e:  # last: an expected failure of the machine or a path is one line too
+        line = expected_failure(e)
+        if line is None or os.environ.get("LMFORGE_TRACEBACK"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

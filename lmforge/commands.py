@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import add_config_args, config_from_args, positive_int
 from lmforge.config import ModelConfig
 from lmforge.outputs import add_force_arg
 
@@ -31,6 +32,8 @@ def init(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_output(args.out, args.force)
 
+    check_fits_in_memory(cfg.model, "init")
+
     import torch
 
     from lmforge.accounting import human
@@ -45,11 +48,41 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give this process now (Linux MemAvailable; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(m: ModelConfig, what: str) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed the memory available:
+    one line with the size it needs instead of an allocator error after a long wait."""
+    from lmforge.accounting import human, param_counts
+    from lmforge.errors import UserError
+
+    n = param_counts(m).total
+    need = 4 * n
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise UserError(f"{what}: the model has {human(n)} parameters and needs {human(need, 'B')} for its "
+                        f"fp32 weights alone, but {human(have, 'B')} of memory is available "
+                        "(check model.vocab_size, d_model, n_layers)")
+
+
 def model_info_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser)
     parser.add_argument("--checkpoint", metavar="DIR", help="read the model config of a checkpoint instead")
-    parser.add_argument("--batch-size", type=int, metavar="B", help="sequences per batch (default: train.batch_size)")
-    parser.add_argument("--seq-len", type=int, metavar="T",
+    parser.add_argument("--batch-size", type=positive_int, metavar="B", help="sequences per batch (default: train.batch_size)")
+    parser.add_argument("--seq-len", type=positive_int, metavar="T",
                         help="tokens per sequence (default: train.seq_len, else model.max_seq_len)")
 
 
@@ -64,10 +97,10 @@ def model_info(args: argparse.Namespace) -> int:
         cfg = read_config(args.checkpoint)
     else:
         cfg = config_from_args(args)
-    batch = args.batch_size or cfg.train.batch_size
-    seq = args.seq_len or cfg.train.seq_len or cfg.model.max_seq_len
-    if batch <= 0 or seq <= 0:
-        raise UserError(f"--batch-size={batch} and --seq-len={seq} must be > 0")
+    batch = args.batch_size if args.batch_size is not None else cfg.train.batch_size
+    seq = args.seq_len if args.seq_len is not None else (cfg.train.seq_len or cfg.model.max_seq_len)
+    if seq > cfg.model.max_seq_len:
+        raise UserError(f"--seq-len={seq} exceeds the model's context, model.max_seq_len={cfg.model.max_seq_len}")
     print(format_model_info(cfg.model, batch, seq))
     return 0
 
@@ -98,10 +131,11 @@ def format_model_info(m: ModelConfig, batch: int, seq: int) -> str:
         f"FLOPs per token at seq_len {seq}: forward {human(flops['forward'], 'FLOP')}, "
         f"training {human(flops['training'], 'FLOP')} (6N + attention, PaLM accounting)",
         "",
-        f"{f'memory, batch {batch} x seq {seq}':<28}{'fp32':>12}{'bf16':>12}",
+        f"{f'training memory, batch {batch} x seq {seq}':<38}{'fp32':>12}{'bf16 autocast':>14}",
     ]
     mem = {dtype: memory_bytes(m, batch, seq, dtype) for dtype in ("fp32", "bf16")}
     for key, label in (("weights", "weights"), ("grads", "gradients"), ("adamw", "AdamW state"),
                        ("activations", "activations"), ("total", "total")):
-        lines.append(f"{label:<28}{human(mem['fp32'][key], 'B'):>12}{human(mem['bf16'][key], 'B'):>12}")
+        lines.append(f"{label:<38}{human(mem['fp32'][key], 'B'):>12}{human(mem['bf16'][key], 'B'):>14}")
+    lines.append("(weights, gradients and AdamW state are fp32 master copies under autocast too)")
     return "\n".join(lines)

@@ -298,6 +298,11 @@ class DataConfig:
     sources: inputs: files, directories, globs, `*.jsonl`, `*.parquet`, `*.gz`, or `builtin:default`.
     text_field: the field holding the text in JSONL and Parquet records.
     val_fraction: share of documents (chosen by content hash) held out for validation.
+    val_min_tokens: hold out at least about this many tokens for validation (estimated at
+        6 bytes per token before the tokenizer exists, see lmforge/data/prepare.py): train documents with
+        the smallest split hash move over, never more than half. `data prepare` and `lmforge run`
+        raise it to one evaluation batch of [train] (`RunConfig.eval_batch_tokens`), so a small
+        corpus still has a validation split the trainer can evaluate on.
     shard_tokens: tokens per shard file.
     workers: processes for cleaning and filtering, threads for tokenization.
     strict: malformed input (a bad JSONL line, bytes that are not UTF-8) is an error, not a warning.
@@ -311,6 +316,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["builtin:default"])
     text_field: str = "text"
     val_fraction: float = 0.01
+    val_min_tokens: int = 0
     shard_tokens: int = 1 << 22
     workers: int = 2
     strict: bool = False
@@ -327,6 +333,7 @@ class DataConfig:
             raise ConfigError("data.text_field must not be empty")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _non_negative("data.val_min_tokens", self.val_min_tokens)
         _positive("data.shard_tokens", self.shard_tokens)
         _positive("data.workers", self.workers)
         _choice("data.unicode_form", self.unicode_form, ("NFC", "NFKC", "none"))
@@ -610,6 +617,16 @@ class RunConfig:
             )
         return self
 
+    def eval_batch_tokens(self) -> int:
+        """Tokens of validation text one evaluation batch needs (batch_size windows of seq_len + 1)."""
+        return self.train.batch_size * (self.train.seq_len or self.model.max_seq_len) + 1
+
+    def hold_out_one_evaluation(self) -> RunConfig:
+        """Raise data.val_min_tokens to one evaluation batch (when a validation split is asked for)."""
+        if self.data.val_fraction > 0:
+            self.data.val_min_tokens = max(self.data.val_min_tokens, self.eval_batch_tokens())
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -797,7 +814,10 @@ def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        # nan and inf pass every range check (nan <= 0 is False), so they are refused here, once.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {path}={value!r} must be a finite number")
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -14,12 +14,16 @@ Rules of `generate_text`:
 - ids the tokenizer does not have (model.vocab_size may be padded past tokenizer.vocab_size) are
   never sampled (`vocab_limit`);
 - text is decoded incrementally from the byte stream, so a token that splits a UTF-8 character
-  never produces a broken character in the middle of the text.
+  never produces a broken character in the middle of the text;
+- a prompt longer than the model's context and non-finite sampling values are refused (UserError)
+  before anything is generated; `Generation.stopped` says why generation ended, so a caller can
+  tell the user when the context, not the model, ended the text.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.errors import UserError
 from lmforge.model import compute_dtype
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +200,30 @@ class Generation:
 
     text: str
     token_ids: list[int]
+    stopped: str = "end_of_text"  # "end_of_text", "max_new_tokens" or "context" (max_seq_len reached)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None) -> None:
+    """Refuse sampling values that would crash or silently mean something else."""
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"top_k={top_k} must be >= 0 (0 disables it)")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"top_p={top_p} must be in (0, 1] (1 disables it)")
+
+
+def prompt_ids(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
+    """The prompt's token ids (<|endoftext|> for an empty prompt); one that does not fit in the
+    model's context is refused, never cut silently."""
+    ids = (tokenizer.encode(prompt) if prompt else []) or [tokenizer.eot_id]
+    if len(ids) > max_seq_len:
+        raise UserError(f"the prompt is {len(ids):,} tokens ({len(prompt):,} characters) but the model's "
+                        f"context is model.max_seq_len={max_seq_len:,} tokens: shorten the prompt")
+    return ids
 
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
@@ -208,8 +237,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     piece as it is produced (for streaming to a terminal). `compile` runs the one-token decode
     step through torch.compile (see `generate`): for long generations from small models.
     """
-    prompt_ids = tokenizer.encode(prompt) if prompt else []
-    prompt_ids = prompt_ids or [tokenizer.eot_id]
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    max_seq_len = model.cfg.max_seq_len
+    ids = prompt_ids(tokenizer, prompt, max_seq_len)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -225,7 +255,7 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        for token in stream(model, prompt_ids, max_new_tokens, temperature=temperature,
+        for token in stream(model, ids, max_new_tokens, temperature=temperature,
                             top_k=top_k or None, top_p=top_p, stop_tokens=[tokenizer.eot_id],
                             generator=generator, vocab_limit=tokenizer.vocab_size, compile=compile):
             new_ids.append(token)
@@ -233,7 +263,15 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
         emit(decoder.decode(b"", final=True))
     finally:
         model.train(was_training)
-    return Generation("".join(pieces), new_ids)
+    # `stream` stops before yielding <|endoftext|>, so reaching either limit means it was not sampled.
+    if len(new_ids) >= max_new_tokens:
+        stopped = "max_new_tokens"
+    elif len(ids) + len(new_ids) >= max_seq_len:
+        stopped = "context"
+    else:
+        stopped = "end_of_text"
+    return Generation("".join(pieces), new_ids, stopped)
 
 
-__all__ = ["Generation", "KVCache", "generate", "generate_text", "sample_next", "stream"]
+__all__ = ["Generation", "KVCache", "check_sampling", "generate", "generate_text", "prompt_ids",
+           "sample_next", "stream"]

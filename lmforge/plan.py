@@ -124,7 +124,6 @@ def plan_text(cfg: RunConfig, tokens_per_s: float | None, source: str) -> str:
     flops = accounting.flops_per_token(m, seq_len)
     mem32 = accounting.memory_bytes(m, t.batch_size, seq_len, "fp32")
     mem16 = accounting.memory_bytes(m, t.batch_size, seq_len, "bf16")
-    bf16_total = mem32["weights"] + mem32["grads"] + mem32["adamw"] + mem16["activations"]
     tokens = TOKENS_PER_PARAM * counts.total
     B = lambda n: accounting.human(n, "B")  # noqa: E731
     lines = [
@@ -138,7 +137,7 @@ def plan_text(cfg: RunConfig, tokens_per_s: float | None, source: str) -> str:
         f"memory per device  micro-batch {t.batch_size} x {seq_len}: weights {B(mem32['weights'])}, "
         f"grads {B(mem32['grads'])}, AdamW {B(mem32['adamw'])}, activations {B(mem32['activations'])} fp32 "
         f"/ {B(mem16['activations'])} bf16",
-        f"                   total {B(mem32['total'])} (fp32, CPU) / {B(bf16_total)} (bf16 autocast, GPU)",
+        f"                   total {B(mem32['total'])} (fp32, CPU) / {B(mem16['total'])} (bf16 autocast, GPU)",
         f"Chinchilla tokens  {accounting.human(tokens)} ({TOKENS_PER_PARAM} per parameter) = "
         f"{tokens * flops['training']:.3g} FLOPs",
     ]
@@ -151,12 +150,12 @@ def plan_text(cfg: RunConfig, tokens_per_s: float | None, source: str) -> str:
 
 
 def plan_args(parser: argparse.ArgumentParser) -> None:
-    from lmforge.cli import add_config_args
+    from lmforge.cli import add_config_args, finite_float
 
     add_config_args(parser)
     parser.add_argument("--params", metavar="N",
                         help="plan for a model of about N parameters (e.g. 20M, 1.3B) from the shape ladder")
-    parser.add_argument("--tokens-per-s", type=float, metavar="X",
+    parser.add_argument("--tokens-per-s", type=finite_float, metavar="X",
                         help="training throughput to assume; default: measured here with a few steps")
     from lmforge.distributed.memory import add_plan_args
 

@@ -133,3 +133,20 @@ def test_export_carries_the_tokenizer(tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tok.special_tokens["<|endoftext|>"]
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.eos_token_id == generation["eos_token_id"]
+
+
+def test_import_carries_the_tokenizer_back_and_sample_runs(tmp_path):
+    """export hf -> import hf keeps the tokenizer (same content hash), so `sample` works on it."""
+    from lmforge.cli import main
+    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+
+    text = ["the cat sat on the mat, and the dog sat on the log. " * 20, "a b c d e f g 123 456"]
+    tok = train_tokenizer(text, vocab_size=300, progress=False)
+    tok.save(tmp_path / "tok")
+    cfg = load_config(overrides=[*SMALL, "tokenizer.vocab_size=300"])
+    torch.manual_seed(0)
+    ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    export_hf(ckpt, tmp_path / "hf")
+    back = import_hf(tmp_path / "hf", tmp_path / "back")
+    assert load_tokenizer(back / "tokenizer").content_hash == tok.content_hash
+    assert main(["sample", "--checkpoint", str(back), "--prompt", "the cat", "--max-new-tokens", "3"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.config import DEFAULT_SPECIAL_TOKENS, GPT4_SPLIT_PATTERN
+from lmforge.data.sources import ReadReport, iter_documents
 from lmforge.errors import UserError
 from lmforge.tokenizer import sources, train
 from lmforge.tokenizer.reference import naive_train
@@ -93,13 +95,16 @@ def test_streaming_sources_keep_exact_chunk_counts(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, field, match", [
-    ('{"text": "ok"}\n{oops\n', "text", r"c\.jsonl:2: invalid JSON"),
-    ('{"text": "ok"}\n{"body": "x"}\n', "text", r"c\.jsonl:2: no string field 'text'"),
+    ('{"text": "ok"}\n{oops\n', "text", r"c\.jsonl:2: malformed JSON"),
+    ('{"text": "ok"}\n{"body": "x"}\n', "text", r"c\.jsonl:2: field 'text' is missing"),
 ])
-def test_bad_jsonl_is_a_user_error_naming_the_line(tmp_path, content, field, match):
+def test_bad_jsonl_is_reported_or_under_strict_a_user_error_naming_the_line(tmp_path, content, field, match):
     (tmp_path / "c.jsonl").write_text(content)
+    report = ReadReport()
+    assert list(sources.iter_texts([str(tmp_path / "c.jsonl")], text_field=field, report=report)) == ["ok"]
+    assert report.malformed == 1 and re.search(match, report.problems[0])
     with pytest.raises(UserError, match=match):
-        list(sources.iter_texts([str(tmp_path / "c.jsonl")], text_field=field))
+        list(sources.iter_texts([str(tmp_path / "c.jsonl")], text_field=field, strict=True))
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
@@ -108,10 +113,26 @@ def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no files match"):
         sources.expand_inputs([str(tmp_path / "*.nothing")])
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(UserError, match="latin1.txt: not UTF-8"):
-        list(sources.iter_texts([str(tmp_path / "latin1.txt")]))
+    with pytest.raises(UserError, match="latin1.txt:1: bytes that are not UTF-8"):
+        list(sources.iter_texts([str(tmp_path / "latin1.txt")], strict=True))
     with pytest.raises(UserError, match="tokenizer.pattern"):
         train_tokenizer(["x"], vocab_size=300, pattern="(unclosed")
+
+
+def test_tokenizer_train_and_data_prepare_read_a_directory_alike(tmp_path):
+    """One reader: the same documents (.ndjson as JSON lines, bad bytes replaced) for both."""
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    (d / "b.ndjson").write_text('{"text": "first record"}\n{"text": "second"}\n{broken\n')
+    (d / "c.txt").write_text("plain text\n")
+    report = ReadReport()
+    texts = list(sources.iter_texts([str(d)], report=report))
+    data_report = ReadReport()
+    docs = [doc.text for doc in iter_documents([str(d)], report=data_report)]
+    assert texts == docs == ["first record", "second", "plain text\n", "caf\ufffd au lait\n"]
+    assert report.summary() == data_report.summary()
+    assert (report.malformed, report.decode_errors) == (1, 1)
 
 
 def _stdlib_split(n_train_bytes: int, n_test_bytes: int) -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import add_config_args, config_from_args, nonnegative_int, positive_int
 from lmforge.errors import UserError
 from lmforge.outputs import add_force_arg, check_output
 from lmforge.runlock import run_lock
@@ -31,13 +31,14 @@ def prepare_args(parser: argparse.ArgumentParser) -> None:
 
 def prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import format_table, prepare
+    from lmforge.data.sources import warning_lines
 
     cfg = config_from_args(args)
     if args.source:
         cfg.data.sources = list(args.source)
     if args.strict:
         cfg.data.strict = True
-    cfg.validate()
+    cfg.validate().hold_out_one_evaluation()
     out = Path(args.out)
     ours = (out / "manifest.json").is_file() or (out / "curated").is_dir()
     check_output(out, args.force or ours)  # continuing its own earlier work is not overwriting
@@ -46,14 +47,7 @@ def prepare(args: argparse.Namespace) -> int:
         manifest = prepare(cfg, out, tokenizer_dir=args.tokenizer)
     seconds = time.perf_counter() - start
     read = manifest["read"]
-    for problem in read["problems"]:
-        print(f"warning: {problem}")
-    shown = len(read["problems"])
-    hidden = read["malformed_lines"] + read["decode_errors"] - shown
-    if hidden > 0:
-        print(f"warning: ... and {hidden} more malformed inputs")
-    print(f"malformed lines: {read['malformed_lines']}, undecodable files: {read['decode_errors']}, "
-          f"empty files: {read['empty_files']}")
+    print("\n".join(warning_lines(read)))
     stats = {"read": read, "stages": manifest["stages"], "splits": manifest["splits"]}
     print(format_table(stats))
     for split, info in manifest["splits"].items():
@@ -72,19 +66,13 @@ def prepare(args: argparse.Namespace) -> int:
 
 def inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="a shards directory written by `data prepare`")
-    parser.add_argument("--samples", type=int, default=3, help="decoded windows to print")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample window")
+    parser.add_argument("--samples", type=nonnegative_int, default=3, help="decoded windows to print")
+    parser.add_argument("--seq-len", type=positive_int, default=64, help="tokens per sample window")
     parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def inspect(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from lmforge.data.prepare import format_table
-    from lmforge.data.shards import open_shard
-    from lmforge.tokenizer import load_tokenizer
-
     root = Path(args.dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
@@ -92,8 +80,22 @@ def inspect(args: argparse.Namespace) -> int:
                         "`lmforge data prepare`?")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{manifest_path}: not valid JSON ({e})") from None
+    try:
+        return _inspect(args, root, manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{manifest_path}: not a shards manifest (field {e} missing or malformed)") from None
+
+
+def _inspect(args: argparse.Namespace, root: Path, manifest: dict) -> int:
+    import numpy as np
+
+    from lmforge.data.prepare import format_table
+    from lmforge.data.shards import inside_root, open_shard
+    from lmforge.tokenizer import load_tokenizer
+
+    where = str(root / "manifest.json")
     tok_info = manifest["tokenizer"]
     print(f"sources: {', '.join(manifest['sources'])}")
     print(f"tokenizer: {tok_info['hash']} (vocab {tok_info['vocab_size']}), dtype {manifest['dtype']}")
@@ -101,15 +103,15 @@ def inspect(args: argparse.Namespace) -> int:
                         "splits": manifest["splits"]}))
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            open_shard(root / shard["file"], verify=True)  # raises naming a damaged file
+            open_shard(inside_root(root, shard["file"], where), verify=True)  # raises naming a damaged file
         print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards (checksums ok)")
     shards = manifest["splits"][args.split]["shards"]
     if not shards or args.samples <= 0:
         return 0
-    tok = load_tokenizer(root / tok_info["dir"])
+    tok = load_tokenizer(inside_root(root, tok_info["dir"], where))
     rng = np.random.default_rng(args.seed)
     for i in range(args.samples):
-        tokens = open_shard(root / shards[int(rng.integers(len(shards)))]["file"], verify=False)
+        tokens = open_shard(inside_root(root, shards[int(rng.integers(len(shards)))]["file"], where), verify=False)
         start = int(rng.integers(max(1, len(tokens) - args.seq_len)))
         window = tokens[start : start + args.seq_len].tolist()
         print(f"--- sample {i + 1} ({args.split}, tokens {start}..{start + len(window)}) ---")

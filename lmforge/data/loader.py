@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.shards import open_shard
+from lmforge.data.shards import inside_root, open_shard
 from lmforge.errors import UserError
 
 STATE_VERSION = 1
@@ -88,7 +88,7 @@ class TokenLoader:
                 info = json.loads(manifest.read_text(encoding="utf-8"))["splits"][self.split]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{manifest}: no split {self.split!r} in this manifest") from None
-            paths = [self.root / s["file"] for s in info["shards"]]
+            paths = [inside_root(self.root, s["file"], str(manifest)) for s in info["shards"]]
         else:
             paths = sorted(self.root.glob(f"{self.split}_*.bin"))
         if not paths:

@@ -51,6 +51,10 @@ from lmforge.data.sources import (
 from lmforge.errors import UserError
 
 T = TypeVar("T")
+# Bytes of text per token assumed when the validation split is sized before the tokenizer exists:
+# generous (English under a few-thousand-token BPE is about 3-4.5; a small, repetitive corpus
+# can reach 5), so one evaluation batch fits.
+VAL_BYTES_PER_TOKEN = 6
 MANIFEST_FORMAT = "lmforge-shards"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
@@ -261,9 +265,7 @@ def curate(cfg: DataConfig, out_dir: str | Path, progress: bool | None = None) -
         stages = [cleaning, empty, *by_rule_order, exact, near, decontam]
         stats = {
             "key": key,
-            "read": {"documents": report.documents, "bytes": report.bytes, "files": report.files,
-                     "empty_files": report.empty_files, "malformed_lines": report.malformed,
-                     "decode_errors": report.decode_errors, "problems": report.problems},
+            "read": report.summary(),
             "stages": [dataclasses.asdict(s) for s in stages],
             "flagged": flagged,
             "splits": counts,
@@ -311,11 +313,19 @@ def _assign_splits(kept: list[dict], duplicate_of: np.ndarray, cfg: DataConfig,
                 continue
             flagged.append(doc["id"])
         split_of.append("val" if doc["split_u"] < cfg.val_fraction else "train")
-    # A requested validation split is never empty when there are two documents to split:
-    # the train document with the smallest split hash moves over (still deterministic).
-    train = [i for i, s in enumerate(split_of) if s == "train"]
-    if cfg.val_fraction > 0 and "val" not in split_of and len(train) >= 2:
-        split_of[min(train, key=lambda i: kept[i]["split_u"])] = "val"
+    # A requested validation split is never empty when there are two documents to split, and
+    # holds about data.val_min_tokens: train documents with the smallest split hash move over
+    # (still deterministic), while val stays the smaller split.
+    if cfg.val_fraction > 0:
+        train = sorted((i for i, s in enumerate(split_of) if s == "train"), key=lambda i: kept[i]["split_u"])
+        val_bytes = sum(kept[i]["bytes"] for i, s in enumerate(split_of) if s == "val")
+        n_val = split_of.count("val")
+        want = cfg.val_min_tokens * VAL_BYTES_PER_TOKEN
+        moved = 0
+        while moved < len(train) and (n_val == 0 or val_bytes < want) and n_val + 1 < len(train) - moved:
+            split_of[train[moved]] = "val"
+            val_bytes += kept[train[moved]]["bytes"]
+            n_val, moved = n_val + 1, moved + 1
     return split_of, flagged
 
 

@@ -45,6 +45,15 @@ class ShardHeader:
         return DTYPES[self.itemsize]
 
 
+def inside_root(root: Path, name: str, where: str) -> Path:
+    """`root / name` for a path a manifest names; one that leads outside `root` (`../x`, an
+    absolute path, a symlink out) is refused, so a manifest cannot make us read other files."""
+    path = Path(root) / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{where}: {name!r} is outside {root}; refusing to read it")
+    return path
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (vocab < 65,536), else uint32."""
     return DTYPES[2] if vocab_size < 1 << 16 else DTYPES[4]

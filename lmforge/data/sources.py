@@ -1,4 +1,5 @@
-"""Read raw documents from the places a user names.
+"""Read raw documents from the places a user names: the one reader of sources, used by
+`data prepare`, `lmforge run` and (through `lmforge.tokenizer.sources`) `tokenizer train / stats`.
 
 A source is a file, a directory (all files below it, sorted), a glob, or `builtin:default`.
 Files are read by their suffix: `.jsonl` / `.ndjson` (one JSON object per line, text in
@@ -12,10 +13,11 @@ are counted in a `ReadReport` with `file:line`; with `strict=True` the first one
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -58,11 +60,50 @@ class ReadReport:
         if len(self.problems) < MAX_PROBLEMS_LISTED:
             self.problems.append(message)
 
+    def summary(self) -> dict:
+        """The counts as a manifest stores them (`warning_lines` reads this back)."""
+        return {"documents": self.documents, "bytes": self.bytes, "files": self.files,
+                "empty_files": self.empty_files, "malformed_lines": self.malformed,
+                "decode_errors": self.decode_errors, "problems": list(self.problems)}
+
+
+def warning_lines(read: dict) -> list[str]:
+    """What every command that reads sources prints about them: each problem, then the counts."""
+    lines = [f"warning: {p}" for p in read["problems"]]
+    hidden = read["malformed_lines"] + read["decode_errors"] - len(read["problems"])
+    if hidden > 0:
+        lines.append(f"warning: ... and {hidden} more malformed inputs")
+    lines.append(f"malformed lines: {read['malformed_lines']}, undecodable files: "
+                 f"{read['decode_errors']}, empty files: {read['empty_files']}")
+    return lines
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """Files named by `inputs` (files, directories searched recursively, glob patterns), sorted."""
+    files: list[Path] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not found:
+                raise UserError(f"{path}: directory has no files")
+            files.extend(found)
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{spec}: no files match this pattern")
+            files.extend(found)
+        elif path.exists():
+            raise UserError(f"{spec}: not a regular file or directory")
+        else:
+            raise UserError(f"{spec}: no such file or directory")
+    return files
+
 
 def resolve_files(spec: str) -> list[Path]:
     """The files a (non-builtin) source spec names, sorted; a UserError when it names nothing."""
-    from lmforge.tokenizer.sources import expand_inputs
-
     return expand_inputs([spec])
 
 

@@ -120,9 +120,15 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
 def consolidated_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint under checkpoint names (one process, CPU).
 
-    Names lose the "model." prefix; the optimizer's shards are not read.
+    Names lose the "model." prefix; the optimizer's shards are not read. A training checkpoint
+    directory stands for its `shards/`; a full checkpoint (one `model.safetensors`) is refused.
     """
     directory = Path(directory)
+    if (directory / "shards").is_dir():  # a training checkpoint written with sharded format
+        directory = directory / "shards"
+    elif (directory / "model.safetensors").is_file() and not (directory / ".metadata").exists():
+        raise UserError(f"{directory} is already a full checkpoint: its weights are "
+                        f"{directory / 'model.safetensors'}, nothing to consolidate")
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"{directory}: no sharded checkpoint here (no .safetensors files)")
     reader = dcp.HuggingFaceStorageReader(str(directory))

@@ -166,10 +166,12 @@ def plan_strategies(cfg: RunConfig, world_size: int, device_bytes: int | None,
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     """`lmforge plan` flags for the parallel layout."""
+    from lmforge.cli import positive_int
+
     group = parser.add_argument_group("parallel training")
     group.add_argument("--parallel", choices=STRATEGIES, metavar="STRATEGY",
                        help=f"show one strategy ({', '.join(STRATEGIES)}); default: all")
-    group.add_argument("--world-size", type=int, metavar="N", help="number of devices (processes)")
+    group.add_argument("--world-size", type=positive_int, metavar="N", help="number of devices (processes)")
     group.add_argument("--gpu-mem", metavar="SIZE", help="memory of one device, e.g. 80GB: say which strategies fit")
 
 
@@ -177,9 +179,7 @@ def plan_report(cfg: RunConfig, args: argparse.Namespace) -> str | None:
     """The memory-per-device table `lmforge plan` prints when any parallel flag is given."""
     if args.parallel is None and args.world_size is None and args.gpu_mem is None:
         return None
-    world_size = args.world_size or 1
-    if world_size < 1:
-        raise UserError(f"--world-size={world_size} must be >= 1")
+    world_size = args.world_size if args.world_size is not None else 1
     device_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else None
     # Activations in bf16 where the run would use autocast (GPUs), fp32 otherwise.
     gpu = device_bytes is not None or torch.cuda.is_available()

@@ -44,13 +44,35 @@ class ProcessEnv:
             ) from None
 
 
+def resolve_device(requested: str, what: str = "train.device") -> torch.device:
+    """A device this machine has, from "auto", "cpu", "cuda", "cuda:1" or "mps"; anything else
+    (a typo, a GPU this machine lacks) is one clear UserError naming `what`, never a crash later."""
+    if requested in ("", "auto"):
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"{what}={requested!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{what}={requested!r} but this machine has no CUDA GPU (use cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{what}={requested!r} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{what}={requested!r} but this machine has no Apple GPU (use cpu)")
+    elif device.type != "cpu":
+        raise UserError(f"{what}={requested!r}: lmforge runs on cpu, cuda or mps")
+    return device
+
+
 def choose_device(requested: str, env: ProcessEnv) -> torch.device:
     """"auto" is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
     if requested in ("", "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device={requested!r} but this machine has no CUDA GPU")
+        resolve_device(requested)
         if requested == "cuda":
             count = torch.cuda.device_count()
             if env.local_rank >= count:

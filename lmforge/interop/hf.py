@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,7 +218,32 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool
             elif not name.startswith("lm_head."):
                 raise UserError(f"{file}: unexpected tensor {name!r}")
     model = build_model(cfg, state, str(source))
-    return save_model(model, cfg.validate(), out, overwrite=overwrite)
+    tokenizer = _import_tokenizer(source, cfg)
+    if tokenizer is None:
+        return save_model(model, cfg.validate(), out, overwrite=overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        cfg.tokenizer.vocab_size = tokenizer.vocab_size
+        cfg.tokenizer.pattern = tokenizer.pattern
+        cfg.tokenizer.special_tokens = list(tokenizer.special_tokens)
+        return save_model(model, cfg.validate(), out, tokenizer_dir=tmp, overwrite=overwrite)
+
+
+def _import_tokenizer(source: Path, cfg: RunConfig):
+    """The source's tokenizer as an lmforge one, so `sample` works on the import; None (with a
+    note) when there is none or lmforge cannot represent it."""
+    from lmforge.tokenizer.export import tokenizer_from_hf
+
+    if not (source / "tokenizer.json").is_file():
+        print(f"note: {source} has no tokenizer.json; the import has no tokenizer (sample needs one)",
+              file=sys.stderr)
+        return None
+    tok = tokenizer_from_hf(source)
+    if tok is None or "<|endoftext|>" not in tok.special_tokens or tok.vocab_size > cfg.model.vocab_size:
+        print(f"note: {source}/tokenizer.json is not a byte-level BPE tokenizer lmforge can read "
+              "(as `export hf` writes); the import has no tokenizer (sample needs one)", file=sys.stderr)
+        return None
+    return tok
 
 
 def _weight_files(source: Path) -> list[Path]:

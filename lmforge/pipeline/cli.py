@@ -32,6 +32,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.source:
         cfg.data.sources = list(args.source)
         cfg.validate()
+    cfg.hold_out_one_evaluation()  # a small --source still gets a validation split the trainer can use
+    from lmforge.commands import check_fits_in_memory
+
+    check_fits_in_memory(cfg.model, "run")  # before the data stages spend their time
     budget = args.time_budget.strip().lower()
     budget_s = None if budget in ("none", "0", "") else parse_duration(budget, "--time-budget")
     out = args.out or f"runs/{args.preset or 'default'}"

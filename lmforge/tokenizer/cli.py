@@ -6,10 +6,29 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lmforge.cli import nonnegative_int, positive_int
 from lmforge.errors import UserError
 from lmforge.outputs import add_force_arg, check_output
 from lmforge.runlock import run_lock
+
+if TYPE_CHECKING:
+    from lmforge.data.sources import ReadReport
+
+
+def _strict_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help="malformed input (bad JSONL lines, non-UTF-8 bytes) is an error "
+                             "(default: data.strict; otherwise replaced or skipped and reported)")
+
+
+def _warn(report: ReadReport) -> None:
+    """The malformed input that was skipped or replaced, as `data prepare` reports it."""
+    from lmforge.data.sources import warning_lines
+
+    if report.malformed or report.decode_errors or report.empty_files:
+        print("\n".join(warning_lines(report.summary())), file=sys.stderr)
 
 
 def _tokenizer_arg(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +49,15 @@ def train_args(parser: argparse.ArgumentParser) -> None:
     add_force_arg(parser)
     parser.add_argument("--text-field", metavar="NAME",
                         help="field holding the text in .jsonl records (default: data.text_field)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="processes counting chunks (default: all cores)")
+    _strict_arg(parser)
     add_config_args(parser)
 
 
 def train(args: argparse.Namespace) -> int:
     from lmforge.cli import config_from_args
+    from lmforge.data.sources import ReadReport
     from lmforge.tokenizer.sources import expand_inputs, iter_texts
     from lmforge.tokenizer.train import train_tokenizer
 
@@ -48,12 +69,16 @@ def train(args: argparse.Namespace) -> int:
     files = expand_inputs(args.input)  # fail on a bad path before any work
     check_output(args.out, args.force)
     start = time.perf_counter()
+    report = ReadReport()
+    texts = iter_texts([str(f) for f in files], text_field=text_field,
+                       strict=args.strict or run_cfg.data.strict, report=report)
     with run_lock(args.out, "tokenizer train"):
-        tok = train_tokenizer(iter_texts([str(f) for f in files], text_field=text_field),
-                              vocab_size=cfg.vocab_size, pattern=cfg.split_pattern,
+        tok = train_tokenizer(texts, vocab_size=cfg.vocab_size, pattern=cfg.split_pattern,
                               special_tokens=cfg.special_tokens, workers=args.workers)
         path = tok.save(args.out)
-    print(f"trained {tok!r} on {len(files)} file(s) in {time.perf_counter() - start:.1f}s -> {path}")
+    _warn(report)
+    print(f"trained {tok!r} on {report.documents} document(s) in {len(files)} file(s) in "
+          f"{time.perf_counter() - start:.1f}s -> {path}")
     if tok.vocab_size < cfg.vocab_size:
         print(f"note: the corpus ran out of pairs to merge; vocab_size is {tok.vocab_size}, "
               f"not {cfg.vocab_size}", file=sys.stderr)
@@ -118,16 +143,21 @@ def stats_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="text files, directories, glob patterns or .jsonl files")
     parser.add_argument("--text-field", default="text", metavar="NAME")
-    parser.add_argument("--top", type=int, default=10, metavar="K", help="longest tokens to list")
+    parser.add_argument("--top", type=nonnegative_int, default=10, metavar="K", help="longest tokens to list")
+    _strict_arg(parser)
 
 
 def stats(args: argparse.Namespace) -> int:
+    from lmforge.data.sources import ReadReport
     from lmforge.tokenizer import load_tokenizer
     from lmforge.tokenizer.sources import iter_texts
     from lmforge.tokenizer.stats import tokenizer_stats
 
     tok = load_tokenizer(args.tokenizer)
-    s = tokenizer_stats(tok, iter_texts(args.input, text_field=args.text_field), longest=args.top)
+    report = ReadReport()
+    texts = iter_texts(args.input, text_field=args.text_field, strict=args.strict, report=report)
+    s = tokenizer_stats(tok, texts, longest=args.top)
+    _warn(report)
     n_regular = tok.vocab_size - s["special_tokens"]
     per_token = s["val_bytes_per_token"]
     print(f"tokenizer        {Path(args.tokenizer)}  ({tok.vocab_size} tokens, {tok.content_hash[:19]})")

@@ -57,11 +57,13 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict:
 
     vocab = {text(tok.token_bytes(i)): i for i in range(256 + len(tok.merges))}
     merges = []
-    for token_id in range(256, 256 + len(tok.merges)):
+    for token_id, learned in enumerate(tok.merges, start=256):
         token = tok.token_bytes(token_id)
+        # The learned merge first (`tokenizer_from_hf` reads it back), then every other split.
+        merges.append([text(tok.token_bytes(learned[0])), text(tok.token_bytes(learned[1]))])
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
-            if left in tok.ranks and right in tok.ranks:
+            if left in tok.ranks and right in tok.ranks and (tok.ranks[left], tok.ranks[right]) != learned:
                 merges.append([text(left), text(right)])
     added = [
         {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
@@ -119,6 +121,47 @@ def export_hf(tokenizer_dir: str | os.PathLike | Tokenizer, out_dir: str | os.Pa
         config["chat_template"] = CHAT_TEMPLATE
     atomic_write_json(out / "tokenizer_config.json", config)
     return out
+
+
+def tokenizer_from_hf(directory: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer of a Hugging Face `tokenizer.json` written by `export_hf` (so `import hf` keeps
+    it), or None for one lmforge cannot represent: not byte-level BPE, or base ids that are not the
+    256 bytes in order (Llama 3, Qwen). Merges are the first split listed for each token, which
+    `export_hf` writes as the learned one, so an export's content hash comes back unchanged."""
+    import json
+
+    path = Path(directory) / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model, pre = data["model"], data["pre_tokenizer"]["pretokenizers"]
+        split = next(p for p in pre if p["type"] == "Split")
+        pattern = split["pattern"]["Regex"]
+        vocab: dict[str, int] = model["vocab"]
+        merges_text = model["merges"]
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    if model.get("type") != "BPE":
+        return None
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        by_id = {i: bytes(to_byte[c] for c in t) for t, i in vocab.items()}
+    except KeyError:
+        return None
+    if any(by_id.get(b) != bytes([b]) for b in range(256)) or sorted(by_id) != list(range(len(by_id))):
+        return None
+    ranks = {b: i for i, b in by_id.items()}
+    learned: dict[int, tuple[int, int]] = {}
+    for pair in merges_text:
+        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
+        a, b = ranks.get(bytes(to_byte[c] for c in left)), ranks.get(bytes(to_byte[c] for c in right))
+        joined = ranks.get(by_id.get(a, b"") + by_id.get(b, b"")) if a is not None and b is not None else None
+        if joined is not None:
+            learned.setdefault(joined, (a, b))
+    try:
+        return Tokenizer([learned[i] for i in range(256, len(by_id))], pattern, added)
+    except (KeyError, ValueError):
+        return None
 
 
 def export_tiktoken(tokenizer_dir: str | os.PathLike | Tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -8,7 +8,13 @@ import signal
 import sys
 from pathlib import Path
 
-from lmforge.cli import add_config_args, config_from_args
+from lmforge.cli import (
+    add_config_args,
+    config_from_args,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+)
 from lmforge.errors import Interrupted, UserError
 
 
@@ -26,7 +32,7 @@ def pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto-size", action="store_true",
                         help="with --time-budget: also pick the model size so that tokens ~ 20 x "
                              "parameters fit the budget (see `lmforge plan`)")
-    parser.add_argument("--nproc", type=int, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, metavar="N",
                         help="run on N local processes: re-runs this command under `torchrun "
                              "--standalone --nproc_per_node=N` (strategy: train.parallel)")
 
@@ -70,6 +76,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         from lmforge.plan import auto_size
 
         cfg = auto_size(cfg, Path(args.data))
+    from lmforge.commands import check_fits_in_memory
+
+    check_fits_in_memory(cfg.model, "pretrain")
     result = pretrain(cfg, args.data, args.out, resume_from=resume_from)
     if result.stopped_by_signal:  # checkpointed; exit 130 / 143 so `... && next` does not go on
         raise Interrupted(result.signal or signal.SIGINT, saved=True)
@@ -100,11 +109,11 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 disables")
-    parser.add_argument("--top-p", type=float, default=0.95, help="1 disables")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=nonnegative_int, default=200)
+    parser.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-k", type=nonnegative_int, default=50, help="0 disables")
+    parser.add_argument("--top-p", type=finite_float, default=0.95, help="1 disables")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the one-token decode step: ~2x faster decoding of small "
@@ -112,25 +121,38 @@ def sample_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import load_model, resolve_checkpoint
-    from lmforge.engine import generate_text
+    from lmforge.checkpoint import load_model, read_config, resolve_checkpoint
+    from lmforge.distributed.runtime import resolve_device
+    from lmforge.engine import check_sampling, generate_text, prompt_ids
     from lmforge.tokenizer import load_tokenizer
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("--max-new-tokens, --temperature, --top-k must be >= 0 and --top-p in (0, 1]")
+    # Everything that can be refused is refused before the model is loaded or the prompt printed.
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device = resolve_device(args.device, "--device")
     directory = resolve_checkpoint(args.checkpoint)
     if not (directory / "tokenizer").is_dir():
         raise UserError(f"{directory} has no tokenizer/ directory; sampling needs the model's tokenizer")
     tokenizer = load_tokenizer(directory / "tokenizer")
-    model = load_model(directory, device=args.device)
+    model_cfg = read_config(directory).model
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"model.vocab_size={model_cfg.vocab_size}; they do not belong together")
+    max_seq_len = model_cfg.max_seq_len
+    prompt_ids(tokenizer, args.prompt, max_seq_len)
+    model = load_model(directory, device=device)
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     sys.stdout.write(args.prompt)
-    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=show,
-                  compile=args.compile)
+    out = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=show,
+                        compile=args.compile)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if out.stopped == "context":
+        print(f"note: stopped after {len(out.token_ids)} new tokens at the model's context length "
+              f"(model.max_seq_len={max_seq_len} tokens, prompt included), not at --max-new-tokens",
+              file=sys.stderr)
     return 0
