@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from lmforge.config import load_config
 from lmforge.distributed import init_parallel
 from lmforge.distributed.checkpoint import consolidate, load_sharded, save_sharded
+from lmforge.distributed.runtime import shutdown_process_group
 from lmforge.model import Transformer
 from lmforge.train.optim import build_optimizer
 
@@ -197,8 +198,8 @@ def main() -> None:
         results = all_strategies(workdir)
     if dist.get_rank() == 0:
         out_path.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is past its last collective
+    shutdown_process_group()  # the CLI's teardown: a rank that finished exits 0
 
 
 def all_strategies(workdir: Path) -> dict:

@@ -17,7 +17,6 @@ cooperate on the same examples: pipeline stages and tensor-parallel peers.
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config import RunConfig
-from lmforge.distributed.runtime import ProcessEnv
+from lmforge.distributed.runtime import ProcessEnv, shutdown_process_group
 from lmforge.train.optim import load_named_optimizer_state, named_optimizer_state
 
 REDUCE_OPS = ("mean", "sum", "max")
@@ -143,16 +142,12 @@ class Parallel:
             dist.barrier()
 
     def shutdown(self) -> None:
-        """Free what holds the process group, then destroy it.
+        """Drop the wrappers that hold the process group, then leave the job cleanly.
 
-        DDP's reducer and a pipeline schedule keep references to the process group; left to
-        interpreter exit, the group's C++ worker threads are torn down in no particular order and
-        can abort a rank ("terminate called without an active exception") after a run that
-        succeeded. Dropping the wrappers first lets the group be destroyed here, in order."""
+        DDP's reducer and a pipeline schedule keep references to the group; dropped first, the
+        group can be destroyed here rather than at interpreter exit (see shutdown_process_group)."""
         self.release_wrappers()
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_process_group()
 
     def release_wrappers(self) -> None:
         """Drop the wrappers this strategy built around the model (DDP, pipeline schedule)."""

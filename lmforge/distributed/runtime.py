@@ -7,9 +7,13 @@ NCCL is chosen on GPUs and gloo on CPUs unless `train.dist_backend` names one.
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,3 +116,63 @@ def init_process_group(env: ProcessEnv, backend: str, device: torch.device, time
                                 device_id=device if device.type == "cuda" else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def shutdown_process_group(quiet_timeout_s: float = 10.0) -> None:
+    """Leave the job: destroy the process group, then wait until its C++ threads are idle.
+
+    Call it once every rank is past its last collective (after a barrier) and after dropping the
+    wrappers that hold the group (DDP, a pipeline schedule). Both the CLI's torchrun workers and
+    the tests' workers end through here, so that a rank exits 0 through normal interpreter exit.
+
+    Why the wait: a gloo worker thread signals a collective complete *before* it releases its
+    work item, and releasing the item's tensors (which Python has seen) takes the GIL. Normally
+    destroy_process_group joins those threads. But once DTensor ops have run (FSDP2, tensor
+    parallel), torch itself keeps the groups alive, so their threads outlive destroy_process_group.
+    If one of them asks for the GIL after interpreter finalization began, CPython (3.11-3.13) ends
+    it with pthread_exit, whose forced unwind through a noexcept destructor calls std::terminate:
+    "terminate called without an active exception", SIGABRT, a failed job after finished work.
+    Sleeping with the GIL released until no other thread is running lets every late release
+    finish while the interpreter is still whole.
+    """
+    gc.collect()  # wrappers dropped by the caller may sit in reference cycles
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+    wait_for_quiet_threads(quiet_timeout_s)
+
+
+def wait_for_quiet_threads(timeout_s: float, samples: int = 3, interval_s: float = 0.002) -> bool:
+    """Sleep (GIL released) until no other thread of this process runs, `samples` checks in a row.
+
+    A thread that still has work - or waits for the GIL, which the sleep frees - is runnable; an
+    idle one sleeps on its condition variable or socket. Linux only (it reads /proc); elsewhere,
+    and after `timeout_s`, it returns False without waiting further.
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return False
+    me = threading.get_native_id()
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        quiet = quiet + 1 if not _running_threads(tasks, me) else 0
+        if quiet >= samples:
+            return True
+    return False
+
+
+def _running_threads(tasks: Path, me: int) -> list[int]:
+    """Native ids of this process's threads, other than `me`, that are running or in disk wait."""
+    running = []
+    for entry in os.scandir(tasks):
+        if int(entry.name) == me:
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] in ("R", "D"):  # the state follows the name "(...)"
+            running.append(int(entry.name))
+    return running
