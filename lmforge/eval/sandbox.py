@@ -191,6 +191,11 @@ def execute(program: str, timeout: float = 10.0, limits: Limits | None = None) -
         out, err, status, ended = _collect(proc, status_r, start + timeout, limits.max_output)
         _kill(proc, uid, iso)
         returncode = proc.wait()
+        _await_eof(proc, 5.0)
+        if uid is not None:
+            _await_user_gone(uid, 5.0)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
         return _classify(ended, returncode, status, out, err, timeout, limits, start, iso)
     finally:
         for fd in (status_r, status_w):
@@ -261,6 +266,41 @@ def _kill(proc: subprocess.Popen, uid: int | None, iso: Isolation) -> None:
         # kill(-1) as the sandbox user reaches every process of that user and nothing else.
         subprocess.run([kill, "-9", "-1"], user=uid, group=uid, extra_groups=[],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _await_eof(proc: subprocess.Popen, seconds: float) -> None:
+    """Wait (bounded) until every process of the run has closed its stdout and stderr.
+
+    The kernel kills a namespace's processes asynchronously after its first process dies; they
+    all hold the output pipes, so end of file on both means they are gone (a process that closed
+    its own is not waited for).
+    """
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as sel:
+        for stream in (proc.stdout, proc.stderr):
+            sel.register(stream.fileno(), selectors.EVENT_READ)
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                if not os.read(key.fd, 1 << 16):
+                    sel.unregister(key.fd)
+
+
+def _await_user_gone(uid: int, seconds: float) -> None:
+    """Wait (bounded) until no process of the sandbox user is left, dying ones included."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _user_has_processes(uid):
+        time.sleep(0.01)
+
+
+def _user_has_processes(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                return True
+        except OSError:
+            continue  # exited while we looked
+    return False
 
 
 def _classify(
