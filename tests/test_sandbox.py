@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.eval import sandbox
-from lmforge.eval.sandbox import Limits, execute, execute_many
+from lmforge.eval.sandbox import Isolation, Limits, execute, execute_many
 
 ISO = sandbox.isolation()
 BAD = {"timeout", "failed", "error"}
@@ -198,3 +199,62 @@ def test_result_reports_isolation():
     result = execute("pass", timeout=5)
     assert result.isolation == ISO
     assert ISO.network in {"namespace", "sockets blocked in-process"}
+
+
+@pytest.fixture
+def without_namespaces(monkeypatch):
+    """The sandbox as on a machine without `unshare`: sockets blocked in-process, no PID namespace."""
+    prefix, iso, keep_read = sandbox._setup()
+    fallback = Isolation("sockets blocked in-process", pid_namespace=False, user=iso.user,
+                         process_limit=iso.process_limit)
+    monkeypatch.setattr(sandbox, "_setup", lambda: ([], fallback, keep_read))
+    return fallback
+
+
+def test_fallback_blocks_sockets_in_process(without_namespaces):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    try:
+        port = server.getsockname()[1]
+        for connect in (f"socket.create_connection(('127.0.0.1', {port}))",
+                        f"socket.socket().connect(('127.0.0.1', {port}))"):
+            result = execute(f"import socket\n{connect}", timeout=5)
+            assert result.status == "failed" and "network access is disabled" in result.stderr
+            assert result.isolation.network == "sockets blocked in-process"
+        with pytest.raises(TimeoutError):
+            server.accept()
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not ISO.user, reason="the grader is not root: no user id of its own to reap by")
+def test_fallback_reaps_setsid_escapers_by_user_id(without_namespaces, shared_dir):
+    control = shared_dir / "control"
+    assert execute(escape_program(control, "os.wait()"), timeout=10).status == "passed"
+    assert control.exists()
+    exited = execute(escape_program(shared_dir / "after-exit", "pass"), timeout=5)
+    assert exited.status == "passed"
+    time.sleep(1.5)
+    assert sorted(p.name for p in shared_dir.iterdir()) == ["control"]
+    assert sandbox_pids() == []
+
+
+@pytest.mark.slow
+def test_runner_ends_the_run_by_itself_when_the_grader_dies(shared_dir):
+    def writer(delay: float, name: str) -> str:
+        return f"import time\ntime.sleep({delay})\nopen({str(shared_dir / name)!r}, 'w').write('x')"
+
+    # Timeout 1 s: the runner's own alarm fires at 3 s. The early marker (written at 1 s, after the
+    # grader is gone) shows the orphaned run is alive; the late one (at 4 s) must never appear.
+    grader = ("import os, threading, time\n"
+              "from lmforge.eval.sandbox import execute\n"
+              f"for program in ({writer(1, 'early')!r}, {writer(4, 'late')!r}):\n"
+              "    threading.Thread(target=execute, args=(program, 1.0), daemon=True).start()\n"
+              "time.sleep(0.5)\n"
+              "os._exit(0)  # dies without cleaning up its sandboxes\n")
+    subprocess.run([sys.executable, "-c", grader], check=True)
+    time.sleep(5)
+    assert sorted(p.name for p in shared_dir.iterdir()) == ["early"]
+    assert sandbox_pids() == []

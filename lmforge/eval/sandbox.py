@@ -33,8 +33,8 @@ What each run gets (the `Isolation` in every result says which of these this mac
 Limits, honestly: this is not a security boundary against a determined attacker (no seccomp
 filter, the kernel is shared); it can create files in world-writable directories such as /tmp
 (each at most `file_bytes`, not counted); without root, the process count is bounded only by the
-timeout; memory is bounded per process, so `processes` x `memory_bytes` is the real bound; a
-program that sleeps is stopped by the wall clock only while the grader lives.
+timeout; memory is bounded per process, so `processes` x `memory_bytes` is the real bound. Should
+the grader die, the runner's own alarm still ends the run two seconds after its timeout.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def execute(program: str, timeout: float = 10.0, limits: Limits | None = None) -
         spec = {
             "workdir": str(workdir), "status_fd": status_w, "uid": uid, "keep_read": keep_read,
             "block_network": not prefix, "cpu_seconds": math.ceil(timeout) + 1,
+            "wall_seconds": math.ceil(timeout) + 2,
             "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
             "processes": limits.processes, "open_files": limits.open_files,
         }

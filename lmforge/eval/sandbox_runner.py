@@ -17,8 +17,10 @@ Only the standard library is used: this file runs outside the lmforge package.
 
 import ctypes
 import json
+import linecache
 import os
 import resource
+import signal
 import sys
 
 CAP_DAC_READ_SEARCH = 2
@@ -70,7 +72,7 @@ def block_sockets() -> None:
 
 def program_process(source: bytes, spec: dict, status: int) -> None:
     """Limits, privileges, then the program; never returns normally."""
-    os.setsid()  # not needed for safety (the grader kills by namespace/user); keeps signals local
+    os.setsid()  # its own session and group, which the supervisor can kill in one call
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -100,10 +102,22 @@ def program_process(source: bytes, spec: dict, status: int) -> None:
         block_sockets()
     os.write(status, b"ready\n")
     code = compile(source, "program.py", "exec")
+    text = source.decode("utf-8", errors="replace")  # for tracebacks that show the failing line
+    linecache.cache["program.py"] = (len(text), None, text.splitlines(True), "program.py")
     os.write(status, b"compiled\n")
     os.close(status)
     sys.argv = ["program.py"]
     exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+
+
+def stop(pid: int) -> None:
+    """Kill the program's session (it called setsid) and end; as a namespace's PID 1 this also
+    makes the kernel kill whatever is left in the namespace."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(128 + signal.SIGKILL)
 
 
 def main() -> int:
@@ -127,6 +141,10 @@ def main() -> int:
             sys.stderr.flush()
             os._exit(1)
         raise SystemExit(0)  # a normal interpreter exit: buffers flushed, threads joined
+    # The grader kills the run at its deadline; this second, later bound holds even if the
+    # grader itself died (a sleeping program uses no CPU time, so RLIMIT_CPU would not end it).
+    signal.signal(signal.SIGALRM, lambda *_: stop(pid))
+    signal.alarm(spec["wall_seconds"])
     _, wait_status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(wait_status):
         os.write(status, f"signal {os.WTERMSIG(wait_status)}\n".encode())
