@@ -188,6 +188,25 @@ def test_fork_bomb_is_bounded_and_cleaned_up(bystander):
     assert sandbox_pids() == []
 
 
+@pytest.mark.skipif(not ISO.process_limit, reason="no effective process-count limit here")
+def test_process_limit_bounds_the_number_of_processes():
+    # At most 100 forks, so this stays harmless even where the limit were not enforced.
+    program = ("import os, time\n"
+               "made = 0\n"
+               "for _ in range(100):\n"
+               "    try:\n"
+               "        if os.fork() == 0:\n"
+               "            time.sleep(30)\n"
+               "            os._exit(0)\n"
+               "        made += 1\n"
+               "    except OSError:\n"
+               "        break\n"
+               "print(made)\n")
+    result = execute(program, timeout=5, limits=Limits(processes=16))
+    assert result.status == "passed" and 0 < int(result.stdout) < 16
+    assert sandbox_pids() == []
+
+
 def test_execute_many_keeps_order_and_isolates_runs():
     programs = ["print(1)", "raise SystemExit(2)", "while True: pass", "print(4)", "x = (", "print(6)"]
     results = execute_many(programs, timeout=1.5, workers=3)
