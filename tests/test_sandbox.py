@@ -277,3 +277,11 @@ def test_runner_ends_the_run_by_itself_when_the_grader_dies(shared_dir):
     time.sleep(5)
     assert sorted(p.name for p in shared_dir.iterdir()) == ["early"]
     assert sandbox_pids() == []
+
+
+def test_output_up_to_the_bound_is_kept_whole():
+    limits = Limits(max_output=1000)
+    exact = execute("import sys\nsys.stdout.write('y' * 1000)", timeout=5, limits=limits)
+    assert (exact.status, exact.stdout) == ("passed", "y" * 1000)
+    over = execute("import sys\nsys.stdout.write('y' * 1001)", timeout=5, limits=limits)
+    assert over.status == "failed" and over.stdout == "y" * 1000

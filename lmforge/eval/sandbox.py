@@ -85,12 +85,6 @@ class Isolation:
     user: bool  # runs as an unprivileged user id of its own (grader is root)
     process_limit: bool  # RLIMIT_NPROC is effective (only for a non-root user)
 
-    def describe(self) -> str:
-        parts = [f"network: {self.network}",
-                 "pid namespace" if self.pid_namespace else "process group only",
-                 "own user id with RLIMIT_NPROC" if self.process_limit else "no process limit"]
-        return ", ".join(parts)
-
 
 @dataclass(frozen=True)
 class ExecutionResult:
@@ -247,9 +241,9 @@ def _collect(
                     sel.unregister(key.fd)
                     continue
                 buf = streams[key.fd]
+                if len(buf) + len(chunk) > max_output and key.fd != status_fd:
+                    ended = "output"  # keep what fits, then stop the program
                 buf += chunk[: max(0, max_output - len(buf))]
-                if len(chunk) and len(buf) >= max_output and key.fd != status_fd:
-                    ended = "output"
             if ended == "output":
                 break
     return (bytes(streams[proc.stdout.fileno()]), bytes(streams[proc.stderr.fileno()]),
