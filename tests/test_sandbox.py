@@ -285,3 +285,11 @@ def test_output_up_to_the_bound_is_kept_whole():
     assert (exact.status, exact.stdout) == ("passed", "y" * 1000)
     over = execute("import sys\nsys.stdout.write('y' * 1001)", timeout=5, limits=limits)
     assert over.status == "failed" and over.stdout == "y" * 1000
+
+
+def test_signals_end_as_failed_and_the_cpu_limit_as_timeout():
+    crash = execute("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", timeout=5)
+    assert (crash.status, crash.reason) == ("failed", "killed by SIGSEGV")
+    # RLIMIT_CPU delivers SIGXCPU; sent by hand here so the test does not depend on CPU speed.
+    cpu = execute("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)", timeout=5)
+    assert (cpu.status, cpu.reason) == ("timeout", "CPU time limit")

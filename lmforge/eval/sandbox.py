@@ -15,7 +15,8 @@ What each run gets (the `Isolation` in every result says which of these this mac
   variables, no script directory on `sys.path`).
 - Resource limits: CPU time (RLIMIT_CPU, the timeout rounded up), address space (RLIMIT_AS),
   size of any file written (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps.
-- A wall-clock timeout after which the whole process group, and the PID namespace, is killed.
+- A wall-clock timeout (counted from the start, interpreter start-up included) after which the
+  whole process group, and the PID namespace, is killed.
 - Fresh PID, mount and network namespaces (`unshare --pid --net --mount-proc`, the grader must be
   root or allowed user namespaces): the program sees only its own processes, has only a loopback
   interface that is down (so not even 127.0.0.1 is reachable), and when its first process ends the
@@ -150,6 +151,8 @@ def isolation() -> Isolation:
 
 def execute(program: str, timeout: float = 10.0, limits: Limits | None = None) -> ExecutionResult:
     """Run `program` (Python source) in the sandbox; see the module docstring for the guarantees."""
+    if not timeout > 0:
+        raise ValueError(f"the sandbox timeout must be positive, got {timeout}")
     limits = limits or Limits()
     prefix, iso, keep_read = _setup()
     uid = UID_BASE + secrets.randbelow(UID_SPAN) if iso.user else None
