@@ -268,7 +268,7 @@ def test_fallback_reaps_setsid_escapers_by_user_id(without_namespaces, shared_di
 
 
 @pytest.mark.slow
-def test_runner_ends_the_run_by_itself_when_the_grader_dies(shared_dir):
+def test_runner_ends_the_run_by_itself_when_the_grader_dies(shared_dir, tmp_path):
     def writer(delay: float, name: str) -> str:
         return f"import time\ntime.sleep({delay})\nopen({str(shared_dir / name)!r}, 'w').write('x')"
 
@@ -280,7 +280,8 @@ def test_runner_ends_the_run_by_itself_when_the_grader_dies(shared_dir):
               "    threading.Thread(target=execute, args=(program, 1.0), daemon=True).start()\n"
               "time.sleep(0.5)\n"
               "os._exit(0)  # dies without cleaning up its sandboxes\n")
-    subprocess.run([sys.executable, "-c", grader], check=True)
+    # The dead grader cannot remove its run directories: keep them under tmp_path.
+    subprocess.run([sys.executable, "-c", grader], check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     time.sleep(5)
     assert sorted(p.name for p in shared_dir.iterdir()) == ["early"]
     assert sandbox_pids() == []
