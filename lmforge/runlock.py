@@ -89,13 +89,15 @@ def _try_lock(lock: Path) -> int | None:
 
 @contextlib.contextmanager
 def run_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold `directory`'s lock for the block (creating the directory); a held lock -> UserError."""
+    """Hold `directory`'s lock for the block (creating the directory, and removing it again if it
+    is still empty at the end); a held lock -> UserError."""
     directory = Path(directory)
     if not _is_main_rank():
         yield
         return
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} is a file; give a directory to write into")
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock = (directory / LOCK_NAME).resolve()
     if lock in _held:
@@ -131,5 +133,8 @@ def run_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
             # the inode after its flock and starts over.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
+            if created:  # a command that failed before writing leaves no empty --out behind
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
     finally:
         os.close(fd)

@@ -79,7 +79,10 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every path under root with a hash of its content (directories: "dir")."""
     out = {}
     for p in sorted(root.rglob("*")):
-        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        try:
+            out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        except FileNotFoundError:  # a case running alongside removed it (its lock file): its own --out
+            continue
     return out
 
 
@@ -89,12 +92,12 @@ LONG_PROMPT = "the cat sat on the mat " * 4400  # ~100,000 characters, far past 
 BAD: list[tuple[list[str], str | None, str]] = [
     (["config", "show", "--set", "model.d_model=abc"], None, "model.d_model"),
     (["config", "show", "--set", "train.lr=inf"], None, "finite"),
-    (["init", "--preset", "tiny", "--out", "{R}/afile"], None, "already exists"),
+    (["init", "--preset", "tiny", "--out", "{R}/afile"], None, "is a file"),
     (["init", "--preset", "tiny", "--set", "model.vocab_size=1000000000000", "--out", "{R}/new"], "new", "GiB"),
     (["model", "info", "--preset", "tiny", "--batch-size", "0"], None, "--batch-size"),
     (["model", "info", "--preset", "tiny", "--seq-len", "100000"], None, "max_seq_len=256"),
     (["model", "info", "--checkpoint", "{R}/missing"], None, "not found"),
-    (["export", "hf", "--checkpoint", "{R}/ckpt", "--out", "{R}/afile"], None, "already exists"),
+    (["export", "hf", "--checkpoint", "{R}/ckpt", "--out", "{R}/afile"], None, "is a file"),
     (["export", "hf", "--checkpoint", "{R}/nan_ckpt", "--out", "{R}/new"], "new", "NaN"),
     (["import", "hf", "--from", "{R}/corpus", "--out", "{R}/new"], "new", "config.json"),
     (["tokenizer", "train", "--input", "{R}/corpus", "--vocab-size", "300", "--out", "{R}/afile"], "afile", "afile"),
