@@ -238,6 +238,9 @@ def test_cli_runs_tasks_and_writes_json(model_dirs, tmp_path):
     assert results["results"]["lambada"]["shots"] == 0 and results["results"]["bpb"]["bpb"] > 0
     assert "CORE" in r.stdout and results["core"]["tasks"].keys() == {"arc_easy", "winogrande"}
     assert "arc_easy" in r.stdout and "winogrande" in r.stdout
+    again = run_cli("--checkpoint", str(model_dirs.ckpt), "--tasks", "arc_easy", "--limit", "1",
+                    "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr  # --force replaces it
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
+from lmforge.outputs import add_force_arg, check_output
 
 
 def eval_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpb-data", type=Path, default=None, metavar="PATH",
                         help="for bpb: a text file, or a shards directory (its val split)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_force_arg(parser)
 
 
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any]:
@@ -81,6 +83,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit {args.limit}: must be a positive number of items")
+    if args.out is not None:
+        check_output(args.out, args.force, directory=False)
     tasks = select_tasks(args.tasks, args.bpb_data)
     model, tokenizer = load_for_eval(args.checkpoint, args.device)
     options = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size,
