@@ -8,8 +8,8 @@ window keeps its last `max_seq_len + 1` tokens, as the harness does.
 What makes it fast: the choices of a question share their context, so the context runs once, its
 keys and values are kept in a KV cache, and only the choices run after it (copies of that cache).
 A one-token continuation (MMLU's " A") needs no second pass at all: the context's last logits
-score it. Contexts of equal length from different questions run together; longest first, so the
-first batch shows the memory peak.
+score it. `batch_size` contexts run in one pass (right-padded), longest first, so the first batch
+shows the memory peak.
 """
 
 from __future__ import annotations
@@ -73,49 +73,65 @@ def score_requests(
     prepared = [(list(context), members) for context, members in groups.items()]
     prepared.sort(key=lambda g: -len(g[0]))
     results: list[Score | None] = [None] * len(requests)
-    start = 0
-    while start < len(prepared):
-        length = len(prepared[start][0])
-        end = start
-        while end < len(prepared) and end - start < batch_size and len(prepared[end][0]) == length:
-            end += 1
-        batch = prepared[start:end]
-        for index, score in _score_batch(model, batch, [fitted[i][1] for _, m in batch for i in m]):
+    for start in range(0, len(prepared), batch_size):
+        batch = prepared[start:start + batch_size]
+        for index, score in _score_batch(model, batch, fitted):
             results[index] = score
         if progress is not None:
             progress(sum(len(m) for _, m in batch))
-        start = end
     return results  # type: ignore[return-value]
 
 
 def _score_batch(model: Transformer, batch: list[tuple[list[int], list[int]]],
-                 continuations: list[list[int]]) -> list[tuple[int, Score]]:
-    """Contexts of one length, then every continuation of theirs after a copy of its context."""
+                 fitted: list[tuple[list[int], list[int]]]) -> list[tuple[int, Score]]:
+    """The batch's contexts in one pass, then each context length's continuations in one pass.
+
+    Contexts are right-padded: attention is causal, so padding after a context changes nothing
+    before it, and its cached keys/values up to the context's own length are exact. The
+    continuations resume from a copy of their context's cache at that length, so a pass takes
+    the continuations of contexts of one length.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    contexts = torch.tensor([c for c, _ in batch], device=device)
-    n_ctx = contexts.shape[1]
-    longest = max(len(c) for c in continuations)
-    cache = KVCache(model.cfg, len(batch), n_ctx + longest - 1, device, dtype)
-    first = F.log_softmax(model(contexts, cache=cache, last_only=True)[:, -1].float(), dim=-1)
-    owner = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], device=device)
-    rest = None
-    if longest > 1:  # continuation tokens 2.. are predicted from the continuation's own positions
-        rows = KVCache(model.cfg, len(continuations), n_ctx + longest - 1, device, dtype)
-        rows.k[:, :, :, :n_ctx] = cache.k[:, owner, :, :n_ctx]
-        rows.v[:, :, :, :n_ctx] = cache.v[:, owner, :, :n_ctx]
-        rows.pos = n_ctx
-        inputs = torch.zeros(len(continuations), longest - 1, dtype=torch.long, device=device)
-        for r, cont in enumerate(continuations):
-            inputs[r, :len(cont) - 1] = torch.tensor(cont[:-1], device=device)
-        rest = F.log_softmax(model(inputs, cache=rows).float(), dim=-1)
+    lengths = [len(c) for c, _ in batch]
+    contexts = torch.zeros(len(batch), max(lengths), dtype=torch.long, device=device)
+    for g, (context, _) in enumerate(batch):
+        contexts[g, :len(context)] = torch.tensor(context, device=device)
+    cache = KVCache(model.cfg, len(batch), max(lengths), device, dtype)
+    hidden = model.hidden_states(contexts, cache)
+    last = hidden[torch.arange(len(batch), device=device), torch.tensor(lengths, device=device) - 1]
+    first = F.log_softmax(model.head(model.norm(last)).float(), dim=-1)  # predicts token 1
     out = []
-    indices = [i for _, members in batch for i in members]
-    for r, (index, cont) in enumerate(zip(indices, continuations, strict=True)):
-        logp = first[owner[r]].unsqueeze(0)
-        if rest is not None and len(cont) > 1:
-            logp = torch.cat([logp, rest[r, :len(cont) - 1]])
-        target = torch.tensor(cont, device=device)
-        total = logp.gather(1, target[:, None]).sum().item()
-        out.append((index, Score(total, bool((logp.argmax(-1) == target).all()))))
+    for length in sorted(set(lengths), reverse=True):
+        owners = [g for g, n in enumerate(lengths) if n == length]
+        indices = [i for g in owners for i in batch[g][1]]
+        continuations = [fitted[i][1] for i in indices]
+        row_owner = [g for g in owners for _ in batch[g][1]]
+        rest = _continue(model, cache, length, row_owner, continuations)
+        for r, (index, cont) in enumerate(zip(indices, continuations, strict=True)):
+            logp = first[row_owner[r]].unsqueeze(0)
+            if len(cont) > 1:
+                logp = torch.cat([logp, rest[r, :len(cont) - 1]])  # type: ignore[index]
+            target = torch.tensor(cont, device=device)
+            total = logp.gather(1, target[:, None]).sum().item()
+            out.append((index, Score(total, bool((logp.argmax(-1) == target).all()))))
     return out
+
+
+def _continue(model: Transformer, cache: KVCache, length: int, row_owner: list[int],
+              continuations: list[list[int]]) -> torch.Tensor | None:
+    """Log-probabilities after each continuation token but the last (rows, longest - 1, vocab),
+    each row resuming from its context's cached keys/values; None if all are one token long."""
+    longest = max(len(c) for c in continuations)
+    if longest == 1:  # the context's last logits already scored them
+        return None
+    device = cache.k.device
+    owner = torch.tensor(row_owner, device=device)
+    rows = KVCache(model.cfg, len(continuations), length + longest - 1, device, cache.k.dtype)
+    rows.k[:, :, :, :length] = cache.k[:, owner, :, :length]
+    rows.v[:, :, :, :length] = cache.v[:, owner, :, :length]
+    rows.pos = length
+    inputs = torch.zeros(len(continuations), longest - 1, dtype=torch.long, device=device)
+    for r, cont in enumerate(continuations):
+        inputs[r, :len(cont) - 1] = torch.tensor(cont[:-1], device=device)
+    return F.log_softmax(model(inputs, cache=rows).float(), dim=-1)
