@@ -110,8 +110,8 @@ def _score_batch(model: Transformer, batch: list[tuple[list[int], list[int]]],
         rest = _continue(model, cache, length, row_owner, continuations)
         for r, (index, cont) in enumerate(zip(indices, continuations, strict=True)):
             logp = first[row_owner[r]].unsqueeze(0)
-            if len(cont) > 1:
-                logp = torch.cat([logp, rest[r, :len(cont) - 1]])  # type: ignore[index]
+            if rest[r] is not None:
+                logp = torch.cat([logp, rest[r]])
             target = torch.tensor(cont, device=device)
             total = logp.gather(1, target[:, None]).sum().item()
             out.append((index, Score(total, bool((logp.argmax(-1) == target).all()))))
@@ -119,12 +119,34 @@ def _score_batch(model: Transformer, batch: list[tuple[list[int], list[int]]],
 
 
 def _continue(model: Transformer, cache: KVCache, length: int, row_owner: list[int],
-              continuations: list[list[int]]) -> torch.Tensor | None:
-    """Log-probabilities after each continuation token but the last (rows, longest - 1, vocab),
-    each row resuming from its context's cached keys/values; None if all are one token long."""
+              continuations: list[list[int]]) -> list[torch.Tensor | None]:
+    """Per row, the log-probabilities after each continuation token but the last (tokens - 1,
+    vocab), each row resuming from its context's cached keys/values (None for one-token rows).
+
+    Rows are sorted by length and cut into passes whose padding stays small: continuations of
+    one question can differ several-fold in length (HellaSwag's endings), and padded positions
+    cost as much as real ones.
+    """
+    out: list[torch.Tensor | None] = [None] * len(continuations)
+    order = sorted((r for r, c in enumerate(continuations) if len(c) > 1),
+                   key=lambda r: -len(continuations[r]))
+    chunk: list[int] = []
+    for r in order + [-1]:  # -1 flushes the last chunk
+        if chunk and (r < 0 or len(continuations[r]) - 1 < 0.75 * (len(continuations[chunk[0]]) - 1)):
+            rows = [continuations[i] for i in chunk]
+            logp = _continue_pass(model, cache, length, [row_owner[i] for i in chunk], rows)
+            for k, i in enumerate(chunk):
+                out[i] = logp[k, :len(continuations[i]) - 1]
+            chunk = []
+        chunk.append(r)
+    return out
+
+
+def _continue_pass(model: Transformer, cache: KVCache, length: int, row_owner: list[int],
+                   continuations: list[list[int]]) -> torch.Tensor:
+    """One forward pass of right-padded continuations (minus their last token) after copies of
+    their contexts' caches: log-probabilities (rows, longest - 1, vocab)."""
     longest = max(len(c) for c in continuations)
-    if longest == 1:  # the context's last logits already scored them
-        return None
     device = cache.k.device
     owner = torch.tensor(row_owner, device=device)
     rows = KVCache(model.cfg, len(continuations), length + longest - 1, device, cache.k.dtype)
