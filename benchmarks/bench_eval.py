@@ -38,11 +38,13 @@ def make_checkpoint(preset: str, vocab: int, out: Path) -> Path:
     return save_model(Transformer(cfg.model), cfg, out / "ckpt", tokenizer_dir=out / "tok")
 
 
-def requests_of(task: str, limit: int) -> list[SimpleNamespace]:
+def requests_of(task: str, limit: int) -> tuple[int, list[SimpleNamespace]]:
+    """(number of items, their requests) for the first `limit` items of `task`."""
     from lmforge.eval.tasks import benchmark
 
     items, _ = benchmark(task).load(None)
-    return [SimpleNamespace(args=pair) for item in items[:limit] for pair in item.requests()]
+    items = items[:limit]
+    return len(items), [SimpleNamespace(args=pair) for item in items for pair in item.requests()]
 
 
 def timed(lm, requests: list) -> tuple[float, float, list]:
@@ -77,12 +79,12 @@ def main() -> None:
         print(f"{'task':<12} {'items':>6} {'lmforge it/s':>13} {'hf it/s':>9} {'ratio':>6} "
               f"{'CPU-time ratio':>15} {'max |dll|':>10}")
         for task in args.tasks.split(","):
-            requests = requests_of(task, args.limit)
+            n, requests = requests_of(task, args.limit)
             timed(ours, requests[:8]), timed(theirs, requests[:8])  # warm-up
             t_ours, cpu_ours, ll_ours = timed(ours, requests)
             t_hf, cpu_hf, ll_hf = timed(theirs, requests)
             diff = max(abs(a[0] - b[0]) for a, b in zip(ll_ours, ll_hf, strict=True))
-            print(f"{task:<12} {args.limit:>6} {args.limit / t_ours:>13.1f} {args.limit / t_hf:>9.1f} "
+            print(f"{task:<12} {n:>6} {n / t_ours:>13.1f} {n / t_hf:>9.1f} "
                   f"{t_hf / t_ours:>5.2f}x {cpu_hf / cpu_ours:>14.2f}x {diff:>10.2e}")
 
 
