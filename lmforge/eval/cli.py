@@ -1,0 +1,99 @@
+"""`lmforge eval --checkpoint CKPT --tasks LIST [--limit N] [--shots K] [--batch-size B] [--out F]`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import UserError
+from lmforge.outputs import add_force_arg, check_output
+
+
+def eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
+    parser.add_argument("--tasks", required=True, metavar="LIST",
+                        help="comma-separated tasks or groups: core, all, mmlu, mmlu_<subject>, "
+                             "arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, lambada, bpb")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items per task")
+    parser.add_argument("--shots", type=int, default=0, metavar="K", help="few-shot examples per item")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B",
+                        help="contexts per forward pass")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="write results as JSON")
+    parser.add_argument("--records", action="store_true",
+                        help="keep per-item records (log-likelihoods, prediction) in the JSON")
+    parser.add_argument("--bpb-data", type=Path, default=None, metavar="PATH",
+                        help="for bpb: a text file, or a shards directory (its val split)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_force_arg(parser)
+
+
+def load_for_eval(checkpoint: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a checkpoint; one clear error if it has no tokenizer."""
+    from lmforge.checkpoint import TOKENIZER_DIR, load_model, resolve_checkpoint
+    from lmforge.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(checkpoint)
+    if not (directory / TOKENIZER_DIR).is_dir():
+        raise UserError(f"{directory} has no {TOKENIZER_DIR}/ directory; evaluation needs the "
+                        "model's tokenizer")
+    return load_model(directory, device=device), load_tokenizer(directory / TOKENIZER_DIR)
+
+
+def select_tasks(spec: str, bpb_data: Path | None) -> list[str]:
+    """Tasks of `--tasks`; a group leaves out what cannot run (planned, or bpb without data)."""
+    from lmforge.eval.runner import RUNNERS
+    from lmforge.eval.tasks import BPB, GROUPS, PLANNED, resolve_tasks
+
+    explicit = {w.strip() for w in spec.split(",")} - set(GROUPS)
+    tasks = []
+    for name in resolve_tasks(spec):
+        runnable = (name not in PLANNED or name in RUNNERS) and (name != BPB or bpb_data)
+        if runnable or name in explicit:  # named on its own: `evaluate` says why it cannot run
+            tasks.append(name)
+    return tasks
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """One line per task: its metrics, items, shots and seconds."""
+    def fmt(value: Any) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    lines = [f"{'task':<16} {'acc':>8} {'acc_norm':>9} {'stderr':>8} {'other':>18} {'items':>6} "
+             f"{'shots':>5} {'seconds':>8}"]
+    for name, m in results["results"].items():
+        other = next((f"{k}={m[k]:.4g}" for k in ("perplexity", "bpb") if k in m), "")
+        lines.append(f"{name:<16} {fmt(m.get('acc')):>8} {fmt(m.get('acc_norm')):>9} "
+                     f"{fmt(m.get('stderr')):>8} {other:>18} {m['items']:>6} {m['shots']:>5} "
+                     f"{m['seconds']:>8.1f}")
+    if results.get("core"):
+        lines.append(f"CORE (centred mean over {len(results['core']['tasks'])} core tasks): "
+                     f"{results['core']['centered']:.4f}")
+    return "\n".join(lines)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from lmforge.atomic import atomic_write_json
+    from lmforge.eval.runner import EvalOptions, evaluate
+
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit {args.limit}: must be a positive number of items")
+    if args.out is not None:
+        check_output(args.out, args.force, directory=False)
+    tasks = select_tasks(args.tasks, args.bpb_data)
+    model, tokenizer = load_for_eval(args.checkpoint, args.device)
+    options = EvalOptions(limit=args.limit, shots=args.shots, batch_size=args.batch_size,
+                          records=args.records, progress=sys.stderr.isatty(), bpb_data=args.bpb_data)
+    results = evaluate(model, tokenizer, tasks, options)
+    results["config"] = {"checkpoint": str(args.checkpoint), "tasks": tasks, "limit": args.limit,
+                         "shots": args.shots, "batch_size": args.batch_size}
+    print(format_table(results))
+    if args.out is not None:
+        atomic_write_json(args.out, results)
+        print(f"results written to {args.out}")
+    return 0
