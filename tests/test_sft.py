@@ -21,7 +21,9 @@ from lmforge.finetune.lora import base_reference
 from lmforge.finetune.sft import sft
 from lmforge.hashing import file_sha256
 from lmforge.model import Transformer
-from lmforge.tokenizer import train_tokenizer
+from lmforge.tasks.common import Example, Task, final_number
+from lmforge.tasks.score import score_task
+from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 MODEL = ["model.vocab_size=320", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
@@ -87,6 +89,28 @@ def test_sft_overfits_a_handful_of_conversations(base, tmp_path):
     assert result.val_loss is not None and result.val_loss < 0.05
     rows = [r for r in read_metrics(tmp_path) if "loss" in r and "event" not in r]
     assert rows[0]["loss"] > 2.0  # a random model starts near log(vocab)
+    # Asked with the chat prompt, the fine-tuned model answers its questions (score_task's
+    # greedy answers, checked by a task's checker); the random base answers none.
+    task = _Memorised(few[:3])
+    tok = load_tokenizer(base / "tokenizer")
+    assert score_task(lmforge.load_model(tmp_path), tok, task, n=3).accuracy == 1.0
+    assert score_task(lmforge.load_model(base), tok, task, n=3).accuracy == 0.0
+
+
+class _Memorised(Task):
+    """The arithmetic conversations above as a task's test split, checked by the final number."""
+
+    name = "memorised"
+
+    def __init__(self, conversations) -> None:
+        self.examples = [Example(self.name, tuple(c), c[-1]["content"].split()[-1], str(i))
+                         for i, c in enumerate(conversations)]
+
+    def generate(self, split: str, seed: int, n: int) -> list[Example]:
+        return self.examples[:n]
+
+    def check(self, example: Example, answer_text: str) -> bool:
+        return final_number(answer_text) == example.answer
 
 
 def test_the_loss_counts_assistant_tokens_only(base, tmp_path):
@@ -95,7 +119,6 @@ def test_the_loss_counts_assistant_tokens_only(base, tmp_path):
     from lmforge.chat import render_conversation
     from lmforge.distributed import init_parallel
     from lmforge.finetune.sft import SFTObjective
-    from lmforge.tokenizer import load_tokenizer
 
     cfg = load_config(overrides=[*MODEL, "train.batch_size=2"])
     tok = load_tokenizer(base / "tokenizer")
