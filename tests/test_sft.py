@@ -164,6 +164,21 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, data_file, tmp_
     assert (final / "model.safetensors").is_file() == (not lora)
 
 
+def test_sigterm_checkpoints_and_exits_143_and_a_non_run_out_is_refused(base, data_file, tmp_path):
+    run = tmp_path / "run"
+    args = ["sft", "--checkpoint", str(base), "--data", str(data_file), "--out", str(run)]
+    stopped = _lmforge(*args, *_sets(*RUN, "debug.inject=sigterm@3"), check=False)
+    assert stopped.returncode == 143, stopped.stderr
+    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    again = _lmforge(*args, *_sets(*RUN), check=False)  # a new run into a run's checkpoints
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = _lmforge(*args[:-1], str(other), *_sets(*RUN), check=False)
+    assert refused.returncode == 2 and "notes.txt" in refused.stderr
+
+
 def test_final_checkpoint_loads_and_samples(base, data_file, tmp_path):
     run = tmp_path / "run"
     _lmforge("sft", "--checkpoint", str(base), "--data", str(data_file), "--out", str(run),
