@@ -28,10 +28,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="test questions per task")
     parser.add_argument("--few-shot", type=int, default=3, help="solved examples in the base model's prompt")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--no-base", action="store_true", help="score the --sft checkpoints only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tasks = make_tasks()
-    models = [("base few-shot", args.base, args.few_shot)] + [(*s.split("=", 1), 0) for s in args.sft]
+    models = [] if args.no_base else [(f"base {args.few_shot}-shot", args.base, args.few_shot)]
+    models += [(*s.split("=", 1), 0) for s in args.sft]
     print(f"| model | {' | '.join(TASKS)} | mean |\n|---|{'---|' * (len(TASKS) + 1)}")
     for name, path, shots in models:
         start = time.perf_counter()
