@@ -64,6 +64,8 @@ COMMANDS: list[Command] = [
             "Join a sharded (FSDP / DCP) checkpoint into one model.safetensors."),
     Command("pretrain", "lmforge.train.cli:pretrain_command", "lmforge.train.cli:pretrain_args",
             "Pre-train a model on token shards (resumable, with checkpoints and a spike guard)."),
+    Command("sft", "lmforge.finetune.cli:sft_command", "lmforge.finetune.cli:sft_args",
+            "Fine-tune a checkpoint on conversations, fully or with LoRA (resumable)."),
     Command("lora merge", "lmforge.finetune.lora:merge_command", "lmforge.finetune.lora:merge_args",
             "Merge a LoRA checkpoint's adapters into its base: a plain checkpoint."),
     Command("plan", "lmforge.plan:plan_command", "lmforge.plan:plan_args",

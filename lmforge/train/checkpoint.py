@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ SHARDS_DIR = "shards"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+# A LoRA run's checkpoints hold these instead of model.safetensors (lmforge/finetune/lora.py).
+_LORA_META, _LORA_WEIGHTS = "lora.json", "lora.safetensors"
+
+WeightsWriter = Callable[[dict[str, torch.Tensor], RunConfig, Path, "Path | None"], None]
 
 
 def checkpoint_name(step: int) -> str:
@@ -74,6 +79,9 @@ class TrainingCheckpoint:
     trainer: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor]
     shards: Path | None = None
+    # True for a LoRA run's checkpoint: `model` holds the trained tensors only (lora.safetensors);
+    # the frozen base is the one the stage loaded.
+    trained_only: bool = False
 
     @property
     def step(self) -> int:
@@ -151,13 +159,16 @@ def write_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None,
     die_midway: bool = False,
+    write_weights: WeightsWriter = write_model_files,
 ) -> None:
     """Fill `directory` (a temporary one) with a complete training checkpoint, COMPLETE last.
 
     `optimizer_state` is None where the optimizer's state is in `directory/shards` already.
+    `write_weights(model_state, cfg, directory, tokenizer_dir)` writes the model checkpoint part:
+    model.safetensors + config by default, a LoRA run's adapters + base reference instead.
     """
     has_tokenizer = tokenizer_dir is not None and tokenizer_dir.is_dir()
-    write_model_files(model_state, cfg, directory, tokenizer_dir if has_tokenizer else None)
+    write_weights(model_state, cfg, directory, tokenizer_dir if has_tokenizer else None)
     (directory / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     if optimizer_state is not None:
         tensors, metadata = _flatten_optimizer(optimizer_state)
@@ -192,8 +203,9 @@ def read_checkpoint(path: Path) -> TrainingCheckpoint:
         if trainer.get("format") != "lmforge-trainer-state":
             raise UserError(f"checkpoint {path} is not an lmforge training checkpoint")
         return TrainingCheckpoint(path, {}, {}, trainer, rng_tensors, shards=shards)
+    trained_only = (path / _LORA_META).is_file()
     try:
-        model = load_file(str(path / "model.safetensors"))
+        model = load_file(str(path / (_LORA_WEIGHTS if trained_only else "model.safetensors")))
         optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
         rng_tensors = load_file(str(path / "rng.safetensors"))
         from safetensors import safe_open
@@ -205,7 +217,8 @@ def read_checkpoint(path: Path) -> TrainingCheckpoint:
         raise UserError(f"checkpoint {path} is not readable as safetensors + JSON ({e}); refusing it") from None
     if metadata.get("format") != "lmforge-optimizer" or trainer.get("format") != "lmforge-trainer-state":
         raise UserError(f"checkpoint {path} is not an lmforge training checkpoint")
-    return TrainingCheckpoint(path, model, _unflatten_optimizer(optimizer_tensors, metadata), trainer, rng_tensors)
+    return TrainingCheckpoint(path, model, _unflatten_optimizer(optimizer_tensors, metadata), trainer, rng_tensors,
+                              trained_only=trained_only)
 
 
 # ---------------------------------------------------------------------------------------------

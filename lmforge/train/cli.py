@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from lmforge.cli import (
@@ -55,7 +56,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     resume_from = resolve_resume(Path(args.out), args.resume)
     if resume_from is None:
-        _refuse_other_files(Path(args.out))
+        refuse_other_files(Path(args.out))
     base = None
     if resume_from:
         # The run continues with its own config; debug switches (fault injection) belong to the
@@ -95,11 +96,12 @@ def _pretrain(args: argparse.Namespace) -> int:
 RUN_NAMES = {"config.toml", "metrics.jsonl", "tb", "checkpoints", "logs", ".lmforge.lock"}
 
 
-def _refuse_other_files(out: Path) -> None:
-    """A new run writes config.toml and metrics.jsonl into --out: not into a folder of other files."""
+def refuse_other_files(out: Path, extra: Iterable[str] = ()) -> None:
+    """A new run writes config.toml and metrics.jsonl into --out: not into a folder of other files.
+    `extra`: names a stage's run directory holds besides a pre-training run's."""
     if not out.is_dir() or (out / "stages.json").is_file():  # new, or an `lmforge run` directory
         return
-    other = sorted(p.name for p in out.iterdir() if p.name not in RUN_NAMES)
+    other = sorted(p.name for p in out.iterdir() if p.name not in RUN_NAMES | set(extra))
     if other:
         raise UserError(f"--out {out} holds files that are not a run's ({', '.join(other[:3])}"
                         f"{', ...' if len(other) > 3 else ''}); give a new directory, or --resume a run")

@@ -40,6 +40,7 @@ from lmforge.errors import Interrupted, UserError
 from lmforge.train.checkpoint import (
     CheckpointManager,
     TrainingCheckpoint,
+    WeightsWriter,
     load_shards,
     read_checkpoint,
     restore_rng,
@@ -183,13 +184,16 @@ class TrainLoop:
 
     def __init__(self, objective: Objective, model: nn.Module, cfg: RunConfig, run_dir: Path, par: Any,
                  resume_from: Path | None = None, time_budget_s: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter, tokenizer_dir: Path | None = None):
+                 clock: Callable[[], float] = time.perf_counter, tokenizer_dir: Path | None = None,
+                 write_weights: WeightsWriter | None = None):
         self.clock = clock  # seconds; injectable so tests can drive the time budget
         self.t_start = clock()
         self.objective, self.cfg, self.run_dir, self.par = objective, cfg, Path(run_dir), par
         self.train = dataclasses.replace(cfg.train)  # max_steps and warmup_steps change with the budget
         self.device = par.device
         self.tokenizer_dir = tokenizer_dir
+        # How a checkpoint stores the model: the full weights (default), or a LoRA run's adapters.
+        self.write_weights: dict[str, Any] = {"write_weights": write_weights} if write_weights else {}
         self.max_steps = self.train.max_steps
         self.time_budget_s = time_budget_s
         self.sizings = 0  # times max_steps was (re)estimated from the measured speed
@@ -489,7 +493,7 @@ class TrainLoop:
                 self.step, self.model, self.optimizer,
                 die_midway=self.faults.due("sigkill_in_checkpoint", self.step),
                 cfg=self.checkpoint_config(), trainer_state=self.trainer_state(),
-                tokenizer_dir=self.tokenizer_dir,
+                tokenizer_dir=self.tokenizer_dir, **self.write_weights,
             )
             return
         model_state = self.par.full_state_dict(self.model)  # collective
@@ -498,7 +502,7 @@ class TrainLoop:
             self.last_checkpoint = self.checkpoints.save(
                 self.step, die_midway=self.faults.due("sigkill_in_checkpoint", self.step),
                 cfg=self.checkpoint_config(), model_state=model_state, optimizer_state=optimizer_state,
-                trainer_state=self.trainer_state(), tokenizer_dir=self.tokenizer_dir,
+                trainer_state=self.trainer_state(), tokenizer_dir=self.tokenizer_dir, **self.write_weights,
             )
         else:
             self.last_checkpoint = self.checkpoints.root / f"step_{self.step:08d}"
@@ -508,6 +512,9 @@ class TrainLoop:
         """Load a checkpoint into the live run. A rollback keeps the guard's and faults' history."""
         if ckpt.shards is not None:
             load_shards(ckpt.shards, self.par, self.model, self.optimizer)  # collective, resharding
+        elif ckpt.trained_only:  # the trained tensors (LoRA adapters); the frozen rest is unchanged
+            _load_trained(self.model, ckpt)
+            self.par.load_optimizer_state_dict(self.model, self.optimizer, ckpt.optimizer)
         else:
             self.par.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})
             self.par.load_optimizer_state_dict(self.model, self.optimizer, ckpt.optimizer)
@@ -568,6 +575,15 @@ class TrainLoop:
     def _restore_signal_handlers(previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _load_trained(model: nn.Module, ckpt: TrainingCheckpoint) -> None:
+    """Load a checkpoint that holds exactly the model's trainable tensors."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(ckpt.model) != trainable:
+        raise UserError(f"checkpoint {ckpt.path} holds other trained tensors than this run trains "
+                        f"(e.g. {sorted(set(ckpt.model) ^ trainable)[0]!r}); its lora config differs")
+    model.load_state_dict(ckpt.model, strict=False)  # copies into the live parameters, any device
 
 
 def _step_of(path: Path) -> int:
