@@ -372,13 +372,16 @@ class Completion:
 
 class Request:
     """A submitted request: iterate it for its `Event`s (from any thread), `cancel` it to free
-    its rows, or `result()` to wait for its completions."""
+    its rows, or `result()` to wait for its completions. With `on_event` the events go to that
+    callable instead (the server forwards them to its event loop) and iterating is not possible."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 on_event: Callable[[Event | BaseException], None] | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.cancelled = False
         self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        self._put = on_event or self._events.put  # called on the engine's thread
 
     def cancel(self) -> None:
         self.cancelled = True  # the engine drops its rows at its next step
@@ -453,13 +456,15 @@ class Engine:
 
     # ---- submitting
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
-        """Queue a request; it joins the running batch at the next step with enough free rows."""
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step with enough free rows.
+        `on_event`: see `Request`."""
         if not 0 < len(prompt_ids) <= self.cfg.max_seq_len:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens; need 1 to {self.cfg.max_seq_len}")
         if not 1 <= params.n <= self.max_batch:
             raise ValueError(f"n={params.n}; need 1 to the engine's max_batch={self.max_batch}")
-        request = Request(list(prompt_ids), params)
+        request = Request(list(prompt_ids), params, on_event)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -472,6 +477,10 @@ class Engine:
             while self.step():
                 pass
         return [r.result() for r in requests]
+
+    def load(self) -> tuple[int, int]:
+        """(rows generating, requests waiting): a snapshot for health checks."""
+        return len(self.rows), len(self._waiting)
 
     # ---- the background loop
 
@@ -497,7 +506,7 @@ class Engine:
                 self.step()
             except Exception as error:  # fail the requests in flight, keep serving
                 for request in {s.request for s in self.rows} | set(self._waiting):
-                    request._events.put(error)
+                    request._put(error)
                 self.rows, self._waiting = [], deque()
 
     # ---- one step
@@ -616,7 +625,7 @@ class Engine:
         seq.pending = token
         seq.finished = reason is not None
         if event.text or event.token_ids or reason:
-            seq.request._events.put(event)
+            seq.request._put(event)
 
 
 __all__ = ["STOP_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache", "RaggedKVCache",

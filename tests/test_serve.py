@@ -1,0 +1,218 @@
+"""`lmforge serve` against the official `openai` client: a real server process on 127.0.0.1.
+
+Truths: the batch-1 `generate` path on the same checkpoint for the text, OpenAI's documented
+shapes and status codes for the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from lmforge.chat import render_prompt  # noqa: E402
+from lmforge.engine import STOP_TOKENS, generate  # noqa: E402
+
+KEY = "test-key-123"
+CONTEXT = 4096
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from lmforge.checkpoint import save_model
+    from lmforge.config import load_config
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tok = train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400, workers=1)
+    tok.save(root / "tok")
+    cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", "model.d_model=32",
+                                 "model.n_layers=6", "model.n_heads=4", f"model.max_seq_len={CONTEXT}",
+                                 "model.init_std=0.3"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    with torch.no_grad():  # a zero (tied) embedding: the stop tokens' logit is 0, never the
+        for name in STOP_TOKENS:  # greedy pick, so greedy answers run to max_tokens
+            model.embed_tokens.weight[tok.special_tokens[name]] = 0
+    return save_model(model.eval(), cfg, root / "tiny-chat", tokenizer_dir=root / "tok"), tok, model
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    ckpt = checkpoint[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(ckpt),
+                             "--port", str(port), "--api-key", KEY, "--max-concurrency", "2",
+                             "--max-queue", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+    yield base
+    proc.terminate()
+    output = proc.communicate(timeout=30)[0]
+    assert KEY not in output  # the key never reaches the logs
+    assert "Traceback" not in output, output
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def greedy_text(checkpoint, prompt_ids, max_tokens) -> str:
+    _, tok, model = checkpoint
+    out = generate(model, torch.tensor([prompt_ids]), max_tokens, temperature=0,
+                   vocab_limit=tok.vocab_size)[0, len(prompt_ids):].tolist()
+    return tok.decode(out)
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_chat_answer_is_the_models(checkpoint, client):
+    tok = checkpoint[1]
+    reply = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=12,
+                                           temperature=0)
+    prompt = render_prompt(tok, MESSAGES)
+    assert reply.choices[0].message.content == greedy_text(checkpoint, prompt, 12)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.object == "chat.completion" and reply.model == "tiny-chat"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), 12)
+
+
+def test_chat_streams_the_same_answer_then_usage(client):
+    kwargs = dict(model="tiny-chat", messages=MESSAGES, max_completion_tokens=10, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_completions_with_a_stop_string(checkpoint, client):
+    tok = checkpoint[1]
+    full = greedy_text(checkpoint, tok.encode("def wrap"), 20)
+    reply = client.completions.create(model="tiny-chat", prompt="def wrap", max_tokens=20, temperature=0)
+    assert reply.choices[0].text == full and reply.choices[0].finish_reason == "length"
+    stop = full[6:9]
+    stopped = client.completions.create(model="tiny-chat", prompt="def wrap", max_tokens=20,
+                                        temperature=0, stop=[stop])
+    assert stopped.choices[0].text == full[:full.find(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-chat", prompt="def wrap", max_tokens=20,
+                                         temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.find(stop)]
+
+
+def test_samples_seeds_and_logprobs(client):
+    kwargs = dict(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=1.0, n=2, seed=3,
+                  logprobs=True, top_logprobs=2)
+    first, again = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    for choice in first.choices:
+        tokens = choice.logprobs.content
+        assert "".join(t.token for t in tokens) == choice.message.content or "\ufffd" in choice.message.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+        assert all(t.top_logprobs[0].logprob >= t.logprob for t in tokens)
+
+
+def error_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value.status_code, caught.value.body
+
+
+def test_bad_requests_are_400_in_openai_shape(client):
+    status, body = error_of(lambda: client.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, temperature=7))
+    assert status == 400 and body["param"] == "temperature" and body["type"] == "invalid_request_error"
+    assert set(body) == {"message", "type", "param", "code"}
+    status, body = error_of(lambda: client.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "wizard", "content": "x"}]))
+    assert status == 400 and body["param"] == "messages"
+    status, body = error_of(lambda: client.completions.create(model="tiny-chat", prompt="hi", n=3))
+    assert status == 400 and body["param"] == "n"
+
+
+def test_context_overflow_names_both_numbers(checkpoint, client):
+    prompt_tokens = len(checkpoint[1].encode("hello there"))
+    status, body = error_of(lambda: client.completions.create(
+        model="tiny-chat", prompt="hello there", max_tokens=CONTEXT))
+    assert status == 400 and body["code"] == "context_length_exceeded"
+    assert str(CONTEXT) in body["message"] and f"{prompt_tokens} tokens" in body["message"]
+
+
+def test_auth_model_route_and_size_errors(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0)
+    status, body = error_of(lambda: wrong.models.list())
+    assert status == 401 and body["type"] == "authentication_error"
+    assert httpx.post(f"{server}/v1/completions", json={"prompt": "x"}).status_code == 401
+    good = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    status, body = error_of(lambda: good.chat.completions.create(model="gpt-4", messages=MESSAGES))
+    assert status == 404 and body["code"] == "model_not_found"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.get(f"{server}/v1/nothing-here", headers=headers)
+    assert response.status_code == 404 and "error" in response.json()
+    big = httpx.post(f"{server}/v1/completions", headers=headers,
+                     content=json.dumps({"model": "tiny-chat", "prompt": "x" * (2 << 20)}))
+    assert big.status_code == 413 and big.json()["error"]["message"]
+    broken = httpx.post(f"{server}/v1/completions", headers=headers, content=b"{not json")
+    assert broken.status_code == 400
+
+
+def test_a_full_queue_is_429_and_disconnects_free_their_rows(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT - 10, "temperature": 0,
+            "stream": True}
+    clients = [httpx.Client(timeout=30) for _ in range(3)]  # 2 rows generate, 1 request waits
+    streams = [c.stream("POST", f"{server}/v1/completions", headers=headers, json=long) for c in clients]
+    try:
+        for s in streams:
+            assert s.__enter__().status_code == 200
+        busy = httpx.post(f"{server}/v1/completions", headers=headers, json={**long, "stream": False})
+        assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        for s, c in zip(streams, clients, strict=True):
+            s.__exit__(None, None, None)
+            c.close()
+    # The generations of ~4000 tokens each (many seconds) are cancelled, not run to the end.
+    for _ in range(40):
+        health = httpx.get(f"{server}/health").json()
+        if health["running"] == health["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["running"] == health["waiting"] == 0
+    ok = httpx.post(f"{server}/v1/completions", headers=headers,
+                    json={"model": "tiny-chat", "prompt": "x", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
