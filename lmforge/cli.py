@@ -66,6 +66,8 @@ COMMANDS: list[Command] = [
             "Parameters, FLOPs, memory and time to train a model on Chinchilla-style token counts."),
     Command("sample", "lmforge.train.cli:sample_command", "lmforge.train.cli:sample_args",
             "Stream a continuation of a prompt from a checkpoint."),
+    Command("chat", "lmforge.chat.terminal:chat_command", "lmforge.chat.terminal:chat_args",
+            "Chat with a checkpoint in the terminal (or answer one --prompt)."),
     Command("serve", "lmforge.serve:serve_command", "lmforge.serve:serve_args",
             "Serve a checkpoint over an OpenAI-compatible HTTP API (chat and completions)."),
     Command("run", "lmforge.pipeline.cli:run_command", "lmforge.pipeline.cli:run_args",

@@ -628,6 +628,19 @@ class Engine:
             seq.request._put(event)
 
 
+
+def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16) -> tuple[Engine, str]:
+    """An engine over a checkpoint and its tokenizer, and the model's name (its directory's)."""
+    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.errors import UserError
+    from lmforge.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(checkpoint)
+    if not (directory / "tokenizer").is_dir():
+        raise UserError(f"{directory} has no tokenizer/ directory; generation needs the model's tokenizer")
+    model = load_model(directory, device=device)
+    return Engine(model, load_tokenizer(directory / "tokenizer"), max_batch), directory.name
+
 __all__ = ["STOP_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache", "RaggedKVCache",
-           "Request", "SamplingParams", "TokenLogprob", "generate", "generate_text", "sample_next",
-           "stream"]
+           "Request", "SamplingParams", "TokenLogprob", "generate", "generate_text", "load_engine",
+           "sample_next", "stream"]

@@ -414,21 +414,10 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UserError("lmforge serve needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from None
     if args.max_concurrency < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
         raise UserError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 1..65535")
+    from lmforge.engine import load_engine
+
     engine, name = load_engine(args.checkpoint, args.device, args.max_concurrency)
     app = create_app(engine, name, args.api_key, args.max_queue)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16) -> tuple[Any, str]:
-    """An engine over a checkpoint and its tokenizer, and the model's name (its directory's)."""
-    from lmforge.checkpoint import load_model, resolve_checkpoint
-    from lmforge.engine import Engine
-    from lmforge.tokenizer import load_tokenizer
-
-    directory = resolve_checkpoint(checkpoint)
-    if not (directory / "tokenizer").is_dir():
-        raise UserError(f"{directory} has no tokenizer/ directory; serving needs the model's tokenizer")
-    engine = Engine(load_model(directory, device=device), load_tokenizer(directory / "tokenizer"), max_batch)
-    return engine, directory.name

@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -22,8 +21,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from chat_fixtures import tiny_chat_checkpoint  # noqa: E402
+
 from lmforge.chat import render_prompt  # noqa: E402
-from lmforge.engine import STOP_TOKENS, generate  # noqa: E402
+from lmforge.engine import generate  # noqa: E402
 
 KEY = "test-key-123"
 CONTEXT = 4096
@@ -31,24 +32,8 @@ CONTEXT = 4096
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from lmforge.checkpoint import save_model
-    from lmforge.config import load_config
-    from lmforge.model import Transformer
-    from lmforge.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("serve")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    tok = train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400, workers=1)
-    tok.save(root / "tok")
-    cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", "model.d_model=32",
-                                 "model.n_layers=6", "model.n_heads=4", f"model.max_seq_len={CONTEXT}",
-                                 "model.init_std=0.3"])
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    with torch.no_grad():  # a zero (tied) embedding: the stop tokens' logit is 0, never the
-        for name in STOP_TOKENS:  # greedy pick, so greedy answers run to max_tokens
-            model.embed_tokens.weight[tok.special_tokens[name]] = 0
-    return save_model(model.eval(), cfg, root / "tiny-chat", tokenizer_dir=root / "tok"), tok, model
+    # 6 layers and a 4096 context: a full-length answer takes many seconds (see the queue test).
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("serve"), n_layers=6, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
