@@ -93,6 +93,7 @@ class RaggedKVCache:
         self.max_len = max_len
         self.lo, self.hi = 0, 0
         self._positions: torch.Tensor | None = None  # (B, T) of the forward in progress
+        self._rows: torch.Tensor | None = None  # (B, 1) its rows
 
     def use_rows(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
@@ -106,20 +107,25 @@ class RaggedKVCache:
         """(B, n) positions of the next n tokens of each selected row."""
         start = self.lengths[self.lo:self.hi, None]
         self._positions = start + torch.arange(n, device=start.device)
+        self._rows = torch.arange(self.lo, self.hi, device=start.device)[:, None]
         return self._positions
 
-    def attention_mask(self, n: int) -> torch.Tensor:
-        """(B, 1, n, keys): query t of row b sees keys 0..lengths[b] + t."""
+    def attention_mask(self, n: int) -> torch.Tensor | None:
+        """(B, 1, n, keys): query t of row b sees keys 0..lengths[b] + t. None where the model's
+        own rule is the same and faster: rows all at one length, with one new token each (it
+        sees every key) or starting empty (causal; a ragged prefill's padding comes last)."""
+        lengths = set(self.host_lengths[self.lo:self.hi])
+        if len(lengths) == 1 and (n == 1 or lengths == {0}):
+            return None
         keys = torch.arange(self.pos + n, device=self.lengths.device)
         return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, T, d) at each row's positions; return every row's keys/values
         up to the longest row's end (the mask hides the rest)."""
-        rows = torch.arange(self.lo, self.hi, device=k.device)[:, None]
         # Indices on dims 0 and 2 around a slice: the indexed shape is (B, T, kv_heads, d).
-        self.k[layer][rows, :, self._positions] = k.to(self.k.dtype).transpose(1, 2)
-        self.v[layer][rows, :, self._positions] = v.to(self.v.dtype).transpose(1, 2)
+        self.k[layer][self._rows, :, self._positions] = k.to(self.k.dtype).transpose(1, 2)
+        self.v[layer][self._rows, :, self._positions] = v.to(self.v.dtype).transpose(1, 2)
         end = self.pos + k.shape[2]
         return self.k[layer, self.lo:self.hi, :, :end], self.v[layer, self.lo:self.hi, :, :end]
 
