@@ -1,5 +1,6 @@
 """`lmforge serve`: an OpenAI-compatible HTTP server over the engine (FastAPI on uvicorn).
 
+    GET  /                       the web chat page (lmforge/web/chat.html)
     GET  /health                 {"status": "ok", "running": rows generating, "waiting": queued}
     GET  /v1/models              the one model, named after its checkpoint directory
     POST /v1/chat/completions    messages -> chat.completion (or SSE chat.completion.chunk)
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
@@ -203,7 +205,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def create_app(engine, model_name: str, api_key: str | None = None, max_queue: int = 64):
     """The FastAPI application serving `engine` (started here on its background thread)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     tokenizer, context = engine.tokenizer, engine.cfg.max_seq_len
@@ -239,6 +241,10 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_queue: i
                                  code="invalid_api_key")
                 return JSONResponse(error.body(), 401)
         return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return chat_page(model_name)
 
     @app.get("/health")
     async def health() -> dict:
@@ -384,6 +390,13 @@ async def _guarded(chunks: AsyncIterator[str], done: Callable[[], None]) -> Asyn
             yield piece
     finally:
         done()
+
+
+def chat_page(model_name: str) -> str:
+    """The web chat page (lmforge/web/chat.html) for this model: static, no external assets."""
+    page = (Path(__file__).parent / "web" / "chat.html").read_text(encoding="utf-8")
+    # JSON is a JavaScript literal; "</" escaped so a name cannot close the <script>.
+    return page.replace("__MODEL__", json.dumps(model_name).replace("</", "<\\/"))
 
 
 def _model_card(name: str) -> dict:

@@ -201,3 +201,67 @@ def test_a_full_queue_is_429_and_disconnects_free_their_rows(server):
     ok = httpx.post(f"{server}/v1/completions", headers=headers,
                     json={"model": "tiny-chat", "prompt": "x", "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The web chat page at /
+
+
+def test_the_page_is_served_without_a_key_or_external_assets(server):
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'const MODEL = "tiny-chat";' in page.text
+    assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
+
+
+def chromium():
+    """Playwright's API and Debian's Chromium, or a skip saying which is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    path = Path("/usr/bin/chromium")
+    if not path.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    return sync_api, str(path)
+
+
+def test_the_page_chats_streams_and_stops_in_a_browser(server, tmp_path):
+    sync_api, path = chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/")
+            page.fill("#key", KEY)
+            page.fill("#temperature", "0")
+            page.fill("#input", "Hello there")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('#send').disabled === false "
+                                   "&& document.querySelectorAll('.msg.assistant').length === 1",
+                                   timeout=60_000)
+            assert page.inner_text(".msg.user") == "Hello there"
+            assert page.inner_text(".msg.assistant").strip()  # the answer arrived
+            assert page.locator(".msg.error").count() == 0
+            page.screenshot(path=str(tmp_path / "chat.png"))
+            # A long answer, stopped while it streams: the button frees the server's rows.
+            page.fill("#input", "Talk for a long time")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].textContent.length > 0",
+                                   timeout=60_000)
+            page.click("#stop")
+            page.wait_for_function("document.querySelector('#send').disabled === false", timeout=10_000)
+            assert page.locator(".msg.assistant").nth(1).get_attribute("data-stopped") == "1"
+            # An error is shown to the user: a wrong key.
+            page.fill("#key", "wrong")
+            page.fill("#input", "again")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.error", timeout=30_000)
+            assert "API key" in page.inner_text(".msg.error")
+            page.click("#new")
+            assert page.locator(".msg").count() == 0
+        finally:
+            browser.close()
+    for _ in range(40):
+        health = httpx.get(f"{server}/health").json()
+        if health["running"] == health["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["running"] == health["waiting"] == 0
