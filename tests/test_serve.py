@@ -232,6 +232,7 @@ def test_the_page_chats_streams_and_stops_in_a_browser(server, tmp_path):
             page.goto(f"{server}/")
             page.fill("#key", KEY)
             page.fill("#temperature", "0")
+            page.fill("#max-tokens", "8")
             page.fill("#input", "Hello there")
             page.press("#input", "Enter")
             page.wait_for_function("document.querySelector('#send').disabled === false "
@@ -242,6 +243,7 @@ def test_the_page_chats_streams_and_stops_in_a_browser(server, tmp_path):
             assert page.locator(".msg.error").count() == 0
             page.screenshot(path=str(tmp_path / "chat.png"))
             # A long answer, stopped while it streams: the button frees the server's rows.
+            page.fill("#max-tokens", "4000")
             page.fill("#input", "Talk for a long time")
             page.press("#input", "Enter")
             page.wait_for_function("document.querySelectorAll('.msg.assistant')[1].textContent.length > 0",
