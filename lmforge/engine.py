@@ -325,6 +325,7 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 # The engine: continuous batching of many requests over one ragged KV cache
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # an assistant turn's end, a document's end
+TOOL_TOKENS = ("<|tool|>", "<|/tool|>")  # around a calculator expression (lmforge.chat's too)
 
 
 @dataclass
@@ -428,6 +429,8 @@ class _Sequence:
         self.token_ids: list[int] = []
         self.pending: int = 0  # the last sampled token, fed at the next decode step
         self.finished = False
+        self.tool_start: int | None = None  # where the open calculator call's expression starts
+        self.forced: list[int] = []  # a tool result's tokens, emitted before sampling again
 
 
 class Engine:
@@ -450,6 +453,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.stop_ids = {tokenizer.special_tokens[t] for t in STOP_TOKENS if t in tokenizer.special_tokens}
+        specials = tokenizer.special_tokens
+        self.tool_ids = (tuple(specials[t] for t in TOOL_TOKENS)
+                         if all(t in specials for t in TOOL_TOKENS) else None)
         param = next(model.parameters())
         self.device = param.device
         self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len, param.device,
@@ -592,6 +598,9 @@ class Engine:
             log_probs = torch.log_softmax(logits, dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.request.params
+            if seq.forced:  # a calculator result: written for the model, not sampled
+                self._advance(seq, seq.forced.pop(0), None)
+                continue
             token = greedy[i] if p.temperature <= 0 else int(sample_next(
                 logits[i:i + 1], p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
             logprob = None
@@ -601,6 +610,22 @@ class Engine:
                                        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
                                        if top is not None else [])
             self._advance(seq, token, logprob)
+
+    def _calculator(self, seq: _Sequence, token: int) -> None:
+        """`<|tool|>expression<|/tool|>` in a sequence: its value (or "error") becomes the next
+        tokens, forced (lmforge.calculator evaluates arithmetic only)."""
+        from lmforge.calculator import CalculatorError, calculate
+
+        open_id, close_id = self.tool_ids
+        if token == open_id:
+            seq.tool_start = len(seq.token_ids)
+        elif token == close_id and seq.tool_start is not None:
+            expression = self.tokenizer.decode_bytes(seq.token_ids[seq.tool_start:-1])
+            try:
+                result = calculate(expression.decode("utf-8", errors="replace"))
+            except CalculatorError:
+                result = "error"
+            seq.forced, seq.tool_start = self.tokenizer.encode(result), None
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Add a token to a sequence and send its request the text that is now certain."""
@@ -617,6 +642,8 @@ class Engine:
                     or len(seq.request.prompt_ids) + len(seq.token_ids) >= self.cfg.max_seq_len)
             seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]), final=full)
             reason = "length" if full else None
+            if self.tool_ids is not None:
+                self._calculator(seq, token)
         # A stop string ends the text where it starts (it may span tokens: search the whole
         # unsent text, which never holds the start of one, see below).
         hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0]
@@ -647,6 +674,6 @@ def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16) -> tu
     model = load_model(directory, device=device)
     return Engine(model, load_tokenizer(directory / "tokenizer"), max_batch), directory.name
 
-__all__ = ["STOP_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache", "RaggedKVCache",
+__all__ = ["STOP_TOKENS", "TOOL_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache", "RaggedKVCache",
            "Request", "SamplingParams", "TokenLogprob", "generate", "generate_text", "load_engine",
            "sample_next", "stream"]
