@@ -85,7 +85,9 @@ class RaggedKVCache:
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
+        # Rows by position, heads innermost: (slot, position) flattens to one index, so a write
+        # is one in-place index_copy_ for the whole batch.
+        shape = (cfg.n_layers, slots, max_len, cfg.kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -93,7 +95,7 @@ class RaggedKVCache:
         self.max_len = max_len
         self.lo, self.hi = 0, 0
         self._positions: torch.Tensor | None = None  # (B, T) of the forward in progress
-        self._rows: torch.Tensor | None = None  # (B, 1) its rows
+        self._flat: torch.Tensor | None = None  # (B * T,) their slot * max_len + position
 
     def use_rows(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
@@ -107,7 +109,8 @@ class RaggedKVCache:
         """(B, n) positions of the next n tokens of each selected row."""
         start = self.lengths[self.lo:self.hi, None]
         self._positions = start + torch.arange(n, device=start.device)
-        self._rows = torch.arange(self.lo, self.hi, device=start.device)[:, None]
+        rows = torch.arange(self.lo, self.hi, device=start.device)[:, None]
+        self._flat = (rows * self.max_len + self._positions).flatten()
         return self._positions
 
     def attention_mask(self, n: int) -> torch.Tensor | None:
@@ -123,11 +126,13 @@ class RaggedKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, T, d) at each row's positions; return every row's keys/values
         up to the longest row's end (the mask hides the rest)."""
-        # Indices on dims 0 and 2 around a slice: the indexed shape is (B, T, kv_heads, d).
-        self.k[layer][self._rows, :, self._positions] = k.to(self.k.dtype).transpose(1, 2)
-        self.v[layer][self._rows, :, self._positions] = v.to(self.v.dtype).transpose(1, 2)
+        _, heads, _, d = k.shape
+        for cache, new in ((self.k, k), (self.v, v)):
+            rows = new.to(cache.dtype).transpose(1, 2).reshape(-1, heads, d)  # (B * T, heads, d)
+            cache[layer].view(-1, heads, d).index_copy_(0, self._flat, rows)
         end = self.pos + k.shape[2]
-        return self.k[layer, self.lo:self.hi, :, :end], self.v[layer, self.lo:self.hi, :, :end]
+        return (self.k[layer, self.lo:self.hi, :end].transpose(1, 2),
+                self.v[layer, self.lo:self.hi, :end].transpose(1, 2))
 
     def advance(self, n: int) -> None:
         self.lengths[self.lo:self.hi] += n
@@ -141,8 +146,8 @@ class RaggedKVCache:
     def copy_row(self, src: int, dst: int) -> None:
         """Row `dst` becomes a copy of row `src` (fan-out of a prompt, compaction of the batch)."""
         end = self.host_lengths[src]
-        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
-        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.k[:, dst, :end] = self.k[:, src, :end]
+        self.v[:, dst, :end] = self.v[:, src, :end]
         self.set_length(dst, end)
 
 
