@@ -227,20 +227,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_queue: i
         message = "unknown route" if error.status_code == 404 else str(error.detail)
         return JSONResponse(ApiError(error.status_code, message).body(), status_code=error.status_code)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Any:
-        """Body size and API key, checked before any route reads the body."""
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(ApiError(413, f"request body over {MAX_BODY_BYTES} bytes").body(), 413)
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                error = ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                                 code="invalid_api_key")
-                return JSONResponse(error.body(), 401)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -296,12 +283,19 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_queue: i
         """Every event of a non-streamed request; cancels it when the client goes away."""
         parts: list[list] = [[] for _ in range(n)]
         running = n
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while running:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
+                event = await asyncio.wait_for(events.get(), timeout=0.25)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
+                event = None
+            # Look for a disconnect every 0.25 s, also while events keep coming.
+            if loop.time() - checked >= 0.25:
+                checked = loop.time()
+                if await request.is_disconnected():  # nobody reads the answer; `finish` cancels
+                    raise ApiError(400, "the client disconnected")
+            if event is None:
                 continue
             if isinstance(event, BaseException):
                 raise event
@@ -380,6 +374,33 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_queue: i
         return await respond(request, chat=False)
 
     return app
+
+
+class Guard:
+    """Body size and API key, checked before any route reads the body. Plain ASGI (not
+    `@app.middleware`, whose wrapped `receive` hides a client's disconnect from the routes)."""
+
+    def __init__(self, app: Any, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        from fastapi.responses import JSONResponse
+
+        error = None
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length", b"0").decode("latin-1")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                error = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            elif self.api_key is not None and scope["path"].startswith("/v1/"):
+                given = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                    error = ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                                     code="invalid_api_key")
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await JSONResponse(error.body(), error.status)(scope, receive, send)
 
 
 async def _guarded(chunks: AsyncIterator[str], done: Callable[[], None]) -> AsyncIterator[str]:

@@ -191,16 +191,28 @@ def test_a_full_queue_is_429_and_disconnects_free_their_rows(server):
         for s, c in zip(streams, clients, strict=True):
             s.__exit__(None, None, None)
             c.close()
-    # The generations of ~4000 tokens each (many seconds) are cancelled, not run to the end.
-    for _ in range(40):
-        health = httpx.get(f"{server}/health").json()
-        if health["running"] == health["waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert health["running"] == health["waiting"] == 0
+    assert drained(server)  # the generations are cancelled, not run to the end
     ok = httpx.post(f"{server}/v1/completions", headers=headers,
                     json={"model": "tiny-chat", "prompt": "x", "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def drained(server) -> bool:
+    """Whether the engine is idle within ~2 s (a full answer of ~4000 tokens takes far longer)."""
+    for _ in range(40):
+        health = httpx.get(f"{server}/health").json()
+        if health["running"] == health["waiting"] == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_generation(server):
+    long = {"model": "tiny-chat", "prompt": "x", "max_tokens": CONTEXT - 10, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json=long,
+                   timeout=1.0)
+    assert drained(server)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +273,4 @@ def test_the_page_chats_streams_and_stops_in_a_browser(server, tmp_path):
             assert page.locator(".msg").count() == 0
         finally:
             browser.close()
-    for _ in range(40):
-        health = httpx.get(f"{server}/health").json()
-        if health["running"] == health["waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert health["running"] == health["waiting"] == 0
+    assert drained(server)
