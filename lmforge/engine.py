@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import codecs
 import math
+import queue
+import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,9 +45,12 @@ from lmforge.model import compute_dtype
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
-    `pos` counts the positions filled so far. Writes go into slices in place; attention reads a
-    view of the filled prefix, so decoding one token allocates no cache memory.
+    `pos` counts the positions filled so far, the same for every row. Writes go into slices in
+    place; attention reads a view of the filled prefix, so decoding one token allocates no cache
+    memory. Rows at different positions: `RaggedKVCache`.
     """
+
+    ragged = False  # one position for the whole batch (see Transformer.hidden_states)
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
@@ -66,6 +72,88 @@ class KVCache:
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class RaggedKVCache:
+    """A KV cache of `slots` rows, each at its own length: the engine's running batch.
+
+    A forward acts on the rows `use_rows(lo, hi)` selected (a view, no copy). Token t of row b
+    goes to position lengths[b] + t, with its RoPE angle and learned position taken from there;
+    a query sees the keys of its own row up to its own position, so stale keys left behind by a
+    longer earlier occupant of the slot, or by the padding of a ragged prefill, are never read.
+    """
+
+    ragged = True
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        # Rows by position, heads innermost: (slot, position) flattens to one index, so a write
+        # is one in-place index_copy_ for the whole batch.
+        shape = (cfg.n_layers, slots, max_len, cfg.kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.host_lengths = [0] * slots  # the same on the host: slicing without a device sync
+        self.max_len = max_len
+        self.lo, self.hi = 0, 0
+        self._positions: torch.Tensor | None = None  # (B, T) of the forward in progress
+        self._flat: torch.Tensor | None = None  # (B * T,) their slot * max_len + position
+
+    def use_rows(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+
+    @property
+    def pos(self) -> int:
+        """The longest selected row: the model checks pos + T against its context."""
+        return max(self.host_lengths[self.lo:self.hi], default=0)
+
+    def positions(self, n: int) -> torch.Tensor:
+        """(B, n) positions of the next n tokens of each selected row."""
+        start = self.lengths[self.lo:self.hi, None]
+        self._positions = start + torch.arange(n, device=start.device)
+        rows = torch.arange(self.lo, self.hi, device=start.device)[:, None]
+        self._flat = (rows * self.max_len + self._positions).flatten()
+        return self._positions
+
+    def attention_mask(self, n: int) -> torch.Tensor | None:
+        """(B, 1, n, keys): query t of row b sees keys 0..lengths[b] + t. None where the model's
+        own rule is the same and faster: rows all at one length, with one new token each (it
+        sees every key) or starting empty (causal; a ragged prefill's padding comes last)."""
+        lengths = set(self.host_lengths[self.lo:self.hi])
+        if len(lengths) == 1 and (n == 1 or lengths == {0}):
+            return None
+        keys = torch.arange(self.pos + n, device=self.lengths.device)
+        return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, T, d) at each row's positions; return every row's keys/values
+        up to the longest row's end (the mask hides the rest)."""
+        _, heads, _, d = k.shape
+        for cache, new in ((self.k, k), (self.v, v)):
+            rows = new.to(cache.dtype).transpose(1, 2).reshape(-1, heads, d)  # (B * T, heads, d)
+            cache[layer].view(-1, heads, d).index_copy_(0, self._flat, rows)
+        end = self.pos + k.shape[2]
+        return (self.k[layer, self.lo:self.hi, :end].transpose(1, 2),
+                self.v[layer, self.lo:self.hi, :end].transpose(1, 2))
+
+    def advance(self, n: int) -> None:
+        self.lengths[self.lo:self.hi] += n
+        for row in range(self.lo, self.hi):
+            self.host_lengths[row] += n
+
+    def set_length(self, row: int, length: int) -> None:
+        self.lengths[row] = length
+        self.host_lengths[row] = length
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row `dst` becomes a copy of row `src` (fan-out of a prompt, compaction of the batch)."""
+        end = self.host_lengths[src]
+        self.k[:, dst, :end] = self.k[:, src, :end]
+        self.v[:, dst, :end] = self.v[:, src, :end]
+        self.set_length(dst, end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,5 +361,362 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     return Generation("".join(pieces), new_ids, stopped)
 
 
-__all__ = ["Generation", "KVCache", "check_sampling", "generate", "generate_text", "prompt_ids",
+
+
+# --------------------------------------------------------------------------------------------
+# The engine: continuous batching of many requests over one ragged KV cache
+
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # an assistant turn's end, a document's end
+TOOL_TOKENS = ("<|tool|>", "<|/tool|>")  # around a calculator expression (lmforge.chat's too)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is continued. temperature 0 is greedy; top_k None/0 and top_p None/1
+    disable those filters; `seed` None draws a fresh one; `n` samples share one prefill;
+    `logprobs` adds each token's log-probability and its `top_logprobs` best alternatives."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (temperature 1) and the best ones."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one of a request's `n` sequences produced in one step: new text (whole characters,
+    never part of a stop string), its tokens, and `finish_reason` ("stop", "length") on the last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """One finished sequence: its text, tokens, log-probabilities and why it ended."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+
+
+class Request:
+    """A submitted request: iterate it for its `Event`s (from any thread), `cancel` it to free
+    its rows, or `result()` to wait for its completions. With `on_event` the events go to that
+    callable instead (the server forwards them to its event loop) and iterating is not possible."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 on_event: Callable[[Event | BaseException], None] | None = None) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.cancelled = False
+        self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        self._put = on_event or self._events.put  # called on the engine's thread
+
+    def cancel(self) -> None:
+        self.cancelled = True  # the engine drops its rows at its next step
+
+    def __iter__(self) -> Iterator[Event]:
+        running = self.params.n
+        while running:
+            event = self._events.get()
+            if isinstance(event, BaseException):
+                raise RuntimeError("generation failed") from event
+            running -= event.finish_reason is not None
+            yield event
+
+    def result(self) -> list[Completion]:
+        parts: list[list[Event]] = [[] for _ in range(self.params.n)]
+        for event in self:
+            parts[event.index].append(event)
+        return [Completion(i, "".join(e.text for e in events), [t for e in events for t in e.token_ids],
+                           [lp for e in events for lp in e.logprobs], events[-1].finish_reason or "")
+                for i, events in enumerate(parts)]
+
+
+class _Sequence:
+    """One row of the running batch: a request's sample `index`, its text so far and the token
+    waiting to be fed to the model."""
+
+    def __init__(self, request: Request, index: int, device: torch.device) -> None:
+        self.request, self.index = request, index
+        seed = request.params.seed
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:  # the n samples of one seed differ from each other, reproducibly
+            self.generator.manual_seed(seed + index)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0  # characters of `text` already sent
+        self.token_ids: list[int] = []
+        self.pending: int = 0  # the last sampled token, fed at the next decode step
+        self.finished = False
+        self.tool_start: int | None = None  # where the open calculator call's expression starts
+        self.forced: list[int] = []  # a tool result's tokens, emitted before sampling again
+
+
+class Engine:
+    """Generates for many requests at once, the only place that samples tokens for chat and
+    serving.
+
+    Each request's prompt is prefilled once (new requests together, as one right-padded batch)
+    and fanned out to its `n` rows; then every step feeds each running row its last token in one
+    batched forward over a `RaggedKVCache` and samples the next one with that request's own rules
+    and generator. Requests join at any step when rows are free and leave as soon as they finish,
+    so a long answer never holds up short ones (continuous batching).
+
+    `submit` is thread-safe. `start()` runs the steps on a background thread (the server);
+    without it, `generate` steps in the caller's thread (tests, benchmarks, scripts).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16) -> None:
+        self.model = model.eval()
+        self.cfg: ModelConfig = model.cfg
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.stop_ids = {tokenizer.special_tokens[t] for t in STOP_TOKENS if t in tokenizer.special_tokens}
+        specials = tokenizer.special_tokens
+        self.tool_ids = (tuple(specials[t] for t in TOOL_TOKENS)
+                         if all(t in specials for t in TOOL_TOKENS) else None)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len, param.device,
+                                   compute_dtype(param.device.type, param.dtype))
+        self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- submitting
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step with enough free rows.
+        `on_event`: see `Request`."""
+        if not 0 < len(prompt_ids) <= self.cfg.max_seq_len:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens; need 1 to {self.cfg.max_seq_len}")
+        if not 1 <= params.n <= self.max_batch:
+            raise ValueError(f"n={params.n}; need 1 to the engine's max_batch={self.max_batch}")
+        request = Request(list(prompt_ids), params, on_event)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Every prompt's completions, batched; steps in this thread unless `start()` was called."""
+        requests = [self.submit(p, params) for p in prompts]
+        if self._thread is None:
+            while self.step():
+                pass
+        return [r.result() for r in requests]
+
+    def load(self) -> tuple[int, int]:
+        """(rows generating, requests waiting): a snapshot for health checks."""
+        return len(self.rows), len(self._waiting)
+
+    # ---- the background loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._waiting or self.rows or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # fail the requests in flight, keep serving
+                for request in {s.request for s in self.rows} | set(self._waiting):
+                    request._put(error)
+                self.rows, self._waiting = [], deque()
+
+    # ---- one step
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Decode one token for every running row, then admit waiting requests; returns whether
+        any work is left."""
+        self._drop_finished()
+        if self.rows:
+            self.cache.use_rows(0, len(self.rows))
+            tokens = torch.tensor([[s.pending] for s in self.rows], device=self.device)
+            logits = self.model(tokens, self.cache, last_only=True)[:, -1]
+            self._sample(self.rows, logits)
+            self._drop_finished()
+        self._admit()
+        with self._wake:
+            return bool(self.rows or self._waiting)
+
+    def _admit(self) -> None:
+        """Prefill the waiting requests that fit, as one right-padded batch, and fan out."""
+        admitted: list[Request] = []
+        free = self.max_batch - len(self.rows)
+        with self._wake:
+            while self._waiting and (self._waiting[0].cancelled or self._waiting[0].params.n <= free):
+                request = self._waiting.popleft()
+                if not request.cancelled:
+                    admitted.append(request)
+                    free -= request.params.n
+        if not admitted:
+            return
+        lo, hi = len(self.rows), len(self.rows) + len(admitted)
+        lengths = [len(r.prompt_ids) for r in admitted]
+        idx = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
+        for i, r in enumerate(admitted):
+            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+        for row in range(lo, hi):
+            self.cache.set_length(row, 0)
+        self.cache.use_rows(lo, hi)
+        h = self.model.hidden_states(idx.to(self.device), self.cache)
+        last = h[torch.arange(len(admitted)), torch.tensor(lengths) - 1]  # each prompt's last token
+        logits = self.model.head(self.model.norm(last))
+        for row, length in zip(range(lo, hi), lengths, strict=True):
+            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        first = [_Sequence(r, 0, self.device) for r in admitted]
+        self.rows += first
+        copies: list[tuple[_Sequence, int]] = []  # (sample, index of its prompt's logits)
+        for i, r in enumerate(admitted):
+            for index in range(1, r.params.n):
+                self.cache.copy_row(lo + i, len(self.rows))
+                self.rows.append(_Sequence(r, index, self.device))
+                copies.append((self.rows[-1], i))
+        self._sample(first + [s for s, _ in copies], torch.cat([logits, logits[[i for _, i in copies]]]))
+
+    def _drop_finished(self) -> None:
+        """Remove finished and cancelled rows; the last row moves into each hole."""
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].finished or self.rows[i].request.cancelled:
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.copy_row(last, i)
+                    self.rows[i] = self.rows[last]
+                self.rows.pop()
+            else:
+                i += 1
+
+    # ---- sampling and text
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Pick each row's next token with its own request's rules, then hand out the text."""
+        limit = self.tokenizer.vocab_size
+        logits = logits[:, :limit].float()
+        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
+        log_probs = None
+        if any(s.request.params.logprobs for s in seqs):
+            log_probs = torch.log_softmax(logits, dim=-1)
+        for i, seq in enumerate(seqs):
+            p = seq.request.params
+            if seq.forced:  # a calculator result: written for the model, not sampled
+                self._advance(seq, seq.forced.pop(0), None)
+                continue
+            token = greedy[i] if p.temperature <= 0 else int(sample_next(
+                logits[i:i + 1], p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
+            logprob = None
+            if p.logprobs and log_probs is not None:
+                top = torch.topk(log_probs[i], p.top_logprobs) if p.top_logprobs else None
+                logprob = TokenLogprob(token, float(log_probs[i, token]),
+                                       list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                                       if top is not None else [])
+            self._advance(seq, token, logprob)
+
+    def _calculator(self, seq: _Sequence, token: int) -> None:
+        """`<|tool|>expression<|/tool|>` in a sequence: its value (or "error") becomes the next
+        tokens, forced (lmforge.calculator evaluates arithmetic only)."""
+        from lmforge.calculator import CalculatorError, calculate
+
+        open_id, close_id = self.tool_ids
+        if token == open_id:
+            seq.tool_start = len(seq.token_ids)
+        elif token == close_id and seq.tool_start is not None:
+            expression = self.tokenizer.decode_bytes(seq.token_ids[seq.tool_start:-1])
+            try:
+                result = calculate(expression.decode("utf-8", errors="replace"))
+            except CalculatorError:
+                result = "error"
+            seq.forced, seq.tool_start = self.tokenizer.encode(result), None
+
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """Add a token to a sequence and send its request the text that is now certain."""
+        p = seq.request.params
+        reason = None
+        new_ids, new_logprobs = [], []
+        if token in self.stop_ids:
+            reason = "stop"
+            seq.text += seq.decoder.decode(b"", final=True)
+        else:
+            seq.token_ids.append(token)
+            new_ids, new_logprobs = [token], [logprob] if logprob is not None else []
+            full = (len(seq.token_ids) >= p.max_tokens
+                    or len(seq.request.prompt_ids) + len(seq.token_ids) >= self.cfg.max_seq_len)
+            seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]), final=full)
+            reason = "length" if full else None
+            if self.tool_ids is not None:
+                self._calculator(seq, token)
+        # A stop string ends the text where it starts (it may span tokens: search the whole
+        # unsent text, which never holds the start of one, see below).
+        hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0]
+        if hits:
+            seq.text, reason = seq.text[:min(hits)], "stop"
+        end = len(seq.text)
+        if reason is None:  # hold back a tail that may be the start of a stop string
+            end -= max((k for stop in p.stop for k in range(1, len(stop))
+                        if seq.text.endswith(stop[:k])), default=0)
+        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason)
+        seq.emitted = end
+        seq.pending = token
+        seq.finished = reason is not None
+        if event.text or event.token_ids or reason:
+            seq.request._put(event)
+
+
+
+def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16) -> tuple[Engine, str]:
+    """An engine over a checkpoint and its tokenizer, and the model's name (its directory's)."""
+    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.errors import UserError
+    from lmforge.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(checkpoint)
+    if not (directory / "tokenizer").is_dir():
+        raise UserError(f"{directory} has no tokenizer/ directory; generation needs the model's tokenizer")
+    model = load_model(directory, device=device)
+    return Engine(model, load_tokenizer(directory / "tokenizer"), max_batch), directory.name
+
+__all__ = ["STOP_TOKENS", "TOOL_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache",
+           "RaggedKVCache", "Request", "SamplingParams", "TokenLogprob", "check_sampling", "generate",
+           "generate_text", "load_engine", "prompt_ids",
            "sample_next", "stream"]

@@ -17,8 +17,8 @@ None: a pipeline stage deletes what it does not own, keeps stable parameter name
 maps hidden states to hidden states.
 
 Generation (the KV cache, sampling, the decode loop) lives in lmforge/engine.py: `forward` takes an
-optional cache object (anything with `pos` and `update(layer, k, v)`), and that is all the network
-knows of it.
+optional cache object (`pos`, `update(layer, k, v)`, `advance(T)`, and for a ragged batch
+`positions(T)` and `attention_mask(T)`), and that is all the network knows of it.
 """
 
 from __future__ import annotations
@@ -346,13 +346,22 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         h = self.embed_tokens(idx) if self.embed_tokens is not None else idx
+        # A ragged cache (the engine's batches: every row at its own position) gives (B, T)
+        # positions and a (B, 1, T, keys) mask; a plain cache one start for the whole batch.
+        positions = cache.positions(T) if cache is not None and cache.ragged else None
         if self.embed_positions is not None:
-            h = h + self.embed_positions.weight[start:start + T]
+            h = h + (self.embed_positions(positions) if positions is not None
+                     else self.embed_positions.weight[start:start + T])
         rope = None
-        if self.rope_cos is not None:  # tables kept in fp32, used in the activations' dtype
+        if self.rope_cos is not None and positions is not None:  # (B, 1, T, d): per row
+            rope = (self.rope_cos[positions].unsqueeze(1).to(h.dtype),
+                    self.rope_sin[positions].unsqueeze(1).to(h.dtype))
+        elif self.rope_cos is not None:  # tables kept in fp32, used in the activations' dtype
             rope = (self.rope_cos[start:start + T].to(h.dtype), self.rope_sin[start:start + T].to(h.dtype))
         mask = None
-        if start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
+        if positions is not None:
+            mask = cache.attention_mask(T)
+        elif start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h.device).tril(diagonal=start)
         for block in self.layers.values():
             if checkpoint_blocks:  # the block's hooks (FSDP, compile) run again in the recompute
@@ -360,7 +369,7 @@ class Transformer(nn.Module):
             else:
                 h = block(h, rope, cache, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""The inference engine: ragged batches, continuous batching, stops, streaming text, seeds.
+
+Truths: the batch-1 `generate` path and a full forward without any cache (the model recomputed
+from scratch), a lone request for a request that joined a running batch, the string itself for
+streamed text, and a stop string found in the unstopped text."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.engine import Engine, RaggedKVCache, SamplingParams, _Sequence, generate
+from lmforge.model import Transformer
+from lmforge.tokenizer import train_tokenizer
+
+PROMPTS = [[5, 17, 300], [9, 40, 41, 42, 43, 44, 45, 46, 47], [260], [100, 101, 102, 103, 104]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400, workers=1)
+
+
+def tiny_model(tok, arch: str = "llama") -> Transformer:
+    # A large init spread makes the logits peaked: greedy picks are far from ties, so the
+    # comparisons across batch shapes test the engine, not float rounding.
+    cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", f"model.arch={arch}",
+                                 "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                                 "model.n_kv_heads=2", "model.max_seq_len=48", "model.init_std=0.3"])
+    torch.manual_seed(0)
+    return Transformer(cfg.model).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+def alone(model, tok, prompt, max_tokens) -> list[int]:
+    """Greedy tokens of one prompt through the batch-1 path, cut at the first stop token."""
+    stops = [tok.special_tokens[t] for t in ("<|end|>", "<|endoftext|>")]
+    out = generate(model, torch.tensor([prompt]), max_tokens, temperature=0,
+                   vocab_limit=tok.vocab_size)[0, len(prompt):].tolist()
+    cut = [i for i, t in enumerate(out) if t in stops]
+    return out[:cut[0]] if cut else out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ragged_cache_decoding_equals_full_recomputation(tok, arch):
+    model = tiny_model(tok, arch)
+    cache = RaggedKVCache(model.cfg, 4, model.cfg.max_seq_len, "cpu", torch.float32)
+    seqs = [list(p) for p in PROMPTS]
+    lengths = [len(p) for p in seqs]
+    idx = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    for i, p in enumerate(seqs):
+        idx[i, :len(p)] = torch.tensor(p)
+    cache.use_rows(0, len(seqs))
+    with torch.no_grad():
+        h = model.hidden_states(idx, cache)
+        for row, n in enumerate(lengths):
+            cache.set_length(row, n)
+        logits = model.head(model.norm(h[torch.arange(len(seqs)), torch.tensor(lengths) - 1]))
+        for step in range(6):
+            for row, p in enumerate(seqs):
+                full = model(torch.tensor([p]))[0, -1]
+                torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=1e-4)
+            new = [(7 * step + 3 * row) % 250 + 1 for row in range(len(seqs))]
+            for p, t in zip(seqs, new, strict=True):
+                p.append(t)
+            logits = model(torch.tensor(new)[:, None], cache, last_only=True)[:, -1]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tok, model):
+    engine = Engine(model, tok, max_batch=8)
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
+    for prompt, (completion,) in zip(PROMPTS, results, strict=True):
+        assert completion.token_ids == alone(model, tok, prompt, 12)
+        assert completion.finish_reason == ("length" if len(completion.token_ids) == 12 else "stop")
+
+
+def test_the_context_ends_a_completion(tok, model):
+    prompt = list(range(300, 340))  # 40 of the model's 48 positions
+    (completion,), = Engine(model, tok).generate([prompt], SamplingParams(max_tokens=30, temperature=0))
+    assert completion.token_ids == alone(model, tok, prompt, 30)
+    assert len(completion.token_ids) <= 8
+
+
+def test_a_request_joining_a_running_batch_gets_what_it_gets_alone(tok, model):
+    engine = Engine(model, tok, max_batch=3)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    first = [engine.submit(p, params) for p in PROMPTS[:2]]
+    for _ in range(4):
+        engine.step()
+    late = [engine.submit(p, params) for p in PROMPTS[2:]]  # one fits now, one waits for a free row
+    while engine.step():
+        pass
+    for prompt, request in zip(PROMPTS, first + late, strict=True):
+        assert request.result()[0].token_ids == alone(model, tok, prompt, 10)
+
+
+def test_n_samples_share_the_prefill_and_seeds_reproduce(tok, model):
+    engine = Engine(model, tok, max_batch=8)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=5, n=3)
+    once = engine.generate([PROMPTS[1]], sampled)[0]
+    again = engine.generate([PROMPTS[1]], sampled)[0]
+    assert [c.token_ids for c in once] == [c.token_ids for c in again]
+    assert len({tuple(c.token_ids) for c in once}) > 1  # samples of one request differ
+    # Sample i of seed s is the lone request of seed s + i: the fan-out copied the right cache.
+    lone = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=1.0, top_k=50,
+                                                        top_p=0.9, seed=7))[0][0]
+    assert once[2].token_ids == lone.token_ids
+    greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, n=2))[0]
+    assert greedy[0].token_ids == greedy[1].token_ids == alone(model, tok, PROMPTS[0], 8)
+
+
+def test_logprobs_are_the_models(tok, model):
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    (completion,), = Engine(model, tok).generate([PROMPTS[3]], params)
+    seq = list(PROMPTS[3])
+    with torch.no_grad():
+        for token, lp in zip(completion.token_ids, completion.logprobs, strict=True):
+            expected = torch.log_softmax(model(torch.tensor([seq]))[0, -1, :tok.vocab_size].float(), -1)
+            assert lp.token_id == token == int(expected.argmax())
+            assert lp.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+            assert [t for t, _ in lp.top] == expected.topk(3).indices.tolist()
+            seq.append(token)
+
+
+def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
+    """Stream `text` one byte token at a time through the engine's text path; the pieces sent
+    and the finish reason. Byte-level BPE: ids 0..255 are the single bytes."""
+    request = engine.submit([1], SamplingParams(max_tokens=1000, stop=stop))
+    seq = _Sequence(request, 0, torch.device("cpu"))
+    for byte in text.encode():
+        engine._advance(seq, byte, None)
+        if seq.finished:
+            break
+    else:
+        engine._advance(seq, engine.tokenizer.special_tokens["<|end|>"], None)
+    events = []
+    while not request._events.empty():
+        events.append(request._events.get())
+    return [e.text for e in events], events[-1].finish_reason
+
+
+def test_multibyte_characters_stream_intact(tok, model):
+    text = "héllo wörld, 世界 🙂!"
+    pieces, reason = feed(Engine(model, tok), text)
+    assert "".join(pieces) == text and reason == "stop"
+    assert all(p.encode().decode() == p and "\ufffd" not in p for p in pieces)
+    assert len([p for p in pieces if p]) > 1  # it did stream
+
+
+@pytest.mark.parametrize("stop", [("lo wo",), ("xyz", "o w"), ("d!",)])
+def test_stop_strings_spanning_tokens_end_the_text(tok, model, stop):
+    text = "hello world!"
+    pieces, reason = feed(Engine(model, tok), text, stop)
+    first = min(i for i in (text.find(s) for s in stop) if i >= 0)
+    assert "".join(pieces) == text[:first] and reason == "stop"
+
+
+def test_a_stop_string_prefix_that_does_not_complete_is_sent(tok, model):
+    pieces, reason = feed(Engine(model, tok), "hello world", ("lo!",))
+    assert "".join(pieces) == "hello world" and reason == "stop"  # ended by <|end|>
+
+
+def test_background_thread_serves_concurrent_requests(tok, model):
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0)
+        requests = [engine.submit(p, params) for p in PROMPTS]
+        cancelled = engine.submit(PROMPTS[0], SamplingParams(max_tokens=40, temperature=0))
+        cancelled.cancel()
+        for prompt, request in zip(PROMPTS, requests, strict=True):
+            assert request.result()[0].token_ids == alone(model, tok, prompt, 6)
+    finally:
+        engine.stop()
