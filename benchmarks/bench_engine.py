@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_model import hf_generate, hf_model, median_rates
+from bench_model import hf_generate, hf_model, median_rates, report
 
 from lmforge.config import load_config
 from lmforge.engine import Engine, SamplingParams, generate
@@ -57,14 +57,6 @@ def hf_batch(theirs, prompts: list[list[int]], new_tokens: int) -> list[list[int
     return out[:, width:].tolist()
 
 
-def report(title: str, rates: dict[str, tuple[float, float]]) -> None:
-    print(title)
-    print(f"  {'':<22}{'wall tok/s':>12}{'ratio':>8}{'cpu tok/s':>12}{'ratio':>8}")
-    hf_wall, hf_cpu = rates["hf"]
-    for name, (wall, cpu) in rates.items():
-        print(f"  {LABELS[name]:<22}{wall:>12,.0f}{wall / hf_wall:>7.2f}x{cpu:>12,.0f}{cpu / hf_cpu:>7.2f}x")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -97,7 +89,7 @@ def main() -> None:
         "engine": lambda: len(engine.generate(prompts, greedy)) * args.new_tokens,
     }, args.rounds)
     report(f"batched (greedy, {args.prompts} prompts of 8..64 tokens, {args.new_tokens} new each, "
-           f"{total} tokens)", rates)
+           f"{total} tokens)", rates, LABELS)
 
     prompt = prompts[0]
     one = SamplingParams(max_tokens=args.batch1_tokens, temperature=0)
@@ -111,7 +103,7 @@ def main() -> None:
         "engine": lambda: len(engine.generate([prompt], one)[0][0].token_ids),
         "batch1": lambda: generate(ours, idx, n, temperature=0).shape[1] - len(prompt),
     }, args.rounds)
-    report(f"batch-1 (greedy, prompt {len(prompt)}, {n} new tokens)", rates)
+    report(f"batch-1 (greedy, prompt {len(prompt)}, {n} new tokens)", rates, LABELS)
 
 
 if __name__ == "__main__":

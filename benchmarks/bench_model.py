@@ -160,12 +160,13 @@ def hf_generate(theirs, prompt: torch.Tensor, n: int) -> torch.Tensor:
                                max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
 
 
-def report(title: str, rates: dict[str, tuple[float, float]]) -> None:
+def report(title: str, rates: dict[str, tuple[float, float]], labels: dict[str, str] = LABELS) -> None:
+    """One table of wall and CPU tokens/s per implementation, each as a ratio to transformers'."""
     print(title)
     print(f"  {'':<22}{'wall tok/s':>12}{'ratio':>8}{'cpu tok/s':>12}{'ratio':>8}")
     hf_wall, hf_cpu = rates["hf"]
     for name, (wall, cpu) in rates.items():
-        print(f"  {LABELS[name]:<22}{wall:>12,.0f}{wall / hf_wall:>7.2f}x{cpu:>12,.0f}{cpu / hf_cpu:>7.2f}x")
+        print(f"  {labels[name]:<22}{wall:>12,.0f}{wall / hf_wall:>7.2f}x{cpu:>12,.0f}{cpu / hf_cpu:>7.2f}x")
 
 
 def main() -> None:
