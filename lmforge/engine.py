@@ -186,7 +186,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    try:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    except RuntimeError as e:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
+        if torch.isfinite(probs).all():
+            raise
+        raise UserError("the model produced non-finite logits (NaN or inf), so no token can be "
+                        "sampled: its activations overflow in this dtype, or its weights are broken") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,3 +78,14 @@ def test_streamed_pieces_make_the_text(tokenizer):
                         on_text=pieces.append)
     assert "".join(pieces) == out.text
     assert model.training  # generate_text restores the mode it found
+
+
+def test_non_finite_logits_are_one_clear_error_not_a_multinomial_crash():
+    from lmforge.engine import sample_next
+    from lmforge.errors import UserError
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(UserError, match="non-finite logits"):
+        sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert sample_next(torch.tensor([[0.0, 5.0, 1.0]]), temperature=1e-3,
+                       generator=torch.Generator().manual_seed(0)).tolist() == [1]
