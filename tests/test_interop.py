@@ -117,7 +117,8 @@ def test_cli_init_export_and_transformers_greedy_generate_agree(tmp_path):
     assert torch.equal(generate(ours, prompt, 40, temperature=0), theirs)
 
 
-def test_export_carries_the_tokenizer(tmp_path):
+def checkpoint_with_tokenizer(tmp_path):
+    """A small random checkpoint with a small trained tokenizer: (tokenizer, checkpoint dir)."""
     from lmforge.tokenizer import train_tokenizer
 
     text = ["the cat sat on the mat, and the dog sat on the log. " * 20, "a b c d e f g 123 456"]
@@ -126,6 +127,11 @@ def test_export_carries_the_tokenizer(tmp_path):
     cfg = load_config(overrides=[*SMALL, "tokenizer.vocab_size=300"])
     torch.manual_seed(0)
     ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    return tok, ckpt
+
+
+def test_export_carries_the_tokenizer(tmp_path):
+    tok, ckpt = checkpoint_with_tokenizer(tmp_path)
     out = export_hf(ckpt, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     sample = "the cat sat on the log 123"
@@ -138,14 +144,9 @@ def test_export_carries_the_tokenizer(tmp_path):
 def test_import_carries_the_tokenizer_back_and_sample_runs(tmp_path):
     """export hf -> import hf keeps the tokenizer (same content hash), so `sample` works on it."""
     from lmforge.cli import main
-    from lmforge.tokenizer import load_tokenizer, train_tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
-    text = ["the cat sat on the mat, and the dog sat on the log. " * 20, "a b c d e f g 123 456"]
-    tok = train_tokenizer(text, vocab_size=300, progress=False)
-    tok.save(tmp_path / "tok")
-    cfg = load_config(overrides=[*SMALL, "tokenizer.vocab_size=300"])
-    torch.manual_seed(0)
-    ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    tok, ckpt = checkpoint_with_tokenizer(tmp_path)
     export_hf(ckpt, tmp_path / "hf")
     back = import_hf(tmp_path / "hf", tmp_path / "back")
     assert load_tokenizer(back / "tokenizer").content_hash == tok.content_hash
