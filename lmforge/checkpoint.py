@@ -83,11 +83,21 @@ def save_model(model: Transformer, cfg: RunConfig, directory: str | os.PathLike,
 # Finding and loading
 
 
+# The stages of an `lmforge run` lifecycle that leave a model in a run directory of their own
+# under RUN/, latest first: `--checkpoint RUN` means the final model of the run.
+LIFECYCLE_MODEL_DIRS = ("align", "sft")
+LIFECYCLE_RECORD = "stages.json"  # only a run of `lmforge run` has it
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory itself, or a run directory's newest complete checkpoint."""
+    """A checkpoint directory itself, or a run directory's newest complete checkpoint; for a run
+    of `lmforge run`, its final model: aligned, else fine-tuned, else pre-trained."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}")
+    final = final_stage_dir(path)
+    if final is not None:
+        return resolve_checkpoint(final)
     runs_checkpoints = path / "checkpoints"
     if not (path / CONFIG_FILE).exists() and runs_checkpoints.is_dir():
         complete = [d for d in runs_checkpoints.iterdir() if d.is_dir() and (d / COMPLETE_MARKER).is_file()]
@@ -97,6 +107,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if any((path / f).exists() for f in TRAINING_FILES) and not (path / COMPLETE_MARKER).is_file():
         raise UserError(f"{path} is an unfinished training checkpoint (no {COMPLETE_MARKER} marker); not loading it")
     return path
+
+
+def final_stage_dir(run_dir: Path) -> Path | None:
+    """The run directory of the last stage of an `lmforge run` lifecycle that left a complete
+    checkpoint (RUN/align, else RUN/sft); None for other directories and for a run with neither."""
+    if not (run_dir / LIFECYCLE_RECORD).is_file():
+        return None
+    for name in LIFECYCLE_MODEL_DIRS:
+        checkpoints = run_dir / name / "checkpoints"
+        if checkpoints.is_dir() and any((d / COMPLETE_MARKER).is_file() for d in checkpoints.iterdir()):
+            return run_dir / name
+    return None
 
 
 def _step_of(directory: Path) -> tuple[int, str]:

@@ -77,7 +77,7 @@ COMMANDS: list[Command] = [
     Command("serve", "lmforge.serve:serve_command", "lmforge.serve:serve_args",
             "Serve a checkpoint over an OpenAI-compatible HTTP API (chat and completions)."),
     Command("run", "lmforge.pipeline.cli:run_command", "lmforge.pipeline.cli:run_args",
-            "Raw text to a trained model in one go: data, tokenizer, pre-training, samples, report."),
+            "Raw text to a chat model in one go: data, tokenizer, pre-training, SFT, alignment, eval, export, report."),
     Command("eval", "lmforge.eval.cli:eval_command", "lmforge.eval.cli:eval_args",
             "Score a checkpoint on benchmarks (MMLU, ARC, HellaSwag, ...) and bits per byte."),
     Command("report", "lmforge.report.cli:report_command", "lmforge.report.cli:report_args",

@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import SftConfig
+from lmforge.pipeline.config import LifecycleConfig
 
 # The GPT-4 (cl100k) style pre-split: contractions, words with a leading non-letter, numbers of at
 # most three digits, punctuation runs, and whitespace handled so that spaces attach to the next word.
@@ -605,6 +606,7 @@ class RunConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    run: LifecycleConfig = field(default_factory=LifecycleConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):

@@ -5,6 +5,8 @@ lose a finished stage's outputs (kept aside when redone, a too small budget refu
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from lmforge.config import load_config
 from lmforge.errors import UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline import run as pipeline
+from lmforge.pipeline.layout import RunLayout
 from lmforge.pipeline.records import StageRecords
+from lmforge.pipeline.stage import DRIVER_RESERVE_S, FIXED_COST_S, Context
 
 
 def fake_stages(calls: list[str], fail_in: set[str],
@@ -125,21 +129,66 @@ def test_a_redone_stage_keeps_its_previous_outputs(driver):
 
 def test_a_budget_too_small_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
     calls: list[str] = []
-    # The budget is about pre-training: a stand-in "pretrain" stage (depending on tokenizer.vocab_size).
+    # The budget is about training: a stand-in "pretrain" stage (depending on tokenizer.vocab_size).
     monkeypatch.setattr(pipeline, "STAGES", fake_stages(calls, set(), ("data", "pretrain", "sample")))
     root = tmp_path / "run"
-    with pytest.raises(UserError, match="--time-budget 50s is too small .* give --time-budget 70s"):
-        run_in(root, budget_s=50)
+    # pretrain's least time, the estimate for sample (never measured), the driver's reserve.
+    need = load_config(preset="tiny").run.min_stage_s + FIXED_COST_S["sample"] + DRIVER_RESERVE_S
+    smallest = math.ceil(need / 10) * 10
+    small = smallest - 10
+    with pytest.raises(UserError, match=f"--time-budget {small}s is too small .* give --time-budget {smallest}s"):
+        run_in(root, budget_s=small)
     assert not root.exists() and calls == []
 
     run_in(root)  # no budget: every stage runs
     before = snapshot(root)
-    with pytest.raises(UserError, match=r"stages left \(pretrain, sample\).* give --time-budget 70s"):
-        run_in(root, "tokenizer.vocab_size=512", budget_s=50)
+    # sample is measured now (a few milliseconds): the smallest budget is about pretrain alone.
+    measured = json.loads((root / "stages.json").read_text())["stages"]["sample"]["seconds"]
+    smallest = math.ceil((need - FIXED_COST_S["sample"] + measured) / 10) * 10
+    with pytest.raises(UserError, match=rf"stages left \(pretrain, sample\).* give --time-budget {smallest}s"):
+        run_in(root, "tokenizer.vocab_size=512", budget_s=smallest - 10)
     assert snapshot(root) == before  # nothing moved, removed or rewritten (config.toml included)
     calls.clear()
-    run_in(root, "tokenizer.vocab_size=512", budget_s=70)  # the smallest it named works
+    run_in(root, "tokenizer.vocab_size=512", budget_s=smallest)  # the smallest it named works
     assert calls == ["pretrain", "sample"]
+
+
+def test_until_runs_a_prefix_and_the_rest_later(driver, tmp_path):
+    run, _, root = driver
+    cfg = load_config(preset="tiny")
+    pipeline.run_pipeline(cfg, root, budget_s=None, progress=False, log=lambda line: None, until="b")
+    assert sorted(p.name for p in root.glob("*.txt")) == ["a.txt", "b.txt"]
+    assert run() == ["c"]  # the stages before are finished and skipped
+    with pytest.raises(UserError, match="--until z: no such stage; the stages are a, b, c"):
+        pipeline.run_pipeline(cfg, root, budget_s=None, progress=False, log=lambda line: None, until="z")
+
+
+def budget_context(left: list[str], remaining: float, *overrides: str) -> Context:
+    """A context `remaining` seconds into nothing: the budget is what is left."""
+    cfg = load_config(preset="tiny", overrides=list(overrides))
+    ctx = Context(cfg, RunLayout(Path("unused")), budget_s=remaining, started=time.monotonic(),
+                  progress=False, left=left)
+    ctx.estimates = {"eval": 100.0, "report": 20.0}
+    return ctx
+
+
+def test_the_budget_is_split_among_the_training_stages_by_their_shares():
+    left = ["pretrain", "sft", "align", "eval", "report"]
+    ctx = budget_context(left, 1120.0, "run.pretrain_share=0.5", "run.sft_share=0.3",
+                         "run.align_share=0.2")
+    # 1,000 s after the untrained stages' 120 s; pretrain's share is half of it (timing slack 1 s).
+    assert ctx.stage_budget_s("pretrain") == pytest.approx(500.0, abs=1.0)
+    ctx.left = left[1:]  # pretrain done: sft gets 0.3 of the 0.5 share left
+    assert ctx.stage_budget_s("sft") == pytest.approx(1000.0 * 0.3 / 0.5, abs=1.0)
+    ctx.left = left[2:]
+    assert ctx.stage_budget_s("align") == pytest.approx(1000.0, abs=1.0)
+    # Without alignment its share goes to the others.
+    none = budget_context(left, 1120.0, "run.align=none", "run.pretrain_share=0.5",
+                          "run.sft_share=0.3")
+    assert none.stage_budget_s("pretrain") == pytest.approx(1000.0 * 0.5 / 0.8, abs=1.0)
+    # Never below the minimum.
+    tight = budget_context(left, 130.0, "run.min_stage_s=40")
+    assert tight.stage_budget_s("pretrain") == 40.0
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
@@ -149,3 +198,30 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         run_in(root)
     assert snapshot(root) == {"notes.txt": b"x"}
+
+
+def test_a_lifecycle_run_resolves_to_its_final_model(tmp_path):
+    from lmforge.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+
+    def checkpoint(stage_dir: Path, step: int, complete: bool = True) -> Path:
+        path = stage_dir / "checkpoints" / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        if complete:
+            (path / "COMPLETE").write_text("")
+        return path
+
+    base = checkpoint(run, 40)
+    checkpoint(run, 30)
+    assert resolve_checkpoint(run) == base  # no stages.json: a plain pre-training run
+    (run / "stages.json").write_text("{}")
+    assert resolve_checkpoint(run) == base
+    checkpoint(run / "sft", 9, complete=False)  # an unfinished SFT checkpoint is never the model
+    assert resolve_checkpoint(run) == base
+    sft = checkpoint(run / "sft", 8)
+    assert resolve_checkpoint(run) == sft
+    aligned = checkpoint(run / "align", 5)
+    assert resolve_checkpoint(run) == aligned
+    assert resolve_checkpoint(run / "sft") == sft  # a stage's own run directory still works

@@ -20,6 +20,9 @@ def run_args(parser: argparse.ArgumentParser) -> None:
                         help=f"wall-clock budget of the whole run, e.g. 15m or 1h (default "
                              f"{DEFAULT_BUDGET}); pre-training gets what the data stages leave. "
                              "'none': train for train.max_steps")
+    parser.add_argument("--until", metavar="STAGE",
+                        help="run the stages up to and including STAGE (data, tokenizer, shards, "
+                             "pretrain, sft, align, eval, sample, chat, export, report)")
     add_config_args(parser)
 
 
@@ -41,12 +44,28 @@ def run_command(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.preset or 'default'}"
     try:
         with run_lock(out, "run"):
-            report = run_pipeline(cfg, out, budget_s)
-    except KeyboardInterrupt as e:  # Interrupted (SIGINT/SIGTERM in pre-training) carries 130 / 143
+            report = run_pipeline(cfg, out, budget_s, until=args.until)
+    except KeyboardInterrupt as e:  # Interrupted (SIGINT/SIGTERM in training) carries 130 / 143
         print(f"interrupted; run the same command again to continue where it stopped (in {out})",
               file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    print(f"report: {report / 'report.html'}")
-    print(f"        {report / 'report.md'}")
-    print(f"        {report / 'report.pdf'}")
+    if (report / "report.pdf").is_file():
+        print(f"report: {report / 'report.html'}")
+        print(f"        {report / 'report.md'}")
+        print(f"        {report / 'report.pdf'}")
+    print_model_commands(out)
     return 0
+
+
+def print_model_commands(out: str) -> None:
+    """Where the run's final model is, and the commands that talk to it."""
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import UserError
+
+    try:
+        model = resolve_checkpoint(out)
+    except UserError:  # --until stopped before pre-training made a model
+        return
+    print(f"model:  {model}")
+    print(f"talk to it: lmforge chat --checkpoint {out}")
+    print(f"            lmforge serve --checkpoint {out}")

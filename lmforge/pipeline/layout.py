@@ -7,11 +7,17 @@
     RUN/checkpoints/         training checkpoints  } pre-training's own run directory layout,
     RUN/metrics.jsonl        training metrics      } so RUN is also a `lmforge pretrain` run
     RUN/tb/                  TensorBoard events    }
-    RUN/logs/                samples.json, environment.json, pipeline.log
+    RUN/sft/                 the SFT run (an `lmforge sft` run directory: checkpoints/, metrics.jsonl)
+    RUN/align/               the alignment run (`lmforge dpo` / `lmforge grpo` run directory)
+    RUN/eval/results.json    evaluation of the base, SFT and aligned models
+    RUN/logs/                samples.json, chat.json, environment.json, pipeline.log
+    RUN/export/              hf/ (transformers) and model.gguf (llama.cpp) of the final model
     RUN/report/              report.md, report.html, report.pdf and the plots they show
     RUN/previous/            outputs of stages redone on changed inputs, STAGE-TIMESTAMP/ each
 
 The report reads any `lmforge pretrain` run directory too: it has the same top level.
+`--checkpoint RUN` means the run's final model: RUN/align, else RUN/sft, else RUN/checkpoints
+(lmforge.checkpoint.resolve_checkpoint).
 """
 
 from __future__ import annotations
@@ -55,6 +61,26 @@ class RunLayout:
     @property
     def samples(self) -> Path:
         return self.logs / "samples.json"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def align(self) -> Path:
+        return self.root / "align"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval" / "results.json"
+
+    @property
+    def chat(self) -> Path:
+        return self.logs / "chat.json"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
 
     @property
     def environment(self) -> Path:

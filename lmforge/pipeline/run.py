@@ -1,17 +1,18 @@
-"""`lmforge run`: raw text -> curated data -> tokenizer -> shards -> pre-training -> samples -> report.
+"""`lmforge run`: the whole lifecycle in one command.
 
-Each stage calls the stage's own Python API on the run directory (see layout.py) and is recorded in
-RUN/stages.json (records.py). Running the same command again skips every stage whose inputs are
-unchanged and whose outputs are intact, continues an interrupted stage (data shards and training
-checkpoints are resumable on their own), and reruns a changed stage and everything after it.
-A rerun never loses a finished stage's outputs: a stage redone on changed inputs first moves what
-its last attempt left to RUN/previous/STAGE-TIMESTAMP/ (with that attempt's record and config).
+    data -> tokenizer -> shards -> pretrain -> sft -> align -> eval -> sample -> chat -> export -> report
 
-The time budget covers the whole invocation: data, tokenizer and shards take what they take,
-pre-training gets what is left minus a small reserve for sampling and the report, through
-pre-training's own budget mechanism (`train.time_budget`), which sizes the number of steps from the
-throughput it measures. The budget is checked before anything is touched: one too small for the
-stages left (the data stages as long as they last took) is refused with the smallest that works.
+Each stage calls the stage's own Python API on the run directory (see layout.py; the stages after
+pre-training are in posttrain.py) and is recorded in RUN/stages.json (records.py). Running the same
+command again skips every stage whose inputs are unchanged and whose outputs are intact, continues
+an interrupted stage (data shards and training checkpoints are resumable on their own), and reruns a
+changed stage and everything after it. A rerun never loses a finished stage's outputs: a stage
+redone on changed inputs first moves what its last attempt left to RUN/previous/STAGE-TIMESTAMP/
+(with that attempt's record and config). `--until STAGE` runs the stages up to STAGE only.
+
+The time budget covers the whole invocation and is split as stage.py describes: the training
+stages share what the others leave, by `run.*_share`. It is checked before anything is touched: a
+budget too small for the stages left is refused with the smallest that works.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,12 @@ from lmforge.atomic import atomic_directory, atomic_write_json, atomic_write_tex
 from lmforge.config import RunConfig
 from lmforge.errors import Interrupted, UserError
 from lmforge.hashing import file_sha256
+from lmforge.pipeline import posttrain
 from lmforge.pipeline.layout import RunLayout
 from lmforge.pipeline.records import StageRecords, inputs_hash
+from lmforge.pipeline.stage import DRIVER_RESERVE_S, FIXED_COST_S, Context, Stage
 from lmforge.runlock import LOCK_NAME
 
-# Seconds kept free at the end of the budget for sampling and writing the report (measured with
-# the tiny preset: 2-4 s on a quiet 2-core machine, 24 s at a load average of 9).
-REPORT_RESERVE_S = 30.0
-# Pre-training needs at least this long to measure its throughput and take some steps.
-MIN_PRETRAIN_S = 30.0
-# Checked up front, a budget keeps this much more for the driver itself (imports, hashing outputs).
-DRIVER_RESERVE_S = 5.0
 # Prompts of the sample generations in the report (a new document, the configured prompt, and
 # openings from each part of the built-in corpus).
 BUILTIN_PROMPTS = ["ROMEO:", "And God said", "def "]
@@ -53,34 +48,6 @@ SAMPLE_TOKENS = 120
 PREVIOUS_NOTE = "previous.json"
 # The tokenizer's bytes per token are measured on (about) this much of the validation split.
 VAL_STATS_BYTES = 2_000_000
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    layout: RunLayout
-    budget_s: float | None  # the whole invocation's wall-clock budget; None: no budget
-    started: float  # time.monotonic() when the invocation started
-    progress: bool
-    same_inputs: bool = False  # the running stage's last attempt had the same inputs
-    stamp: str = ""  # UTC time of this invocation, names the RUN/previous/ entries it makes
-    old_config: str | None = None  # RUN/config.toml as this invocation found it
-
-    def remaining_s(self) -> float | None:
-        if self.budget_s is None:
-            return None
-        return self.budget_s - (time.monotonic() - self.started)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    after: tuple[str, ...]  # the stages whose outputs this one reads
-    config: Callable[[Context], Any]  # the part of the config (and options) it depends on
-    run: Callable[[Context], None]
-    fingerprint: Callable[[Context], str | None]  # of its outputs; None when they are missing
-    # What the stage writes (files or directories): kept aside when it is redone on other inputs.
-    outputs: Callable[[RunLayout], list[Path]] = field(default=lambda layout: [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +122,7 @@ def _pretrain_config(ctx: Context) -> Any:
     train.pop("time_budget")  # set by the pipeline from what is left of --time-budget
     return {"model": dataclasses.asdict(cfg.model), "train": train,
             "guard": dataclasses.asdict(cfg.guard), "debug": dataclasses.asdict(cfg.debug),
-            "time_budget_s": ctx.budget_s}
+            "time_budget_s": ctx.budget_s, "share": cfg.run.pretrain_share}
 
 
 def _run_pretrain(ctx: Context) -> None:
@@ -171,9 +138,8 @@ def _run_pretrain(ctx: Context) -> None:
         # the same inputs that never reached a checkpoint.
         _clear_training_outputs(layout)
     cfg = ctx.cfg  # pre-training never changes its config: no copy needed
-    remaining = ctx.remaining_s()
-    if remaining is not None:  # the driver checked that this leaves at least MIN_PRETRAIN_S
-        seconds = max(remaining - REPORT_RESERVE_S, MIN_PRETRAIN_S)
+    seconds = ctx.stage_budget_s("pretrain")
+    if seconds is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=f"{seconds:.0f}s"))
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
@@ -263,6 +229,7 @@ def _shards_outputs(layout: RunLayout) -> list[Path]:
     return [layout.data_manifest, data / "tokenizer", *sorted(data.glob("progress_*.json")), *shards]
 
 
+_TRAINING = ("pretrain", "sft", "align")
 STAGES: list[Stage] = [
     Stage("data", (), _data_config, _run_data, _data_fingerprint,
           lambda layout: [layout.data / "curated"]),
@@ -272,12 +239,26 @@ STAGES: list[Stage] = [
           _shards_outputs),
     Stage("pretrain", ("shards",), _pretrain_config, _run_pretrain, _pretrain_fingerprint,
           _pretrain_outputs),
+    Stage("sft", ("pretrain",), posttrain.sft_inputs, posttrain.run_sft,
+          lambda ctx: posttrain.checkpoint_fingerprint(ctx.layout.sft), lambda layout: [layout.sft]),
+    Stage("align", ("sft",), posttrain.align_inputs, posttrain.run_align, posttrain.align_fingerprint,
+          lambda layout: [layout.align]),
+    Stage("eval", ("shards", *_TRAINING), posttrain.eval_inputs, posttrain.run_eval,
+          posttrain.eval_fingerprint, lambda layout: [layout.eval_results.parent]),
     Stage("sample", ("pretrain",), _sample_config, _run_sample, _sample_fingerprint,
           lambda layout: [layout.samples]),
+    Stage("chat", ("sft", "align"), posttrain.chat_inputs, posttrain.run_chat,
+          posttrain.chat_fingerprint, lambda layout: [layout.chat]),
+    Stage("export", ("sft", "align"), lambda ctx: {"formats": ctx.cfg.run.export},
+          posttrain.run_export, posttrain.export_fingerprint, lambda layout: [layout.export]),
     # The report is regenerated from the artefacts (and leaves the user's files in report/ alone).
-    Stage("report", ("data", "tokenizer", "shards", "pretrain", "sample"), lambda ctx: None,
-          _run_report, _report_fingerprint),
+    Stage("report", ("data", "tokenizer", "shards", *_TRAINING, "eval", "sample", "chat", "export"),
+          lambda ctx: None, _run_report, _report_fingerprint),
 ]
+
+
+def stage_names() -> list[str]:
+    return [stage.name for stage in STAGES]
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,18 +266,20 @@ STAGES: list[Stage] = [
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
-                 progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """Run (or continue) every stage in `out`; returns the report directory."""
+                 progress: bool | None = None, log: Callable[[str], None] | None = None,
+                 until: str | None = None) -> Path:
+    """Run (or continue) every stage in `out`, or those up to `until`; returns the report directory."""
     ctx = Context(cfg, RunLayout(Path(out)), budget_s, time.monotonic(),
                   sys.stderr.isatty() if progress is None else progress,
                   stamp=dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
     layout = ctx.layout
+    stages = selected_stages(until)
     _check_run_dir(layout.root)
     records = StageRecords(layout.stages)
     # Everything that can refuse the run is checked before the first write.
-    planned = _plan(ctx, records)
-    estimates = {name: _estimate_s(name, records) for name in planned}
-    _check_budget(ctx, planned, estimates, up_front=True)
+    planned = _plan(ctx, records, stages)
+    ctx.estimates = {name: _estimate_s(ctx, name, records) for name in planned}
+    _check_budget(ctx, planned, up_front=True)
 
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.logs.mkdir(exist_ok=True)
@@ -311,20 +294,22 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     ctx.old_config = layout.config.read_text(encoding="utf-8") if layout.config.is_file() else None
     atomic_write_text(layout.config, cfg.to_toml())
     budget = f"time budget {budget_s / 60:.1f} min" if budget_s else "no time budget"
-    say(f"lmforge run: {layout.root} ({budget}; {len(STAGES)} stages)")
-    for number, stage in enumerate(STAGES, 1):
+    which = f"{len(stages)} stages" + (f", up to {until}" if until else "")
+    say(f"lmforge run: {layout.root} ({budget}; {which})")
+    for number, stage in enumerate(stages, 1):
         inputs = {"config": stage.config(ctx),
                   "after": {name: _upstream(records, name) for name in stage.after}}
         digest = inputs_hash(inputs)
-        head = f"[{number}/{len(STAGES)}] {stage.name:<9}"
+        head = f"{f'[{number}/{len(stages)}]':<7} {stage.name:<9}"
         record = records.get(stage.name)
         # A planned stage is looked at again: the stage before it may have made the same outputs.
         if stage.name not in planned or (records.is_current(stage.name, digest)
                                          and stage.fingerprint(ctx) == record.get("outputs")):
             say(f"{head} skipped: unchanged since {record.get('finished_at', '?')}")
             continue
-        if stage.name == "pretrain":  # the data stages may have taken longer than they did before
-            _check_budget(ctx, planned[planned.index(stage.name):], estimates, up_front=False)
+        ctx.left = planned[planned.index(stage.name):]
+        if ctx.trains(stage.name):  # the stages before may have taken longer than they did before
+            _check_budget(ctx, ctx.left, up_front=False)
         # Same inputs as the last attempt: what that attempt left may be continued.
         ctx.same_inputs = bool(record and record.get("inputs_hash") == digest)
         if not ctx.same_inputs:
@@ -347,6 +332,16 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     return layout.report
 
 
+def selected_stages(until: str | None) -> list[Stage]:
+    """Every stage, or the stages up to and including `until`."""
+    names = [stage.name for stage in STAGES]
+    if until is None:
+        return list(STAGES)
+    if until not in names:
+        raise UserError(f"--until {until}: no such stage; the stages are {', '.join(names)}")
+    return STAGES[: names.index(until) + 1]
+
+
 def _check_run_dir(root: Path) -> None:
     """`--out` is new, empty, or a run (of `lmforge run` or `lmforge pretrain`): never a folder of
     other files that the run would write into."""
@@ -362,11 +357,11 @@ def _check_run_dir(root: Path) -> None:
                         "or config.toml); give a new or empty directory, or a run to continue")
 
 
-def _plan(ctx: Context, records: StageRecords) -> list[str]:
+def _plan(ctx: Context, records: StageRecords, stages: list[Stage]) -> list[str]:
     """The stages this invocation will run: changed ones, ones with missing outputs, and every
     stage after one of those."""
     planned: list[str] = []
-    for stage in STAGES:
+    for stage in stages:
         if any(name in planned for name in stage.after):
             planned.append(stage.name)
             continue
@@ -379,40 +374,42 @@ def _plan(ctx: Context, records: StageRecords) -> list[str]:
     return planned
 
 
-def _estimate_s(name: str, records: StageRecords) -> float:
-    """The least time stage `name` needs: pre-training its minimum plus the reserve for sampling
-    and the report; a data stage as long as its last attempt took (0 when never measured)."""
-    if name == "pretrain":
-        return MIN_PRETRAIN_S + REPORT_RESERVE_S
-    if name in ("sample", "report"):
-        return 0.0  # inside REPORT_RESERVE_S
-    return float((records.get(name) or {}).get("seconds") or 0.0)
+def _estimate_s(ctx: Context, name: str, records: StageRecords) -> float:
+    """The least time stage `name` needs: a training stage run.min_stage_s; any other as long as
+    its last attempt took, or before it was ever measured its FIXED_COST_S (0 for the data stages)."""
+    if ctx.trains(name):
+        return ctx.cfg.run.min_stage_s
+    if name == "align":  # run.align = none
+        return 0.0
+    measured = (records.get(name) or {}).get("seconds")
+    return float(measured) if measured is not None else FIXED_COST_S.get(name, 0.0)
 
 
-def _check_budget(ctx: Context, left: list[str], estimates: dict[str, float], up_front: bool) -> None:
+def _check_budget(ctx: Context, left: list[str], up_front: bool) -> None:
     """Refuse, before a stage touches anything, a budget that cannot fit the stages left: up front
-    (before any stage) and again right before pre-training."""
+    (before any stage) and again right before each training stage."""
     remaining = ctx.remaining_s()
-    if remaining is None or "pretrain" not in left:
+    if remaining is None or not any(ctx.trains(name) for name in left):
         return
-    need = sum(estimates.get(name, 0.0) for name in left)
+    need = sum(ctx.estimates.get(name, 0.0) for name in left)
     if up_front:
         need += DRIVER_RESERVE_S
     if remaining >= need:
         return
     assert ctx.budget_s is not None
+    trained = [name for name in left if ctx.trains(name)]
     if up_front:
         smallest = math.ceil((ctx.budget_s - remaining + need) / 10) * 10
-        data = sum(estimates.get(name, 0.0) for name in left if name != "pretrain")
-        measured = f", the data stages {data:.0f}s as last measured" if data else ""
+        others = sum(ctx.estimates.get(name, 0.0) for name in left if name not in trained)
         raise UserError(
             f"--time-budget {ctx.budget_s:.0f}s is too small for the stages left ({', '.join(left)}): "
-            f"pre-training needs {MIN_PRETRAIN_S:.0f}s and {REPORT_RESERVE_S:.0f}s are kept for the "
-            f"samples and the report{measured}; give --time-budget {smallest}s or more (or 'none')")
+            f"each training stage ({', '.join(trained)}) needs run.min_stage_s = "
+            f"{ctx.cfg.run.min_stage_s:.0f}s and the others {others:.0f}s as last measured or "
+            f"estimated; give --time-budget {smallest}s or more (or 'none')")
     raise UserError(
-        f"--time-budget: only {max(remaining, 0):.0f}s of {ctx.budget_s:.0f}s left for pre-training "
-        f"after the data stages; they are finished now, so the same command again gives "
-        f"pre-training the whole budget")
+        f"--time-budget: only {max(remaining, 0):.0f}s of {ctx.budget_s:.0f}s left for "
+        f"{', '.join(left)} after the stages before them; those are finished now, so the same "
+        f"command again gives the stages left the whole budget")
 
 
 def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) -> Path | None:

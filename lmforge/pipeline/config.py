@@ -1,0 +1,77 @@
+"""The `run` section: what `lmforge run` does after pre-training, and how it splits its time budget.
+
+Torch-free; part of `RunConfig` (lmforge/config.py), so `--set run.align=none` works like any field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.errors import ConfigError
+
+ALIGN_CHOICES = ("dpo", "grpo", "none")
+EXPORT_CHOICES = ("hf", "gguf")
+
+
+@dataclass
+class LifecycleConfig:
+    """The lifecycle of `lmforge run`: pre-training, then SFT, alignment, evaluation, chat
+    transcripts, export and the report (see docs/guide/run.md).
+
+    align: "dpo" (DPO on builtin:prefs, pairs sampled from the SFT model and marked by the
+        verifiers), "grpo" (RL on the verifiable builtin:chat tasks) or "none" (the SFT model is
+        the final one). DPO is the default: a step is one forward/backward of a chosen/rejected
+        pair against cached reference log-probabilities, while GRPO samples a group of answers per
+        prompt every step, several times the CPU cost for the same minutes (docs/guide/run.md).
+    export: formats written to RUN/export/ from the final model: "hf" (a transformers
+        directory) and "gguf" (llama.cpp, f16).
+    eval_tasks: `lmforge eval` task names or groups, run on the base, SFT and aligned models.
+    eval_limit: items per task (the first N; 0 means all): sized so that three models fit the
+        eval stage's minutes on two CPU cores.
+    chat_tasks / chat_questions: builtin:chat tasks whose held-out questions the final model
+        answers for the transcripts (RUN/logs/chat.json), and how many per task.
+    pretrain_share / sft_share / align_share: how the time left after the data stages, minus the
+        measured (or estimated) cost of the stages that are not trained, is split among the
+        training stages still to run; a stage's share is renormalised over the stages left, so a
+        stage that ends early (or one that is skipped) leaves its time to the next.
+    min_stage_s: the least time any training stage gets (a too small --time-budget is refused).
+    sft_overrides / align_overrides: `section.field=value` items applied to the SFT / alignment
+        stage's config only (e.g. "train.lr=1e-3"), on top of that stage's own defaults.
+    """
+
+    align: str = "dpo"
+    export: list[str] = field(default_factory=lambda: list(EXPORT_CHOICES))
+    eval_tasks: list[str] = field(default_factory=lambda: ["bpb", "chat", "core"])
+    eval_limit: int = 100
+    chat_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "letters", "shakespeare", "bible"])
+    chat_questions: int = 3
+    pretrain_share: float = 0.55
+    sft_share: float = 0.30
+    align_share: float = 0.15
+    min_stage_s: float = 30.0
+    sft_overrides: list[str] = field(default_factory=list)
+    align_overrides: list[str] = field(default_factory=list)
+
+    def share(self, stage: str) -> float:
+        return {"pretrain": self.pretrain_share, "sft": self.sft_share, "align": self.align_share}[stage]
+
+    def validate(self) -> None:
+        if self.align not in ALIGN_CHOICES:
+            raise ConfigError(f"run.align={self.align!r} must be one of {', '.join(ALIGN_CHOICES)}")
+        unknown = [f for f in self.export if f not in EXPORT_CHOICES]
+        if unknown:
+            raise ConfigError(f"run.export: unknown format {unknown[0]!r}; choose among "
+                              f"{', '.join(EXPORT_CHOICES)}")
+        if self.eval_limit < 0:
+            raise ConfigError(f"run.eval_limit={self.eval_limit} must be >= 0 (0: every item)")
+        if self.chat_questions < 0:
+            raise ConfigError(f"run.chat_questions={self.chat_questions} must be >= 0")
+        for name in ("pretrain_share", "sft_share", "align_share"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)} must be positive")
+        if self.min_stage_s <= 0:
+            raise ConfigError(f"run.min_stage_s={self.min_stage_s} must be positive")
+        for name in ("sft_overrides", "align_overrides"):
+            for item in getattr(self, name):
+                if "=" not in item or "." not in item.split("=", 1)[0]:
+                    raise ConfigError(f"run.{name}: {item!r} is not section.field=value")

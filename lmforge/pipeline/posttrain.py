@@ -1,0 +1,313 @@
+"""The stages of `lmforge run` after pre-training: SFT -> alignment -> evaluation -> chat
+transcripts -> export. Each calls the stage's own Python API (the one its command uses) on a
+directory of the run (layout.py), so each is still runnable alone:
+
+    sft     lmforge sft --checkpoint RUN/checkpoints/... --data builtin:chat --out RUN/sft
+    align   lmforge dpo (or grpo) --checkpoint RUN/sft --out RUN/align
+    eval    lmforge eval --checkpoint CKPT --tasks bpb,chat,core --limit N   (base, SFT, aligned)
+    chat    held-out builtin:chat questions answered by the final model -> RUN/logs/chat.json
+    export  lmforge export hf / lmforge export gguf of the final model -> RUN/export/
+
+The training stages (sft, align) get their seconds from Context.stage_budget_s and continue an
+interrupted attempt from its newest checkpoint, as pre-training does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from lmforge.atomic import atomic_directory, atomic_write_json
+from lmforge.config import RunConfig, apply_override
+from lmforge.errors import Interrupted, UserError
+from lmforge.hashing import file_sha256
+from lmforge.pipeline.records import inputs_hash
+from lmforge.pipeline.stage import Context
+
+EXPORT_NOTE = "export.json"  # in RUN/export: which checkpoint was exported, and the files
+GGUF_FILE = "model.gguf"
+GGUF_DTYPE = "f16"  # half the size of f32; llama.cpp's logits stay within its tests' tolerance
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints of the run's stages
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete training checkpoint of a stage's run directory."""
+    from lmforge.train.checkpoint import CheckpointManager
+
+    return CheckpointManager(run_dir, 1).latest() if (run_dir / "checkpoints").is_dir() else None
+
+
+def pretrained(ctx: Context) -> Path:
+    checkpoint = latest_checkpoint(ctx.layout.root)
+    if checkpoint is None:
+        raise UserError(f"no complete checkpoint under {ctx.layout.checkpoints}: run pre-training first")
+    return checkpoint
+
+
+def stage_models(ctx: Context) -> dict[str, Path]:
+    """The models the run has made so far, in lifecycle order: base, sft, aligned."""
+    found = {"base": latest_checkpoint(ctx.layout.root), "sft": latest_checkpoint(ctx.layout.sft),
+             "aligned": latest_checkpoint(ctx.layout.align)}
+    return {label: path for label, path in found.items() if path is not None}
+
+
+def final_model(ctx: Context) -> Path:
+    """The last model of the lifecycle (what `--checkpoint RUN` resolves to)."""
+    from lmforge.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(ctx.layout.root)
+
+
+def checkpoint_fingerprint(run_dir: Path) -> str | None:
+    """The newest checkpoint's name and the hash of its weights (full or LoRA adapters)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    weights = [file_sha256(latest / name) for name in ("model.safetensors", "lora.safetensors")
+               if (latest / name).is_file()]
+    return inputs_hash({"checkpoint": latest.name, "weights": weights})
+
+
+def stage_config(cfg: RunConfig, train_defaults: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The run's config with a fine-tuning stage's train defaults and its own overrides."""
+    stage = copy.deepcopy(cfg)
+    stage.train = dataclasses.replace(stage.train, **train_defaults, time_budget="")
+    for item in overrides:
+        apply_override(stage, item)
+    if stage.model != cfg.model:
+        raise UserError("run.sft_overrides / run.align_overrides: a fine-tuning stage keeps the "
+                        "pre-trained model's architecture; drop the model.* items")
+    return stage.validate()
+
+
+def _train_inputs(ctx: Context, name: str, stage_cfg: RunConfig) -> dict[str, Any]:
+    train = dataclasses.asdict(stage_cfg.train)
+    train.pop("time_budget")  # set from the budget split
+    return {"train": train, "budget_s": ctx.budget_s, "share": ctx.cfg.run.share(name)}
+
+
+def _resume_or_clear(ctx: Context, run_dir: Path) -> Path | None:
+    """The checkpoint an unfinished attempt on the same inputs left; else a clean run_dir."""
+    resume_from = latest_checkpoint(run_dir) if ctx.same_inputs else None
+    if resume_from is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        print(f"  resuming from {resume_from.relative_to(ctx.layout.root)}", flush=True)
+    return resume_from
+
+
+def _stopped(result: Any) -> None:
+    if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
+        raise Interrupted(result.signal or signal.SIGINT, saved=True)
+
+
+# --------------------------------------------------------------------------------------------
+# sft
+
+
+def sft_stage_config(cfg: RunConfig) -> RunConfig:
+    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
+
+    return stage_config(cfg, SFT_TRAIN_DEFAULTS, cfg.run.sft_overrides)
+
+
+def sft_inputs(ctx: Context) -> Any:
+    stage = sft_stage_config(ctx.cfg)
+    return {"sft": dataclasses.asdict(stage.sft), "lora": dataclasses.asdict(stage.lora),
+            **_train_inputs(ctx, "sft", stage)}
+
+
+def run_sft(ctx: Context) -> None:
+    from lmforge.finetune.data import sft_data
+    from lmforge.finetune.lora import base_reference
+    from lmforge.finetune.sft import sft
+
+    cfg = sft_stage_config(ctx.cfg)
+    resume_from = _resume_or_clear(ctx, ctx.layout.sft)
+    # A resumed run keeps the step count its checkpoint was sized to (as `lmforge sft --resume`).
+    seconds = ctx.stage_budget_s("sft") if resume_from is None else None
+    if seconds is not None:
+        cfg.train.time_budget = f"{seconds:.0f}s"
+    data = sft_data(cfg.sft, cfg.train.seed)
+    result = sft(cfg, base_reference(pretrained(ctx)), data, ctx.layout.sft, resume_from=resume_from,
+                 time_budget_s=seconds)
+    _stopped(result)
+
+
+# --------------------------------------------------------------------------------------------
+# align
+
+
+def align_stage_config(cfg: RunConfig) -> RunConfig:
+    # Alignment moves a chat model a little, as SFT does: it starts from the same train defaults.
+    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
+
+    return stage_config(cfg, SFT_TRAIN_DEFAULTS, cfg.run.align_overrides)
+
+
+def align_inputs(ctx: Context) -> Any:
+    if ctx.cfg.run.align == "none":
+        return {"align": "none"}
+    stage = align_stage_config(ctx.cfg)
+    sections = {name: dataclasses.asdict(getattr(stage, name)) for name in ("dpo", "grpo")
+                if hasattr(stage, name)}  # the alignment helpers' own config sections
+    return {"align": ctx.cfg.run.align, **sections, "lora": dataclasses.asdict(stage.lora),
+            **_train_inputs(ctx, "align", stage)}
+
+
+def run_align(ctx: Context) -> None:
+    method = ctx.cfg.run.align
+    if method == "none":
+        print("  run.align = none: the SFT model is the final model", flush=True)
+        return
+    if method == "dpo":
+        from lmforge.align.dpo import run_dpo as train
+    else:
+        from lmforge.align.grpo import run_grpo as train
+    cfg = align_stage_config(ctx.cfg)
+    resume = _resume_or_clear(ctx, ctx.layout.align) is not None
+    seconds = ctx.stage_budget_s("align") if not resume else None
+    if seconds is not None:
+        cfg.train.time_budget = f"{seconds:.0f}s"
+    sft_model = latest_checkpoint(ctx.layout.sft)
+    if sft_model is None:
+        raise UserError(f"no complete checkpoint under {ctx.layout.sft}: run the sft stage first")
+    _stopped(train(cfg, sft_model, ctx.layout.align, resume=resume))
+
+
+def align_fingerprint(ctx: Context) -> str | None:
+    if ctx.cfg.run.align == "none":
+        return inputs_hash({"align": "none"})
+    return checkpoint_fingerprint(ctx.layout.align)
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def eval_inputs(ctx: Context) -> Any:
+    return {"tasks": ctx.cfg.run.eval_tasks, "limit": ctx.cfg.run.eval_limit}
+
+
+def runnable_tasks(spec: list[str], say=print) -> tuple[list[str], list[str]]:
+    """(tasks to run, tasks skipped) of run.eval_tasks: a task that is a valid name but has no
+    runner yet (a generation task still to be written) is skipped with a note, not an error."""
+    from lmforge.eval.runner import RUNNERS
+    from lmforge.eval.tasks import PLANNED, resolve_tasks
+
+    tasks, skipped = [], []
+    for name in resolve_tasks(",".join(spec)):
+        if name in PLANNED and name not in RUNNERS:
+            say(f"  eval: task {name!r} is not implemented yet; skipped")
+            skipped.append(name)
+        else:
+            tasks.append(name)
+    return tasks, skipped
+
+
+def run_eval(ctx: Context) -> None:
+    from lmforge.eval.cli import load_for_eval
+    from lmforge.eval.runner import EvalOptions, evaluate
+
+    tasks, skipped = runnable_tasks(ctx.cfg.run.eval_tasks)
+    options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
+                          bpb_data=ctx.layout.data)
+    models: dict[str, Any] = {}
+    for label, checkpoint in stage_models(ctx).items():
+        model, tokenizer = load_for_eval(checkpoint)
+        results = evaluate(model, tokenizer, tasks, options) if tasks else {"results": {}, "core": None}
+        models[label] = {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)), **results}
+        core = results.get("core")
+        print(f"  eval {label}: " + ", ".join(
+            _headline(name, m) for name, m in results["results"].items())
+            + (f", CORE {core['centered']:.3f}" if core else ""), flush=True)
+    atomic_write_json(ctx.layout.eval_results, {
+        "tasks": tasks, "skipped": skipped, "limit": ctx.cfg.run.eval_limit, "models": models})
+
+
+def _headline(name: str, metrics: dict[str, Any]) -> str:
+    """"arc_easy acc 0.330", "bpb 1.838": a task's main number for the progress line."""
+    key = next((k for k in ("bpb", "acc", "pass@1") if k in metrics), None)
+    if key is None:
+        return f"{name} -"
+    return f"{name} {metrics[key]:.3f}" if key == name else f"{name} {key} {metrics[key]:.3f}"
+
+
+def eval_fingerprint(ctx: Context) -> str | None:
+    path = ctx.layout.eval_results
+    return file_sha256(path) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# chat transcripts
+
+
+def chat_inputs(ctx: Context) -> Any:
+    return {"tasks": ctx.cfg.run.chat_tasks, "questions": ctx.cfg.run.chat_questions,
+            "seed": ctx.cfg.train.seed}
+
+
+def run_chat(ctx: Context) -> None:
+    """Greedy answers of the final model to held-out builtin:chat questions, each checked."""
+    from lmforge.eval.cli import load_for_eval
+    from lmforge.tasks import make_tasks
+    from lmforge.tasks.score import score_task
+
+    known = make_tasks(code_max_bytes=ctx.cfg.data.builtin_code_max_bytes)
+    unknown = [name for name in ctx.cfg.run.chat_tasks if name not in known]
+    if unknown:
+        raise UserError(f"run.chat_tasks: unknown task {unknown[0]!r}; known: {', '.join(known)}")
+    checkpoint = final_model(ctx)
+    model, tokenizer = load_for_eval(checkpoint)
+    transcripts = []
+    for name in ctx.cfg.run.chat_tasks:
+        task = known[name]
+        score = score_task(model, tokenizer, task, n=ctx.cfg.run.chat_questions, seed=ctx.cfg.train.seed)
+        for example, text in score.answers:
+            transcripts.append({"task": name, "messages": [*example.prompt, {"role": "assistant", "content": text}],
+                                "reference": example.reference, "correct": bool(task.check(example, text))})
+    right = sum(t["correct"] for t in transcripts)
+    print(f"  chat: {right} of {len(transcripts)} held-out questions answered right", flush=True)
+    atomic_write_json(ctx.layout.chat, {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)),
+                                        "transcripts": transcripts})
+
+
+def chat_fingerprint(ctx: Context) -> str | None:
+    return file_sha256(ctx.layout.chat) if ctx.layout.chat.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def run_export(ctx: Context) -> None:
+    from lmforge.interop.hf import export_hf
+
+    checkpoint = final_model(ctx)
+    formats = ctx.cfg.run.export
+    with atomic_directory(ctx.layout.export, overwrite=True) as tmp:
+        if "hf" in formats:
+            export_hf(checkpoint, tmp / "hf")
+        if "gguf" in formats:
+            from lmforge.interop.gguf import export_gguf
+
+            export_gguf(checkpoint, tmp / GGUF_FILE, dtype=GGUF_DTYPE)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / EXPORT_NOTE, {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)),
+                                              "formats": formats, "files": files})
+
+
+def export_fingerprint(ctx: Context) -> str | None:
+    directory = ctx.layout.export
+    if not (directory / EXPORT_NOTE).is_file():
+        return None
+    return inputs_hash({str(p.relative_to(directory)): file_sha256(p)
+                        for p in sorted(directory.rglob("*")) if p.is_file()})
