@@ -176,3 +176,77 @@ def test_report_command(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "run directory not found" in missing.stderr
+
+
+def add_lifecycle(run: Path) -> Path:
+    """The artefacts of the stages after pre-training (lmforge/pipeline/posttrain.py's formats):
+    an SFT and a DPO run's metrics, evaluation results of three models, transcripts, an export."""
+    cfg = load_config(preset="tiny", overrides=["model.vocab_size=512", "tokenizer.vocab_size=512",
+                                                "run.align=dpo"])
+    (run / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    sft, dpo = [], []
+    for step in range(1, 31):
+        sft.append({"step": step, "loss": 3.0 * math.exp(-step / 10) + 1.0})
+        dpo.append({"step": step, "loss": 0.69 - step / 100, "reward_margin": step / 30,
+                    "reward_accuracy": 0.5 + step / 70})
+        if step % 10 == 0:
+            sft.append({"step": step, "val_loss": 3.0 * math.exp(-step / 10) + 1.2})
+    for name, rows in (("sft", sft), ("align", dpo)):
+        (run / name).mkdir()
+        (run / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def results(acc: float, bpb: float) -> dict:
+        return {"checkpoint": "x", "results": {"bpb": {"bpb": bpb, "items": 10},
+                                               "arc_easy": {"acc": acc, "acc_norm": acc - 0.01, "items": 100}},
+                "core": {"centered": (acc - 0.25) / 0.75, "tasks": {"arc_easy": (acc - 0.25) / 0.75}}}
+
+    atomic_write_json(run / "eval" / "results.json", {
+        "tasks": ["bpb", "arc_easy"], "skipped": ["chat"], "limit": 100,
+        "models": {"base": results(0.30, 1.9), "sft": results(0.35, 2.0), "aligned": results(0.40, 2.1)}})
+    atomic_write_json(run / "logs" / "chat.json", {"checkpoint": "align/checkpoints/step_00000030", "transcripts": [
+        {"task": "arithmetic", "messages": [{"role": "user", "content": "What is 2 + 3?"},
+                                            {"role": "assistant", "content": "2 + 3 = 5. #### 5"}],
+         "reference": "#### 5", "correct": True}]})
+    atomic_write_json(run / "export" / "export.json", {
+        "checkpoint": "align/checkpoints/step_00000030", "formats": ["hf", "gguf"],
+        "files": {"hf/model.safetensors": 5_300_000, "model.gguf": 2_700_000}})
+    return run
+
+
+def test_lifecycle_sections_show_curves_the_evaluation_table_and_transcripts(tmp_path):
+    import matplotlib.image as mpimg
+
+    run = add_lifecycle(make_run_dir(tmp_path))
+    out = build_report(run)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    # Base, SFT and aligned side by side; chance of a 4-way choice; GPT-3 Small's published ARC-Easy
+    # zero-shot accuracy (Brown et al. 2020, table H.1); CORE centred by chance.
+    assert "| task | metric | chance | base (pre-trained) | SFT | aligned | GPT-3 Small (125M), 0-shot |" in md
+    assert "| arc_easy | acc | 0.250 | 0.300 | 0.350 | 0.400 | 0.436 |" in md
+    assert "| bpb | bpb | - | 1.900 | 2.000 | 2.100 | - |" in md
+    assert f"| CORE (centred mean) | centred acc | 0 | {0.05 / 0.75:.3f} |" in md
+    assert "Not run (no runner for these tasks yet): chat." in md
+    assert "| held-out chat questions answered right (transcripts) | 1 of 1 |" in md
+    assert "user: What is 2 + 3?" in md and "arithmetic (right)" in md
+    assert "| model.gguf | 2.7 MB |" in md
+    for plot in ("sft_loss.png", "align_loss.png", "align_reward_margin.png", "align_reward_accuracy.png"):
+        assert f"](plots/{plot})" in md
+        assert colourful_pixels(mpimg.imread(out / "plots" / plot)) > 500, plot
+    # Ordered for a reader: outcome first, the config in the appendix.
+    titles = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert titles[:3] == ["Summary", "Evaluation", "Pre-training"]
+    assert titles.index("Appendix: configuration") > titles.index("Data")
+    assert "| 10 | " in md.split("## Appendix: per-step tables", 1)[1]  # SFT's evaluations
+
+
+def test_the_pdf_shows_a_plot_before_the_config(tmp_path):
+    import pypdfium2 as pdfium
+
+    out = build_report(add_lifecycle(make_run_dir(tmp_path)))
+    pdf = pdfium.PdfDocument(str(out / "report.pdf"))
+    texts = [pdf[i].get_textpage().get_text_range() for i in range(len(pdf))]
+    first_plot = next(i for i in range(len(pdf))
+                      if colourful_pixels(np.asarray(pdf[i].render(scale=2).to_pil().convert("RGB"))) > 2000)
+    config_page = next(i for i, t in enumerate(texts) if "Appendix: configuration" in t and "[model]" in t)
+    assert first_plot <= 1 < config_page
+    assert "Evaluation" in texts[0]

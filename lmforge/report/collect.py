@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.pipeline.layout import RunLayout
-from lmforge.report import plots
+from lmforge.report import lifecycle, plots
 from lmforge.report.document import (
     Block,
     Code,
@@ -126,11 +126,12 @@ def summary(run: RunArtefacts) -> list[Block]:
             if value is not None:
                 rows.append([label, f"{value:.4f}"])
     if run.latest_checkpoint is not None:
-        rows.append(["final checkpoint", str(run.latest_checkpoint)])
+        rows.append(["pre-trained checkpoint", str(run.latest_checkpoint)])
     if run.config is not None:
         from lmforge.accounting import param_counts
 
         rows.append(["parameters", f"{param_counts(run.config.model).total:,}"])
+    rows += lifecycle.headline_rows(run)
     return [Table(["quantity", "value"], rows)]
 
 
@@ -284,11 +285,6 @@ def training(run: RunArtefacts) -> list[Block] | str:
             [str(e.get("step", "-")), str(e["event"]),
              ", ".join(f"{k}={_short(v)}" for k, v in e.items() if k not in ("step", "event"))]
             for e in events]))
-    evals = m.val("val_loss")
-    if evals:
-        bpb = dict(m.val("val_bpb"))
-        rows = [[f"{s:,}", f"{v:.4f}", f"{bpb[s]:.4f}" if s in bpb else "-"] for s, v in evals]
-        blocks.append(Table(["step", "validation loss", "bits per byte"], rows[-12:]))
     return blocks or "metrics.jsonl holds no training steps"
 
 
@@ -352,15 +348,23 @@ def environment(run: RunArtefacts) -> list[Block]:
     return [Paragraph(f"From {origin}."), Table(["item", "value"], rows)]
 
 
+# Ordered for a reader: the outcome (headline figures, evaluation, curves, what the model says)
+# first, then how it was made, and the full config and per-step tables in the appendix.
 SECTIONS: list[tuple[str, Callable[[RunArtefacts], list[Block] | str]]] = [
     ("Summary", summary),
-    ("Configuration", configuration),
+    ("Evaluation", lifecycle.evaluation),
+    ("Pre-training", training),
+    ("Fine-tuning (SFT)", lifecycle.fine_tuning),
+    ("Alignment", lifecycle.alignment),
+    ("Chat transcripts", lifecycle.transcripts),
+    ("Samples", samples),
+    ("Export", lifecycle.export),
     ("Data", data),
     ("Tokenizer", tokenizer),
     ("Model and compute", model),
-    ("Training", training),
-    ("Samples", samples),
     ("Stage timings", timings),
+    ("Appendix: configuration", configuration),
+    ("Appendix: per-step tables", lifecycle.per_step_tables),
     ("Machine and libraries", environment),
 ]
 
