@@ -82,6 +82,8 @@ COMMANDS: list[Command] = [
             "Score a checkpoint on benchmarks (MMLU, ARC, HellaSwag, ...) and bits per byte."),
     Command("report", "lmforge.report.cli:report_command", "lmforge.report.cli:report_args",
             "Regenerate a run's report (Markdown, HTML, PDF) from its artefacts."),
+    Command("guide", "lmforge.report.guide:guide_command", "lmforge.report.guide:guide_args",
+            "Build the guide (docs/guide/, one chapter per stage) into one PDF."),
 ]
 
 

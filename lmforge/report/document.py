@@ -31,7 +31,15 @@ class Figure:
     caption: str
 
 
-Block = Paragraph | Table | Code | Figure
+@dataclass
+class Heading:
+    """A heading inside a section (level 3 and below: the section itself is level 2)."""
+
+    text: str
+    level: int = 3
+
+
+Block = Paragraph | Table | Code | Figure | Heading
 
 
 @dataclass

@@ -12,7 +12,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from lmforge.report.document import Block, Code, Figure, Paragraph, Report, Table
+from lmforge.report.document import Block, Code, Figure, Heading, Paragraph, Report, Table
 
 # --------------------------------------------------------------------------------------------
 # Markdown
@@ -43,6 +43,8 @@ def _markdown_block(block: Block) -> list[str]:
         return [f"{fence}text", block.text.rstrip("\n"), fence]
     if isinstance(block, Figure):
         return [f"![{block.caption}]({block.path})", "", f"*{block.caption}*"]
+    if isinstance(block, Heading):
+        return [f"{'#' * block.level} {block.text}"]
     raise TypeError(f"unknown block {type(block).__name__}")
 
 
@@ -100,6 +102,8 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Figure):
         return (f'<figure><img src="{e(block.path)}" alt="{e(block.caption)}">'
                 f"<figcaption>{e(block.caption)}</figcaption></figure>")
+    if isinstance(block, Heading):
+        return f"<h{block.level}>{e(block.text)}</h{block.level}>"
     raise TypeError(f"unknown block {type(block).__name__}")
 
 
@@ -148,6 +152,9 @@ class _PdfWriter:
     def space(self, height: float) -> None:
         self.y += height
 
+    def page_break(self) -> None:
+        self.close_page()
+
     def heading(self, text: str, size: float) -> None:
         self._room(0.9)  # never leave a heading alone at the bottom of a page
         self.space(0.12)
@@ -160,6 +167,9 @@ class _PdfWriter:
         pixels = mpimg.imread(path)
         width = _PAGE_W - 2 * _MARGIN
         height = width * pixels.shape[0] / pixels.shape[1]
+        most = 0.55 * (_PAGE_H - 2 * _MARGIN)  # a tall screenshot shrinks to fit a page with text
+        if height > most:
+            width, height = width * most / height, most
         self._room(height + 0.3)
         ax = self.fig.add_axes((_MARGIN / _PAGE_W, 1 - (self.y + height) / _PAGE_H,
                                 width / _PAGE_W, height / _PAGE_H))
@@ -169,8 +179,10 @@ class _PdfWriter:
         self.line(caption, size=8, color="#555555", style="italic")
 
 
-def write_pdf(report: Report, report_dir: Path, path: Path) -> None:
-    """Write `report` as a PDF to `path`; figure paths are relative to `report_dir`."""
+def write_pdf(report: Report, report_dir: Path, path: Path, section_pages: bool = False,
+              creator: str = "lmforge report") -> None:
+    """Write `report` as a PDF to `path`; figure paths are relative to `report_dir`.
+    `section_pages` starts each section on a new page (the chapters of the guide)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,10 +193,12 @@ def write_pdf(report: Report, report_dir: Path, path: Path) -> None:
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         info = pdf.infodict()
         info["Title"] = report.title
-        info["Creator"] = "lmforge report"
+        info["Creator"] = creator
         out = _PdfWriter(pdf)
         out.heading(report.title, size=17)
         for section in report.sections:
+            if section_pages:
+                out.page_break()
             out.heading(section.title, size=13)
             for block in section.blocks:
                 _pdf_block(out, block, report_dir)
@@ -206,20 +220,25 @@ def _pdf_block(out: _PdfWriter, block: Block, report_dir: Path) -> None:
                 out.line(line, size=7.5, height=0.14, family="monospace")
     elif isinstance(block, Figure):
         out.image(report_dir / block.path, block.caption)
+    elif isinstance(block, Heading):
+        out.heading(block.text, size=max(13 - 1.5 * (block.level - 2), 9.5))
     else:
         raise TypeError(f"unknown block {type(block).__name__}")
 
 
 def _table_lines(table: Table) -> list[str]:
-    """A table as aligned monospace lines; the widest columns are cut until a row fits the page."""
+    """A table as aligned monospace lines; the widest columns are narrowed until a row fits the
+    page, and a cell longer than its column wraps onto the next lines (nothing is cut)."""
     rows = [[c.replace("\n", " ") for c in r] for r in [table.headers, *table.rows]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(table.headers))]
     while sum(widths) + 2 * (len(widths) - 1) > _MONO_CHARS and max(widths) > 8:
         widths[widths.index(max(widths))] -= 1
-    lines = ["  ".join(_cut(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = []
+    for row in rows:
+        cells = [textwrap.wrap(c, w, break_long_words=True) or [""] for c, w in zip(row, widths)]
+        for k in range(max(len(c) for c in cells)):
+            lines.append("  ".join((c[k] if k < len(c) else "").ljust(w)
+                                   for c, w in zip(cells, widths)).rstrip())
+        if row is rows[0]:
+            lines.append("  ".join("-" * w for w in widths))
     return lines
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
