@@ -133,9 +133,15 @@ def _task_row(task: str, metric: str, models: dict[str, Any], labels: list[str],
               references: list[str]) -> list[str]:
     chance = _chance(task) if metric in ("acc", "acc_norm") else None
     values = [models[m].get("results", {}).get(task, {}).get(metric) for m in labels]
-    published = [REFERENCES[r]["scores"].get(task) if metric in ("acc", "acc_norm") else None  # type: ignore[union-attr]
-                 for r in references]
+    published = [_reference(r, task, metric) for r in references]
     return [task, metric, _num(chance), *(_num(v) for v in values), *(_num(p) for p in published)]
+
+
+def _reference(name: str, task: str, metric: str) -> float | None:
+    """A known model's published score of `task`, on the row of the metric it was scored by."""
+    scores: dict[str, tuple[str, float]] = REFERENCES[name]["scores"]  # type: ignore[assignment]
+    scored_by, value = scores.get(task, ("", None))
+    return value if scored_by == metric else None
 
 
 def _chance(task: str) -> float | None:
