@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lmforge.errors import UserError
@@ -105,9 +104,9 @@ def test_the_real_guide_builds_with_every_chapter_and_image(tmp_path):
     texts, images = pdf_pages(tmp_path / "guide.pdf")
     # Each chapter starts a page with its title, in the index's order.
     titles = [re.match(r"# (.+)", p.read_text(encoding="utf-8")).group(1) for p in chapters]
-    starts = [i for i, t in enumerate(texts) if any(t.lstrip().startswith(plain(x)) for x in titles)]
-    assert [next(x for x in titles if texts[i].lstrip().startswith(plain(x))) for i in starts] == titles
+    page = 1  # after the title page
+    for title in titles:
+        page = next(i for i in range(page, len(texts)) if texts[i].lstrip().startswith(plain(title))) + 1
     # Every image the chapters show is in the PDF.
     shown = sum(len(re.findall(r"^!\[", p.read_text(encoding="utf-8"), flags=re.M)) for p in chapters)
-    assert shown >= 1 and sum(images) == shown
-    assert np.all(np.diff(starts) > 0)
+    assert shown >= 3 and sum(images) == shown
