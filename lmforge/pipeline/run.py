@@ -127,12 +127,11 @@ def _pretrain_config(ctx: Context) -> Any:
 
 def _run_pretrain(ctx: Context) -> None:
     from lmforge.report.environment import machine_info
-    from lmforge.train.checkpoint import CheckpointManager
     from lmforge.train.pretrain import pretrain
 
     layout = ctx.layout
     atomic_write_json(layout.environment, machine_info())  # the machine that trains, for the report
-    resume_from = CheckpointManager(layout.root, 1).latest() if ctx.same_inputs else None
+    resume_from = posttrain.latest_checkpoint(layout.root) if ctx.same_inputs else None
     if resume_from is None:
         # Other inputs' outputs were moved aside by the driver; these are an earlier attempt's on
         # the same inputs that never reached a checkpoint.
@@ -159,15 +158,6 @@ def _clear_training_outputs(layout: RunLayout) -> None:
     layout.metrics.unlink(missing_ok=True)
 
 
-def _pretrain_fingerprint(ctx: Context) -> str | None:
-    from lmforge.train.checkpoint import CheckpointManager
-
-    latest = CheckpointManager(ctx.layout.root, 1).latest()
-    if latest is None:
-        return None
-    return inputs_hash({"checkpoint": latest.name, "weights": file_sha256(latest / "model.safetensors")})
-
-
 def _sample_config(ctx: Context) -> Any:
     return {"prompts": sample_prompts(ctx.cfg), "tokens": SAMPLE_TOKENS, "seed": ctx.cfg.train.seed}
 
@@ -180,11 +170,7 @@ def sample_prompts(cfg: RunConfig) -> list[str]:
 
 
 def _run_sample(ctx: Context) -> None:
-    from lmforge.train.checkpoint import CheckpointManager
-
-    checkpoint = CheckpointManager(ctx.layout.root, 1).latest()
-    if checkpoint is None:
-        raise UserError(f"no complete checkpoint under {ctx.layout.checkpoints} to sample from")
+    checkpoint = posttrain.pretrained(ctx)
     samples = generate_samples(checkpoint, sample_prompts(ctx.cfg), SAMPLE_TOKENS, ctx.cfg.train.seed)
     atomic_write_json(ctx.layout.samples, samples)
 
@@ -237,8 +223,8 @@ STAGES: list[Stage] = [
           _tokenizer_fingerprint, lambda layout: [layout.tokenizer]),
     Stage("shards", ("data", "tokenizer"), _shards_config, _run_shards, _shards_fingerprint,
           _shards_outputs),
-    Stage("pretrain", ("shards",), _pretrain_config, _run_pretrain, _pretrain_fingerprint,
-          _pretrain_outputs),
+    Stage("pretrain", ("shards",), _pretrain_config, _run_pretrain,
+          lambda ctx: posttrain.checkpoint_fingerprint(ctx.layout.root), _pretrain_outputs),
     Stage("sft", ("pretrain",), posttrain.sft_inputs, posttrain.run_sft,
           lambda ctx: posttrain.checkpoint_fingerprint(ctx.layout.sft), lambda layout: [layout.sft]),
     Stage("align", ("sft",), posttrain.align_inputs, posttrain.run_align, posttrain.align_fingerprint,
