@@ -33,6 +33,37 @@ GGUF_FILE = "model.gguf"
 GGUF_DTYPE = "f16"  # half the size of f32; llama.cpp's logits stay within its tests' tolerance
 
 
+# The functions the align and export stages call, by choice (other modules of lmforge own them).
+ALIGN_TRAINERS = {"dpo": ("lmforge.align.dpo", "run_dpo"), "grpo": ("lmforge.align.grpo", "run_grpo")}
+GGUF_EXPORTER = ("lmforge.interop.gguf", "export_gguf")
+
+
+def _function(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def check_available(cfg: RunConfig, stages: list[str]) -> None:
+    """Refuse up front (not after pre-training) an alignment method or export format whose module
+    this installation lacks."""
+    import importlib.util
+
+    wanted = []
+    if "align" in stages and cfg.run.align in ALIGN_TRAINERS:
+        wanted.append((f"run.align={cfg.run.align}", ALIGN_TRAINERS[cfg.run.align][0]))
+    if "export" in stages and "gguf" in cfg.run.export:
+        wanted.append(("run.export=gguf", GGUF_EXPORTER[0]))
+    for setting, module in wanted:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its package is missing too
+            found = False
+        if not found:
+            raise UserError(f"{setting} needs {module}, which this lmforge does not have; "
+                            "choose another (run.align=none, run.export=hf)")
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints of the run's stages
 
@@ -168,10 +199,7 @@ def run_align(ctx: Context) -> None:
     if method == "none":
         print("  run.align = none: the SFT model is the final model", flush=True)
         return
-    if method == "dpo":
-        from lmforge.align.dpo import run_dpo as train
-    else:
-        from lmforge.align.grpo import run_grpo as train
+    train = _function(*ALIGN_TRAINERS[method])  # run_dpo / run_grpo(cfg, checkpoint, run_dir, resume)
     cfg = align_stage_config(ctx.cfg)
     resume = _resume_or_clear(ctx, ctx.layout.align) is not None
     seconds = ctx.stage_budget_s("align") if not resume else None
@@ -297,9 +325,7 @@ def run_export(ctx: Context) -> None:
         if "hf" in formats:
             export_hf(checkpoint, tmp / "hf")
         if "gguf" in formats:
-            from lmforge.interop.gguf import export_gguf
-
-            export_gguf(checkpoint, tmp / GGUF_FILE, dtype=GGUF_DTYPE)
+            _function(*GGUF_EXPORTER)(checkpoint, tmp / GGUF_FILE, dtype=GGUF_DTYPE)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_json(tmp / EXPORT_NOTE, {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)),
                                               "formats": formats, "files": files})
