@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -296,3 +297,14 @@ def test_a_missing_alignment_or_export_module_is_refused_up_front(tmp_path, monk
     with pytest.raises(UserError, match="run.align=dpo needs"):  # before anything is written
         run_in(tmp_path / "run", "run.align=dpo")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mistake_in_a_later_stage_settings_is_refused_before_the_first_stage(tmp_path):
+    cases = [("run.chat_tasks=arithmetic,riddles", "run.chat_tasks: unknown task 'riddles'"),
+             ('run.sft_overrides=["train.nope=1"]', "run.sft_overrides: --set: unknown config key 'train.nope'"),
+             ('run.sft_overrides=["model.n_layers=9"]', "run.sft_overrides: a fine-tuning stage keeps"),
+             ("run.eval_tasks=bpb,trivia", "unknown task 'trivia'")]
+    for override, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            run_in(tmp_path / "run", "run.align=none", "run.export=hf", override)
+        assert not (tmp_path / "run").exists()

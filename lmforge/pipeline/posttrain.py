@@ -23,7 +23,7 @@ from typing import Any
 
 from lmforge.atomic import atomic_directory, atomic_write_json
 from lmforge.config import RunConfig, apply_override
-from lmforge.errors import Interrupted, UserError
+from lmforge.errors import ConfigError, Interrupted, UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline.records import inputs_hash
 from lmforge.pipeline.stage import Context
@@ -106,16 +106,21 @@ def checkpoint_fingerprint(run_dir: Path) -> str | None:
     return inputs_hash({"checkpoint": latest.name, "weights": weights})
 
 
-def stage_config(cfg: RunConfig, train_defaults: dict[str, Any], overrides: list[str]) -> RunConfig:
-    """The run's config with a fine-tuning stage's train defaults and its own overrides."""
+def stage_config(cfg: RunConfig, train_defaults: dict[str, Any], field: str) -> RunConfig:
+    """The run's config with a fine-tuning stage's train defaults and its overrides
+    (`run.<field>`, e.g. run.sft_overrides)."""
     stage = copy.deepcopy(cfg)
     stage.train = dataclasses.replace(stage.train, **train_defaults, time_budget="")
-    for item in overrides:
-        apply_override(stage, item)
+    try:
+        for item in getattr(cfg.run, field):
+            apply_override(stage, item)
+        stage.validate()
+    except ConfigError as e:
+        raise ConfigError(f"run.{field}: {e}") from None
     if stage.model != cfg.model:
-        raise UserError("run.sft_overrides / run.align_overrides: a fine-tuning stage keeps the "
-                        "pre-trained model's architecture; drop the model.* items")
-    return stage.validate()
+        raise UserError(f"run.{field}: a fine-tuning stage keeps the pre-trained model's "
+                        "architecture; drop the model.* items")
+    return stage
 
 
 def _train_inputs(ctx: Context, name: str, stage_cfg: RunConfig) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def _stopped(result: Any) -> None:
 def sft_stage_config(cfg: RunConfig) -> RunConfig:
     from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
 
-    return stage_config(cfg, SFT_TRAIN_DEFAULTS, cfg.run.sft_overrides)
+    return stage_config(cfg, SFT_TRAIN_DEFAULTS, "sft_overrides")
 
 
 def sft_inputs(ctx: Context) -> Any:
@@ -181,7 +186,7 @@ def align_stage_config(cfg: RunConfig) -> RunConfig:
     # Alignment moves a chat model a little, as SFT does: it starts from the same train defaults.
     from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
 
-    return stage_config(cfg, SFT_TRAIN_DEFAULTS, cfg.run.align_overrides)
+    return stage_config(cfg, SFT_TRAIN_DEFAULTS, "align_overrides")
 
 
 def align_inputs(ctx: Context) -> Any:
@@ -222,22 +227,19 @@ def align_fingerprint(ctx: Context) -> str | None:
 
 
 def eval_inputs(ctx: Context) -> Any:
-    return {"tasks": ctx.cfg.run.eval_tasks, "limit": ctx.cfg.run.eval_limit}
+    # The tasks that can run are an input too: a runner added later redoes the stage.
+    return {"tasks": runnable_tasks(ctx.cfg.run.eval_tasks)[0], "limit": ctx.cfg.run.eval_limit}
 
 
-def runnable_tasks(spec: list[str], say=print) -> tuple[list[str], list[str]]:
+def runnable_tasks(spec: list[str]) -> tuple[list[str], list[str]]:
     """(tasks to run, tasks skipped) of run.eval_tasks: a task that is a valid name but has no
-    runner yet (a generation task still to be written) is skipped with a note, not an error."""
+    runner yet (a generation task still to be written) is skipped, not an error."""
     from lmforge.eval.runner import RUNNERS
     from lmforge.eval.tasks import PLANNED, resolve_tasks
 
     tasks, skipped = [], []
     for name in resolve_tasks(",".join(spec)):
-        if name in PLANNED and name not in RUNNERS:
-            say(f"  eval: task {name!r} is not implemented yet; skipped")
-            skipped.append(name)
-        else:
-            tasks.append(name)
+        (skipped if name in PLANNED and name not in RUNNERS else tasks).append(name)
     return tasks, skipped
 
 
@@ -246,6 +248,8 @@ def run_eval(ctx: Context) -> None:
     from lmforge.eval.runner import EvalOptions, evaluate
 
     tasks, skipped = runnable_tasks(ctx.cfg.run.eval_tasks)
+    for name in skipped:
+        print(f"  eval: task {name!r} is not implemented yet; skipped", flush=True)
     options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
                           bpb_data=ctx.layout.data)
     models: dict[str, Any] = {}
@@ -279,6 +283,11 @@ def eval_fingerprint(ctx: Context) -> str | None:
 
 
 def chat_inputs(ctx: Context) -> Any:
+    from lmforge.tasks import MIXTURE  # every builtin:chat task by name
+
+    unknown = [name for name in ctx.cfg.run.chat_tasks if name not in MIXTURE]
+    if unknown:
+        raise UserError(f"run.chat_tasks: unknown task {unknown[0]!r}; known: {', '.join(MIXTURE)}")
     return {"tasks": ctx.cfg.run.chat_tasks, "questions": ctx.cfg.run.chat_questions,
             "seed": ctx.cfg.train.seed}
 
@@ -290,9 +299,6 @@ def run_chat(ctx: Context) -> None:
     from lmforge.tasks.score import score_task
 
     known = make_tasks(code_max_bytes=ctx.cfg.data.builtin_code_max_bytes)
-    unknown = [name for name in ctx.cfg.run.chat_tasks if name not in known]
-    if unknown:
-        raise UserError(f"run.chat_tasks: unknown task {unknown[0]!r}; known: {', '.join(known)}")
     checkpoint = final_model(ctx)
     model, tokenizer = load_for_eval(checkpoint)
     transcripts = []

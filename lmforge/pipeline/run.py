@@ -349,11 +349,13 @@ def _plan(ctx: Context, records: StageRecords, stages: list[Stage]) -> list[str]
     stage after one of those."""
     planned: list[str] = []
     for stage in stages:
+        # Every stage's config is read, so that a mistake in a later stage's settings is refused
+        # now, not after pre-training.
+        inputs = {"config": stage.config(ctx),
+                  "after": {name: _upstream(records, name) for name in stage.after}}
         if any(name in planned for name in stage.after):
             planned.append(stage.name)
             continue
-        inputs = {"config": stage.config(ctx),
-                  "after": {name: _upstream(records, name) for name in stage.after}}
         record = records.get(stage.name)
         if not (records.is_current(stage.name, inputs_hash(inputs))
                 and stage.fingerprint(ctx) == record.get("outputs")):
