@@ -155,21 +155,25 @@ class _PdfWriter:
     def page_break(self) -> None:
         self.close_page()
 
-    def heading(self, text: str, size: float) -> None:
-        self._room(0.9)  # never leave a heading alone at the bottom of a page
+    def heading(self, text: str, size: float, keep: float = 0.9) -> None:
+        self._room(keep)  # never leave a heading alone at the bottom of a page
         self.space(0.12)
         self.line(text, size=size, height=size / 50, weight="bold")
         self.space(0.06)
+
+    @staticmethod
+    def image_size(pixels) -> tuple[float, float]:
+        """(width, height) in inches of an image drawn across the text width."""
+        width = _PAGE_W - 2 * _MARGIN
+        height = width * pixels.shape[0] / pixels.shape[1]
+        most = 0.55 * (_PAGE_H - 2 * _MARGIN)  # a tall screenshot shrinks to fit a page with text
+        return (width * most / height, most) if height > most else (width, height)
 
     def image(self, path: Path, caption: str) -> None:
         import matplotlib.image as mpimg
 
         pixels = mpimg.imread(path)
-        width = _PAGE_W - 2 * _MARGIN
-        height = width * pixels.shape[0] / pixels.shape[1]
-        most = 0.55 * (_PAGE_H - 2 * _MARGIN)  # a tall screenshot shrinks to fit a page with text
-        if height > most:
-            width, height = width * most / height, most
+        width, height = self.image_size(pixels)
         self._room(height + 0.3)
         ax = self.fig.add_axes((_MARGIN / _PAGE_W, 1 - (self.y + height) / _PAGE_H,
                                 width / _PAGE_W, height / _PAGE_H))
@@ -199,11 +203,21 @@ def write_pdf(report: Report, report_dir: Path, path: Path, section_pages: bool 
         for section in report.sections:
             if section_pages:
                 out.page_break()
-            out.heading(section.title, size=13)
+            out.heading(section.title, size=13, keep=_first_block_height(section, report_dir))
             for block in section.blocks:
                 _pdf_block(out, block, report_dir)
                 out.space(0.08)
         out.close_page()
+
+
+def _first_block_height(section, report_dir: Path) -> float:
+    """Room a section's heading needs below it: a figure that opens the section goes with it."""
+    import matplotlib.image as mpimg
+
+    first = section.blocks[0] if section.blocks else None
+    if isinstance(first, Figure):
+        return _PdfWriter.image_size(mpimg.imread(report_dir / first.path))[1] + 0.7
+    return 0.9
 
 
 def _pdf_block(out: _PdfWriter, block: Block, report_dir: Path) -> None:
