@@ -1,4 +1,4 @@
-"""`lmforge run`: the whole pipeline in one command."""
+"""`lmforge run`: the whole lifecycle in one command."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def run_args(parser: argparse.ArgumentParser) -> None:
                              "(replaces data.sources; default: builtin:default)")
     parser.add_argument("--time-budget", default=DEFAULT_BUDGET, metavar="DURATION",
                         help=f"wall-clock budget of the whole run, e.g. 15m or 1h (default "
-                             f"{DEFAULT_BUDGET}); pre-training gets what the data stages leave. "
-                             "'none': train for train.max_steps")
+                             f"{DEFAULT_BUDGET}); pre-training, SFT and alignment share what the "
+                             "other stages leave (run.*_share). 'none': each trains for its "
+                             "train.max_steps")
     parser.add_argument("--until", metavar="STAGE",
                         help="run the stages up to and including STAGE (data, tokenizer, shards, "
                              "pretrain, sft, align, eval, sample, chat, export, report)")
