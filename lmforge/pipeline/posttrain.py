@@ -168,11 +168,11 @@ def run_sft(ctx: Context) -> None:
 
     cfg = sft_stage_config(ctx.cfg)
     resume_from = _resume_or_clear(ctx, ctx.layout.sft)
+    data = sft_data(cfg.sft, cfg.train.seed)  # first: the seconds it takes come off the budget
     # A resumed run keeps the step count its checkpoint was sized to (as `lmforge sft --resume`).
     seconds = ctx.stage_budget_s("sft") if resume_from is None else None
     if seconds is not None:
         cfg.train.time_budget = f"{seconds:.0f}s"
-    data = sft_data(cfg.sft, cfg.train.seed)
     result = sft(cfg, base_reference(pretrained(ctx)), data, ctx.layout.sft, resume_from=resume_from,
                  time_budget_s=seconds)
     _stopped(result)
