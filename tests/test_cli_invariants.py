@@ -129,7 +129,10 @@ BAD: list[tuple[list[str], str | None, str]] = [
     (["sample", "--checkpoint", "{R}/nan_ckpt"], None, "NaN"),
     (["sample", "--checkpoint", "{R}/mismatch_ckpt"], None, "do not belong together"),
     (["run", "--source", "{R}/missing", "--out", "{R}/new", "--time-budget", "none"], "new", "no such file"),
+    (["run", "--source", "{R}/corpus", "--out", "{R}/new", "--until", "train"], "new", "no such stage"),
     (["report", "{R}/missing"], None, "missing"),
+    (["guide", "--pdf", "{R}/new.pdf", "--guide-dir", "{R}/missing"], "new.pdf", "not found"),
+    (["guide", "--pdf", "{R}/afile"], None, "--force"),
     (["nonsense"], None, "unknown command"),
 ]
 

@@ -263,8 +263,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     _check_run_dir(layout.root)
     records = StageRecords(layout.stages)
     # Everything that can refuse the run is checked before the first write.
-    posttrain.check_available(cfg, [stage.name for stage in stages])
     planned = _plan(ctx, records, stages)
+    posttrain.check_available(cfg, [stage.name for stage in stages])
     ctx.estimates = {name: _estimate_s(ctx, name, records) for name in planned}
     _check_budget(ctx, planned, up_front=True)
 
