@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -221,12 +222,16 @@ def test_a_budget_too_small_for_a_redo_is_refused_before_anything_is_touched(fin
     # others as long as they took, and the driver keeps 5 s.
     took = sum(r["seconds"] for name, r in records(run).items()
                if name in ("eval", "sample", "chat", "export", "report"))
-    smallest = math.ceil((2 * 30 + took + 5) / 10) * 10
+    need = 2 * 30 + took + 5
     command = run_command(run, corpus)
     command[command.index("--time-budget") + 1] = "1m"
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.strip().count("\n") == 0 and f"give --time-budget {smallest}s" in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    # The smallest budget it names adds what the command had already spent (imports, planning:
+    # seconds on a busy machine), rounded up to ten seconds.
+    named = int(re.search(r"give --time-budget (\d+)s", done.stderr).group(1))
+    assert named % 10 == 0 and math.ceil(need / 10) * 10 <= named <= need + 60, done.stderr
     assert {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
