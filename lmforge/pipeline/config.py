@@ -27,7 +27,8 @@ class LifecycleConfig:
         directory) and "gguf" (llama.cpp, f16).
     eval_tasks: `lmforge eval` task names or groups, run on the base, SFT and aligned models.
     eval_limit: items per task (the first N; 0 means all): sized so that three models fit the
-        eval stage's minutes on two CPU cores.
+        eval stage's minutes on two CPU cores. All items are tens of thousands (hours on a CPU,
+        far beyond the time the budget keeps for evaluation until it has measured it once).
     chat_tasks / chat_questions: builtin:chat tasks whose held-out questions the final model
         answers for the transcripts (RUN/logs/chat.json), and how many per task.
     pretrain_share / sft_share / align_share: how the time left after the data stages, minus the
