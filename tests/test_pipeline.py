@@ -161,6 +161,10 @@ def test_run_writes_every_artefact_and_the_report(finished):
     # Where the chat model is, and the commands that talk to it.
     assert f"model:  {run / 'sft' / 'checkpoints' / 'step_00000008'}" in stdout
     assert f"lmforge chat --checkpoint {run}" in stdout and f"lmforge serve --checkpoint {run}" in stdout
+    chat = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--checkpoint", str(run), "--prompt",
+                           "What is 2 + 3?", "--max-tokens", "4", "--temperature", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr  # the run directory resolves to its chat model
 
     md = (run / "report" / "report.md").read_text()
     html = (run / "report" / "report.html").read_text()
