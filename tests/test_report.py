@@ -189,6 +189,8 @@ def add_lifecycle(run: Path) -> Path:
         sft.append({"step": step, "loss": 3.0 * math.exp(-step / 10) + 1.0})
         dpo.append({"step": step, "loss": 0.69 - step / 100, "reward_margin": step / 30,
                     "reward_accuracy": 0.5 + step / 70})
+        if step % 10 == 0:  # a held-out accuracy under a name of the stage's own
+            dpo.append({"step": step, "heldout_accuracy": 0.1 + step / 100})
         if step % 10 == 0:
             sft.append({"step": step, "val_loss": 3.0 * math.exp(-step / 10) + 1.2})
     for name, rows in (("sft", sft), ("align", dpo)):
@@ -229,7 +231,8 @@ def test_lifecycle_sections_show_curves_the_evaluation_table_and_transcripts(tmp
     assert "| held-out chat questions answered right (transcripts) | 1 of 1 |" in md
     assert "user: What is 2 + 3?" in md and "arithmetic (right)" in md
     assert "| model.gguf | 2.7 MB |" in md
-    for plot in ("sft_loss.png", "align_loss.png", "align_reward_margin.png", "align_reward_accuracy.png"):
+    for plot in ("sft_loss.png", "align_loss.png", "align_reward_margin.png", "align_reward_accuracy.png",
+                 "align_heldout_accuracy.png"):
         assert f"](plots/{plot})" in md
         assert colourful_pixels(mpimg.imread(out / "plots" / plot)) > 500, plot
     # Ordered for a reader: outcome first, the config in the appendix.

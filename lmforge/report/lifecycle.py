@@ -192,11 +192,23 @@ def alignment(run) -> list[Block] | str:
     blocks: list[Block] = []
     if plots.plot_loss(metrics, run.plots_dir / "align_loss.png"):
         blocks.append(Figure(f"{run.plots_dir.name}/align_loss.png", f"{method.upper()}: loss per step"))
-    for key, (title, ylabel) in ALIGN_SERIES.items():
+    for key, (title, ylabel) in _align_series(metrics).items():
         name = f"align_{key}.png"
         if plots.plot_series(metrics, key, title, ylabel, run.plots_dir / name):
             blocks.append(Figure(f"{run.plots_dir.name}/{name}", title))
     return blocks or "the alignment run logged no steps"
+
+
+def _align_series(metrics: Metrics) -> dict[str, tuple[str, str]]:
+    """The known alignment series, then any other reward, accuracy or pass@k a stage logged
+    (e.g. held-out accuracy under a name of its own)."""
+    series = dict(ALIGN_SERIES)
+    for record in metrics.records:
+        for key, value in record.items():
+            if (key not in series and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and any(word in key for word in ("reward", "accuracy", "pass"))):
+                series[key] = (key.replace("_", " "), key.replace("_", " "))
+    return series
 
 
 def per_step_tables(run) -> list[Block] | str:
