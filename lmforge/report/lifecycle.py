@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,10 @@ def fine_tuning(run) -> list[Block] | str:
         blocks.append(Figure(f"{run.plots_dir.name}/sft_loss.png",
                              "SFT: loss on the assistant tokens per step, validation loss on held-out "
                              "conversations"))
+    for key, (title, ylabel) in _score_series(metrics, {}).items():
+        name = f"sft_{key.replace('/', '_')}.png"
+        if plots.plot_series(metrics, key, f"SFT: {title}", ylabel, run.plots_dir / name):
+            blocks.append(Figure(f"{run.plots_dir.name}/{name}", f"SFT: {title}"))
     base = run.layout.sft / "base.json"
     if base.is_file():
         cfg = run.config
@@ -192,21 +197,24 @@ def alignment(run) -> list[Block] | str:
     blocks: list[Block] = []
     if plots.plot_loss(metrics, run.plots_dir / "align_loss.png"):
         blocks.append(Figure(f"{run.plots_dir.name}/align_loss.png", f"{method.upper()}: loss per step"))
-    for key, (title, ylabel) in _align_series(metrics).items():
-        name = f"align_{key}.png"
+    for key, (title, ylabel) in _score_series(metrics, ALIGN_SERIES).items():
+        name = f"align_{key.replace('/', '_')}.png"
         if plots.plot_series(metrics, key, title, ylabel, run.plots_dir / name):
             blocks.append(Figure(f"{run.plots_dir.name}/{name}", title))
     return blocks or "the alignment run logged no steps"
 
 
-def _align_series(metrics: Metrics) -> dict[str, tuple[str, str]]:
-    """The known alignment series, then any other reward, accuracy or pass@k a stage logged
-    (e.g. held-out accuracy under a name of its own)."""
-    series = dict(ALIGN_SERIES)
+def _score_series(metrics: Metrics, known: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """The known series, then any other reward, accuracy or pass@k a stage logged (e.g. held-out
+    accuracy under a name of its own, or evaluation tasks run during training)."""
+    series = dict(known)
     for record in metrics.records:
+        if "event" in record:
+            continue
         for key, value in record.items():
+            words = set(re.split(r"[_/@.]", key))
             if (key not in series and isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and any(word in key for word in ("reward", "accuracy", "pass"))):
+                    and words & {"reward", "acc", "accuracy", "pass"}):
                 series[key] = (key.replace("_", " "), key.replace("_", " "))
     return series
 
