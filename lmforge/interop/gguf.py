@@ -237,7 +237,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     out = Path(out)
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(directory.name)
+        writer.add_name(Path(checkpoint).resolve().name)  # the run's name, not step_00000600
         _add_hyperparameters(writer, cfg, dtype)
         _add_tokenizer(writer, tok, cfg.vocab_size)
         for name, array in tensors.items():
