@@ -163,6 +163,19 @@ def test_tensors_read_back(exported, dtype):
             assert (np.abs(blocks_got - blocks_want) <= 0.6 * step).all(), name
 
 
+def test_q8_0_keeps_rows_that_do_not_split_into_blocks_of_32_in_f16(tmp_path):
+    tok = train_tokenizer(["the cat sat on the mat " * 30], vocab_size=300, workers=1)
+    tok.save(tmp_path / "tok")
+    cfg = load_config(overrides=["model.vocab_size=300", "model.d_model=48", "model.n_layers=1",
+                                 "model.n_heads=4", "model.d_ff=64"])
+    ckpt = save_model(Transformer(cfg.model), cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    reader = gguf.GGUFReader(export_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of d_ff = 64
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "F16"  # rows of 48
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+
 def test_interleave_turns_rotate_half_rope_into_llama_cpp_rope():
     """llama.cpp's llama RoPE rotates pairs (2i, 2i+1) by position * theta^(-2i/d); applied to the
     permuted query rows it equals our rotate-half RoPE followed by the same permutation."""
