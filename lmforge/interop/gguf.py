@@ -235,17 +235,19 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     pre_tokenizer(tok)  # refuse an unsupported pattern before loading the weights
     tensors = _gguf_tensors(load_model(directory).state_dict(), cfg, arch)
     out = Path(out)
+    writer = gguf.GGUFWriter(None, arch)  # the file is opened, at a temporary path, below
+    writer.add_name(Path(checkpoint).resolve().name)  # the run's name, not step_00000600
+    _add_hyperparameters(writer, cfg, dtype)
+    _add_tokenizer(writer, tok, cfg.vocab_size)
+    for name, array in tensors.items():
+        _add_tensor(writer, name, array, dtype)
     with atomic_file(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(Path(checkpoint).resolve().name)  # the run's name, not step_00000600
-        _add_hyperparameters(writer, cfg, dtype)
-        _add_tokenizer(writer, tok, cfg.vocab_size)
-        for name, array in tensors.items():
-            _add_tensor(writer, name, array, dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return out
 
 
