@@ -10,6 +10,7 @@ tokens, f16/q8_0 greedy tokens, its tokenizer on the tokenizer tests' strings, a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import sysconfig
@@ -246,6 +247,11 @@ def test_what_llama_cpp_cannot_run_is_a_clear_error(tmp_path):
     digits2 = save_model(Transformer(cfg.model), cfg, tmp_path / "digits2", tokenizer_dir=tmp_path / "tok2")
     with pytest.raises(UserError, match="tokenizer.digits 3 or 1"):
         export_gguf(digits2, tmp_path / "x.gguf")
+    bare_tok = train_tokenizer(["the cat " * 30], vocab_size=270, workers=1, special_tokens=["<|pad|>"])
+    bare_tok.save(tmp_path / "tok3")
+    no_eot = save_model(Transformer(cfg.model), cfg, tmp_path / "no_eot", tokenizer_dir=tmp_path / "tok3")
+    with pytest.raises(UserError, match=re.escape("no <|endoftext|> special token")):
+        export_gguf(no_eot, tmp_path / "x.gguf")
     with pytest.raises(UserError, match="--dtype 'q4'"):
         export_gguf(bare, tmp_path / "x.gguf", "q4")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))

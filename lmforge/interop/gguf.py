@@ -167,6 +167,17 @@ def pre_tokenizer(tok: Tokenizer) -> str:
         ) from None
 
 
+def check_tokenizer(tok: Tokenizer, vocab_size: int) -> str:
+    """The pre-tokenizer name, after refusing (UserError) a tokenizer llama.cpp cannot use with
+    an embedding of `vocab_size` rows."""
+    if "<|endoftext|>" not in tok.special_tokens:  # else llama.cpp takes token 11 for the end of text
+        raise UserError("the tokenizer has no <|endoftext|> special token, which GGUF needs as its "
+                        "end-of-text token (tokenizer.special_tokens lists it by default)")
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={vocab_size}")
+    return pre_tokenizer(tok)
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
     """The tokenizer as llama.cpp's `gpt2` model, padded with unused tokens up to the embedding's
     `vocab_size` rows (llama.cpp wants one token per row)."""
@@ -174,8 +185,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> 
 
     from lmforge.tokenizer.export import byte_level_text, merge_pairs
 
-    if tok.vocab_size > vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={vocab_size}")
     specials = {i: s for s, i in tok.special_tokens.items()}
     tokens, types = [], []
     for i in range(vocab_size):
@@ -189,15 +198,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> 
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tok))
+    writer.add_tokenizer_pre(check_tokenizer(tok, vocab_size))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([f"{byte_level_text(a)} {byte_level_text(b)}" for a, b in merge_pairs(tok)])
     # <|endoftext|> starts and ends a document; the chat format writes it itself (and our
     # `sample` does not prepend it), so llama.cpp must not add it to every prompt.
-    if "<|endoftext|>" in tok.special_tokens:
-        writer.add_bos_token_id(tok.eot_id)
-        writer.add_eos_token_id(tok.eot_id)
+    writer.add_bos_token_id(tok.eot_id)
+    writer.add_eos_token_id(tok.eot_id)
     if END in tok.special_tokens:
         writer.add_eot_token_id(tok.special_tokens[END])  # an assistant turn's end
     if "<|pad|>" in tok.special_tokens:
@@ -232,7 +240,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
         raise UserError(f"{directory} has no {TOKENIZER_DIR}/ directory; a GGUF file needs the "
                         "checkpoint's tokenizer")
     tok = load_tokenizer(directory / TOKENIZER_DIR)
-    pre_tokenizer(tok)  # refuse an unsupported pattern before loading the weights
+    check_tokenizer(tok, cfg.vocab_size)  # before loading the weights
     tensors = _gguf_tensors(load_model(directory).state_dict(), cfg, arch)
     out = Path(out)
     writer = gguf.GGUFWriter(None, arch)  # the file is opened, at a temporary path, below
