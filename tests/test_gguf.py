@@ -356,6 +356,7 @@ def test_llama_cpp_tokenizer_gives_our_ids(vocab_only):
 def test_llama_cpp_tokenizer_property(vocab_only, text):
     tok, llm = vocab_only
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, allowed_special="all")
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
 
 
 def test_llama_cpp_chats_with_the_template(tmp_path):
