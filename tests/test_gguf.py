@@ -225,6 +225,29 @@ def test_textbook_bpe_on_the_file_gives_our_ids(exported):
         assert _textbook_bpe(text, tok.pattern, vocab, ranks, whole) == tok.encode(text), text[:40]
 
 
+def test_a_lora_checkpoint_exports_as_its_merged_model(tmp_path):
+    """As every reader of checkpoints: the adapters merged in (the same file as `lora merge`'s)."""
+    from test_lora import base_model, config, lora_model
+
+    from lmforge.cli import main
+    from lmforge.finetune import lora
+
+    train_tokenizer(["the adapters and the base model, merged or not"] * 20, vocab_size=300).save(tmp_path / "tok")
+    cfg = config()
+    base = save_model(base_model(cfg), cfg, tmp_path / "base", tokenizer_dir=tmp_path / "tok")
+    ckpt = lora.save_lora_checkpoint(lora_model(cfg), cfg, tmp_path / "lora", lora.base_reference(base),
+                                     tmp_path / "tok")
+    assert main(["lora", "merge", "--checkpoint", str(ckpt), "--out", str(tmp_path / "merged")]) == 0
+
+    def tensors(checkpoint: Path) -> dict[str, np.ndarray]:
+        reader = gguf.GGUFReader(export_gguf(checkpoint, tmp_path / f"{checkpoint.name}.gguf", "f32"))
+        return {t.name: np.array(t.data) for t in reader.tensors}
+
+    adapted, merged, plain = tensors(ckpt), tensors(tmp_path / "merged"), tensors(base)
+    assert adapted.keys() == merged.keys() and all(np.array_equal(adapted[n], merged[n]) for n in merged)
+    assert not np.array_equal(adapted["blk.0.attn_q.weight"], plain["blk.0.attn_q.weight"])
+
+
 # -- refusals and the CLI ------------------------------------------------------------------------
 
 
