@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from lmforge.atomic import atomic_file
 from lmforge.chat.format import CHAT_TEMPLATE, CHAT_TOKENS, END
-from lmforge.config import DIGIT_RUN, GPT4_SPLIT_PATTERN, ModelConfig
+from lmforge.config import ModelConfig, TokenizerConfig
 from lmforge.errors import UserError
 from lmforge.outputs import add_force_arg, check_output
 
@@ -44,8 +44,8 @@ DTYPES = ("f32", "f16", "q8_0")
 # (Llama 3's, GPT-4's pattern: digits in runs of up to 3) also takes a chunk that is itself a
 # token whole, as tiktoken does; "qwen2" is the same pattern with single digits.
 PRE_TOKENIZERS = {
-    GPT4_SPLIT_PATTERN: "llama-bpe",
-    GPT4_SPLIT_PATTERN.replace(DIGIT_RUN, r"\p{N}{1,1}"): "qwen2",
+    TokenizerConfig(digits=3).split_pattern: "llama-bpe",
+    TokenizerConfig(digits=1).split_pattern: "qwen2",
 }
 
 # Our per-layer parameter names -> llama.cpp's (gguf's MODEL_TENSOR names, filled in below).
