@@ -42,7 +42,10 @@ DTYPES = ("f32", "f16", "q8_0")
 
 # Our split regex -> the name of llama.cpp's pre-tokenizer that applies the same regex. "llama-bpe"
 # (Llama 3's, GPT-4's pattern: digits in runs of up to 3) also takes a chunk that is itself a
-# token whole, as tiktoken does; "qwen2" is the same pattern with single digits.
+# token whole, as tiktoken does; "qwen2" is the same pattern with single digits. Theirs are spelled
+# a little differently (no possessive quantifiers, `\s*[\r\n]+` for our `\s*[\r\n]`) but cut the
+# same chunks: nothing after our possessive items could take what they hold, and a greedy `\s*`
+# then newline ends at the run's last newline either way (tests/test_gguf.py checks on real text).
 PRE_TOKENIZERS = {
     TokenizerConfig(digits=3).split_pattern: "llama-bpe",
     TokenizerConfig(digits=1).split_pattern: "qwen2",
