@@ -43,6 +43,8 @@ COMMANDS: list[Command] = [
             "Export a checkpoint as a Hugging Face Llama/Qwen3 model directory."),
     Command("export peft", "lmforge.interop.peft:export_command", "lmforge.interop.peft:export_args",
             "Export a LoRA checkpoint's adapters as a peft adapter directory."),
+    Command("export gguf", "lmforge.interop.gguf:export_command", "lmforge.interop.gguf:export_args",
+            "Export a checkpoint and its tokenizer as one GGUF file for llama.cpp."),
     Command("import hf", "lmforge.interop.hf:import_command", "lmforge.interop.hf:import_args",
             "Import a Hugging Face Llama/Qwen3 model directory as an lmforge checkpoint."),
     Command("tokenizer train", "lmforge.tokenizer.cli:train", "lmforge.tokenizer.cli:train_args",

@@ -4,6 +4,7 @@ failures that cannot be provoked from outside (a full disk) and the smaller fixe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -99,6 +100,8 @@ BAD: list[tuple[list[str], str | None, str]] = [
     (["model", "info", "--checkpoint", "{R}/missing"], None, "not found"),
     (["export", "hf", "--checkpoint", "{R}/ckpt", "--out", "{R}/afile"], None, "is a file"),
     (["export", "hf", "--checkpoint", "{R}/nan_ckpt", "--out", "{R}/new"], "new", "NaN"),
+    (["export", "gguf", "--checkpoint", "{R}/ckpt", "--out", "{R}/afile"], "afile", "already exists"),
+    (["export", "gguf", "--checkpoint", "{R}/nan_ckpt", "--out", "{R}/new.gguf"], "new.gguf", "NaN"),
     (["import", "hf", "--from", "{R}/corpus", "--out", "{R}/new"], "new", "config.json"),
     (["tokenizer", "train", "--input", "{R}/corpus", "--vocab-size", "300", "--out", "{R}/afile"], "afile", "afile"),
     (["tokenizer", "train", "--input", "{R}/missing", "--out", "{R}/new"], "new", "no such file"),
@@ -197,10 +200,19 @@ def disk_full(monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
 
+    def full_gguf(writer, *args, **kwargs):  # after the header and metadata are in the file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with contextlib.suppress(ImportError):
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_gguf)
+
 
 @pytest.mark.parametrize("argv", [
     ["init", "--preset", "tiny", "--set", "model.n_layers=1", "--out", "{T}/out"],
     ["export", "hf", "--checkpoint", "{R}/ckpt", "--out", "{T}/out"],
+    ["export", "gguf", "--checkpoint", "{R}/ckpt", "--out", "{T}/out.gguf"],
 ])
 def test_disk_full_is_one_line_and_leaves_no_partial_output(world, tmp_path, capsys, disk_full, argv):
     code = main([a.replace("{R}", str(world)).replace("{T}", str(tmp_path)) for a in argv])

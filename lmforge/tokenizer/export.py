@@ -48,23 +48,35 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def hf_tokenizer_json(tok: Tokenizer) -> dict:
-    """The Hugging Face `tokenizers` JSON document equivalent to `tok`."""
-    to_char = bytes_to_unicode()
+_BYTE_TO_CHAR = bytes_to_unicode()
 
-    def text(token: bytes) -> str:
-        return "".join(to_char[b] for b in token)
 
-    vocab = {text(tok.token_bytes(i)): i for i in range(256 + len(tok.merges))}
-    merges = []
+def byte_level_text(token: bytes) -> str:
+    """A token's bytes as GPT-2 byte-level text (one printable character per byte), the spelling
+    Hugging Face's ByteLevel BPE and llama.cpp's `gpt2` tokenizer model use in their vocabularies."""
+    return "".join(_BYTE_TO_CHAR[b] for b in token)
+
+
+def merge_pairs(tok: Tokenizer) -> list[tuple[bytes, bytes]]:
+    """Ranked merges that make a standard BPE encoder (merge the adjacent pair of lowest rank,
+    leftmost first) give our ids: every way to join two tokens into a third, ranked by the id of
+    the result (tiktoken merges the pair whose joined bytes have the lowest id). Each token's
+    learned merge comes first, so `tokenizer_from_hf` can read the merges back."""
+    pairs = []
     for token_id, learned in enumerate(tok.merges, start=256):
         token = tok.token_bytes(token_id)
-        # The learned merge first (`tokenizer_from_hf` reads it back), then every other split.
-        merges.append([text(tok.token_bytes(learned[0])), text(tok.token_bytes(learned[1]))])
+        pairs.append((tok.token_bytes(learned[0]), tok.token_bytes(learned[1])))
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in tok.ranks and right in tok.ranks and (tok.ranks[left], tok.ranks[right]) != learned:
-                merges.append([text(left), text(right)])
+                pairs.append((left, right))
+    return pairs
+
+
+def hf_tokenizer_json(tok: Tokenizer) -> dict:
+    """The Hugging Face `tokenizers` JSON document equivalent to `tok`."""
+    vocab = {byte_level_text(tok.token_bytes(i)): i for i in range(256 + len(tok.merges))}
+    merges = [[byte_level_text(left), byte_level_text(right)] for left, right in merge_pairs(tok)]
     added = [
         {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True}
