@@ -256,7 +256,7 @@ def test_cli_runs_tasks_and_writes_json(model_dirs, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "nope"], "unknown task 'nope'"),
     (["--tasks", "arc_easy", "--limit", "0"], "--limit 0"),
-    (["--tasks", "gsm8k"], "not implemented yet"),
+    (["--tasks", "gsm8k", "--shots", "9"], "standard exemplars"),
     (["--tasks", "bpb"], "needs --bpb-data"),
 ])
 def test_cli_bad_input_is_one_line(model_dirs, args, message):
