@@ -214,3 +214,24 @@ def test_cli_writes_a_run_checkpoints_results_into_the_run(tmp_path):
 
 
 
+
+
+# ---- letter-choice multiple choice
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "mmlu", "winogrande"])
+def test_letters_format_reads_the_letter_the_model_answers(wheel, tok, task):
+    from lmforge.eval import letters
+    from lmforge.eval.tasks import benchmark
+
+    items = benchmark(task).load(None)[0][:6]
+    requests = [letters.requests(tok, item, [])[0][0] for item in items]
+    # Gold letter on even items, the next letter on odd ones.
+    answers = [letters.letters(it)[(it.gold + i % 2) % len(it.choices)] for i, it in enumerate(items)]
+    model = scripted(tok, list(zip(requests, answers)))
+    m = evaluate(model, tok, [task], options(limit=6, format="letters"))["results"][task]
+    assert m["acc"] == pytest.approx(0.5) and "acc_norm" not in m and m["format"] == "letters"
+    text = letters.question(items[0])
+    assert text.count("\nA. ") == 1 and text.endswith(letters.INSTRUCTION)  # MMLU lists its once
+    if task == "arc_easy":
+        assert text.startswith("Question: ") and f"\nB. {items[0].choices[1]}" in text

@@ -8,6 +8,8 @@ lm-evaluation-harness scores them: `acc` picks the choice with the highest summe
 `acc_norm` divides it by the choice's length in characters first (the harness' definition),
 `stderr` is the sample standard error of the mean accuracy. `core` centres each `core` task's
 accuracy by its chance level, (acc - chance) / (1 - chance), and averages them (nanochat's CORE).
+With `format="letters"` (chat models) the multiple-choice items are asked in the chat format with
+lettered choices instead and scored by the log-likelihood of each letter (lmforge/eval/letters.py).
 
 Other kinds of task plug in through `RUNNERS`: a name -> function(model, tokenizer, options)
 returning that task's metrics dict (the same keys: `items`, `shots`, `stderr`, `seconds`, its own
@@ -25,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
-from lmforge.eval import generation
+from lmforge.eval import generation, letters
 from lmforge.eval.scoring import encode_pair, score_requests
 from lmforge.eval.tasks import BPB, GROUPS, Benchmark, Item, benchmark, with_shots
+from lmforge.eval.tasks.base import shot_items
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,24 @@ def progress_bar(total: int, name: str, enabled: bool):
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
-def score_items(model, tokenizer, bench: Benchmark, items: list[Item], prefixes: list[str],
-                options: EvalOptions) -> list[dict[str, Any]]:
+def encode_items(tokenizer, bench: Benchmark, items: list[Item], pools: dict[str, list[Item]],
+                 shots: int, letter_choice: bool) -> list[list[tuple[list[int], list[int]]]]:
+    """Each item's (context ids, continuation ids) per choice: lm-evaluation-harness' prompt
+    with its few-shot prefix, or the chat prompt answered with a letter (lmforge/eval/letters.py)."""
+    if letter_choice:
+        return [letters.requests(tokenizer, item, chosen)
+                for item, chosen in zip(items, shot_items(bench, items, pools, shots), strict=True)]
+    return [[encode_pair(tokenizer, context, continuation) for context, continuation in item.requests(prefix)]
+            for item, prefix in zip(items, with_shots(bench, items, pools, shots), strict=True)]
+
+
+def score_items(model, bench: Benchmark, items: list[Item],
+                encoded: list[list[tuple[list[int], list[int]]]], options: EvalOptions,
+                letter_choice: bool = False) -> list[dict[str, Any]]:
     """One record per item: per-choice log-likelihoods, the prediction(s) and whether right."""
-    requests, owner = [], []
-    for i, (item, prefix) in enumerate(zip(items, prefixes, strict=True)):
-        for context, continuation in item.requests(prefix):
-            requests.append(encode_pair(tokenizer, context, continuation))
-            owner.append(i)
+    requests = [pair for pairs in encoded for pair in pairs]
     # Each request is a fraction of its item: the bar counts items/s though batches are requests.
-    weight = [1 / len(items[i].choices) for i in owner]
+    weight = [1 / len(pairs) for pairs in encoded for _ in pairs]
     with progress_bar(len(items), bench.name, options.progress) as bar:
         done = 0
 
@@ -89,6 +100,9 @@ def score_items(model, tokenizer, bench: Benchmark, items: list[Item], prefixes:
         mine = scores[r:r + len(item.choices)]
         r += len(item.choices)
         lls = [s.logprob for s in mine]
+        if letter_choice:
+            records.append(letters.record(item, lls))
+            continue
         if not bench.multiple_choice:
             records.append({"loglikelihood": lls[0], "acc": float(mine[0].greedy)})
             continue
@@ -109,16 +123,20 @@ def run_benchmark(model, tokenizer, name: str, options: EvalOptions) -> dict[str
     items, pools = bench.load(options.cache)
     items = items[:options.limit] if options.limit else items
     shots = (options.shots or 0) if bench.multiple_choice else 0  # LAMBADA is zero-shot in the harness
-    records = score_items(model, tokenizer, bench, items, with_shots(bench, items, pools, shots), options)
+    letter_choice = options.format == "letters" and bench.multiple_choice
+    encoded = encode_items(tokenizer, bench, items, pools, shots, letter_choice)
+    records = score_items(model, bench, items, encoded, options, letter_choice)
     acc = [r["acc"] for r in records]
     metrics: dict[str, Any] = {"acc": sum(acc) / len(acc), "stderr": mean_stderr(acc)}
-    if bench.acc_norm:
+    if bench.acc_norm and not letter_choice:
         norm = [r["acc_norm"] for r in records]
         metrics["acc_norm"] = sum(norm) / len(norm)
         metrics["acc_norm_stderr"] = mean_stderr(norm)
     if not bench.multiple_choice:
         metrics["perplexity"] = math.exp(-sum(r["loglikelihood"] for r in records) / len(records))
     metrics.update(items=len(records), shots=shots, seconds=time.perf_counter() - start)
+    if letter_choice:
+        metrics["format"] = "letters"
     if options.records:
         metrics["records"] = records
     return metrics
