@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_fixtures import code_tokenizer, scripted
 
 from lmforge.errors import UserError
 from lmforge.eval import code, data, generation
 from lmforge.eval.runner import EvalOptions, evaluate
 from lmforge.eval.tasks import gsm8k
 from lmforge.tasks.common import final_number
-from tests.eval_fixtures import code_tokenizer, scripted
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_model_format_tells_fine_tuned_checkpoints_from_base_ones(tmp_path):
 
 
 def test_cli_writes_a_run_checkpoints_results_into_the_run(tmp_path):
-    from tests.chat_fixtures import tiny_chat_checkpoint
+    from chat_fixtures import tiny_chat_checkpoint
 
     ckpt, _, _ = tiny_chat_checkpoint(tmp_path, name="run/checkpoints/step_00000005", context=512)
     (ckpt / "COMPLETE").touch()
