@@ -18,6 +18,8 @@ from lmforge.errors import UserError
 from lmforge.eval.generation import FORMATS
 from lmforge.outputs import add_force_arg, check_output
 
+RESULTS_DIR = "eval"  # RUN_DIR/eval/<checkpoint>.json: results of a run's checkpoints
+
 
 def eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -102,7 +104,7 @@ def default_out(checkpoint: str | os.PathLike) -> Path | None:
     directory = resolve_checkpoint(checkpoint)
     if directory.parent.name != "checkpoints":
         return None
-    return directory.parent.parent / "eval" / f"{directory.name}.json"
+    return directory.parent.parent / RESULTS_DIR / f"{directory.name}.json"
 
 
 def merged(previous: Path, results: dict[str, Any]) -> dict[str, Any]:
