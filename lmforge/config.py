@@ -277,7 +277,9 @@ class DedupConfig:
 class DecontamConfig:
     """Decontamination against reference texts (e.g. evaluation sets).
 
-    references: files, directories or globs of reference texts (same forms as data.sources).
+    references: files, directories or globs of reference texts (same forms as data.sources), or
+        benchmarks as `eval:TASKS` with TASKS as `lmforge eval --tasks` takes them ("eval:all",
+        "eval:core", "eval:gsm8k,humaneval"): every item of those tasks is a reference.
     ngram: words per n-gram; a document sharing any such n-gram with a reference is contaminated.
     action: "drop" removes contaminated documents, "flag" keeps them and lists them in the manifest.
     """
