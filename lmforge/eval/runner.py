@@ -219,6 +219,8 @@ def evaluate(model, tokenizer, tasks: list[str], options: EvalOptions | None = N
     if options.temperature is not None and not (math.isfinite(options.temperature) and options.temperature >= 0):
         raise UserError(f"--temperature {options.temperature} must be a finite number >= 0")
     for name in tasks:  # fail before hours of work, not after
+        if name in RUNNERS:
+            generation.check_options(name, options)
         if name == BPB and options.bpb_data is None:
             raise UserError("task bpb needs --bpb-data: a text file or a shards directory (its val split)")
     results: dict[str, Any] = {}
