@@ -168,6 +168,10 @@ def test_chat_task_reports_per_task_and_mean_accuracy(tok, monkeypatch):
     m = evaluate(model, tok, ["chat"], options(limit=4, format="chat"))["results"]["chat"]
     assert m["tasks"] == {"doubling": 0.75, "again": 0.75}
     assert m["acc"] == 0.75 and m["items"] == 8 and m["shots"] == 0
+    from lmforge.eval.cli import format_table
+
+    table = format_table({"results": {"chat": m}}).splitlines()
+    assert table[1].startswith("chat ") and table[2].split() == ["doubling", "0.7500"]
     with pytest.raises(UserError, match="--shots"):
         evaluate(model, tok, ["chat"], options(limit=1, format="base", shots=0))
 

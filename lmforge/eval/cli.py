@@ -91,6 +91,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {fmt(m.get('acc')):>8} {fmt(m.get('acc_norm')):>9} "
                      f"{fmt(m.get('stderr')):>8} {other:>18} {m['items']:>6} {m['shots']:>5} "
                      f"{m['seconds']:>8.1f}")
+        for task, acc in m.get("tasks", {}).items():  # chat: each builtin:chat task
+            lines.append(f"  {task:<14} {fmt(acc):>8}")
     if results.get("core"):
         lines.append(f"CORE (centred mean over {len(results['core']['tasks'])} core tasks): "
                      f"{results['core']['centered']:.4f}")
