@@ -322,7 +322,7 @@ def evaluation_table(run: RunArtefacts) -> list[Block]:
     if not results:
         return []
     name, latest = list(results.items())[-1]
-    rows = [[task, key, f"{value:.4f}", _short(m.get("stderr", "-")), _int(m.get("items")),
+    rows = [[task, key, f"{value:.4f}", _short(m.get(f"{key}_stderr", m.get("stderr", "-"))), _int(m.get("items")),
              str(m.get("shots", "-")), str(m.get("format", "base"))]
             for task, m in latest.get("results", {}).items() for key, value in _scores(m)]
     blocks: list[Block] = [

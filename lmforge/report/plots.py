@@ -86,7 +86,8 @@ def plot_series(metrics: Metrics, key: str, title: str, ylabel: str, path: Path,
 
 
 def plot_eval_curves(metrics: Metrics, keys: list[str], path: Path) -> bool:
-    """Benchmark scores (eval/<task>/<metric> rows, all in [0, 1]) against the step."""
+    """Benchmark scores (eval/<task>/<metric> rows: accuracies, pass@k, the centred CORE) against
+    the step."""
     series = [(key, metrics.val(key)) for key in keys]
     series = [(key, points) for key, points in series if points]
     if not series:
@@ -94,7 +95,8 @@ def plot_eval_curves(metrics: Metrics, keys: list[str], path: Path) -> bool:
     fig, ax = _figure("Benchmarks during training", "score")
     for key, points in series:
         ax.plot(*zip(*points), "o-", label=key.removeprefix("eval/"), markersize=3, linewidth=1.2)
-    ax.set_ylim(0, 1)
+    lowest = min(v for _, points in series for _, v in points)
+    ax.set_ylim(min(0.0, lowest - 0.05), 1)  # the centred CORE can be below 0
     ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     return True
