@@ -53,3 +53,16 @@ def test_flatten_keeps_scores_and_drops_counts():
                "core": {"centered": 0.1, "tasks": {}}}
     assert flatten(results) == {"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_norm": 0.25,
                                 "eval/humaneval/pass@1": 0.125, "eval/core": 0.1}
+
+
+def test_a_fine_tuning_run_is_evaluated_with_chat_prompts(tmp_path):
+    from eval_fixtures import code_tokenizer
+
+    from lmforge.eval.training import TrainingEval
+
+    code_tokenizer(tmp_path)  # saved in tmp_path/tok, with the chat tokens
+    evaluator = TrainingEval(["arc_easy"], 4, tmp_path / "tok", run_dir=tmp_path / "run")
+    assert evaluator.prompt_format() == "base"  # a pre-training run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "base.json").write_text("{}")  # what lmforge sft records
+    assert evaluator.prompt_format() == "chat"

@@ -221,7 +221,7 @@ class TrainLoop:
         self.metrics = MetricsLogger(self.run_dir, enabled=par.is_main, tensorboard=self.train.tensorboard)
         self.peak = peak_flops(self.device)
         # train.eval_tasks: benchmarks run beside the objective's validation (checked up front).
-        self.task_eval = training_eval(self.train, tokenizer_dir, self.train.parallel)
+        self.task_eval = training_eval(self.train, tokenizer_dir, self.run_dir)
 
         self.step = 0
         self.tokens = 0
