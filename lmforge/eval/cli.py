@@ -45,7 +45,9 @@ def eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B",
                         help="contexts per forward pass")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="write results as JSON")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="write results as JSON (default for a run's checkpoint: "
+                             "RUN_DIR/eval/<checkpoint>.json, merged)")
     parser.add_argument("--records", action="store_true",
                         help="keep per-item records (log-likelihoods, prediction) in the JSON")
     parser.add_argument("--bpb-data", type=Path, default=None, metavar="PATH",
