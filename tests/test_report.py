@@ -206,4 +206,4 @@ def test_evaluation_section_has_the_results_table_and_the_curves(tmp_path):
 def test_evaluation_section_says_where_results_would_be(tmp_path):
     out = build_report(make_run_dir(tmp_path))
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "Not available: no results in RUN/eval/" in md.split("\n## Evaluation\n")[1]
+    assert "No benchmark results yet" in md.split("\n## Evaluation\n")[1].split("\n## ")[0]

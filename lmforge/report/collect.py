@@ -360,10 +360,12 @@ def evaluation_curves(run: RunArtefacts) -> list[Block]:
             Table(["task/metric", "last value"], last)]
 
 
-def evaluation(run: RunArtefacts) -> list[Block] | str:
+def evaluation(run: RunArtefacts) -> list[Block]:
+    """Benchmarks are optional, so a run without them gets how to add them, not "Not available"."""
     blocks = evaluation_table(run) + evaluation_curves(run)
-    return blocks or ("no results in RUN/eval/ (`lmforge eval --checkpoint RUN_DIR` writes them) "
-                      "and no eval/* rows in the metrics (train.eval_tasks)")
+    return blocks or [Paragraph("No benchmark results yet: `lmforge eval --checkpoint RUN_DIR --tasks "
+                                "core` writes them to RUN/eval/, and train.eval_tasks logs scores "
+                                "during training.")]
 
 
 def samples(run: RunArtefacts) -> list[Block] | str:
