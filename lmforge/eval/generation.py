@@ -97,9 +97,7 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], options: EvalOption
     engine = Engine(model, tokenizer, max_batch=max(options.batch_size, n))  # puts it in eval mode
     try:
         with progress_bar(len(prompts), name, options.progress) as bar:
-            def collect(item: int, event: Event | BaseException) -> None:
-                if isinstance(event, BaseException):
-                    raise event
+            def collect(item: int, event: Event) -> None:  # stepping here, errors raise from step()
                 texts[item][event.index].append(event.text)
                 if event.finish_reason is not None:
                     bar.update(1 / n)
