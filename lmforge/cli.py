@@ -81,7 +81,7 @@ COMMANDS: list[Command] = [
     Command("run", "lmforge.pipeline.cli:run_command", "lmforge.pipeline.cli:run_args",
             "Raw text to a chat model in one go: data, tokenizer, pre-training, SFT, alignment, eval, export, report."),
     Command("eval", "lmforge.eval.cli:eval_command", "lmforge.eval.cli:eval_args",
-            "Score a checkpoint on benchmarks (MMLU, ARC, HellaSwag, ...) and bits per byte."),
+            "Score a checkpoint on benchmarks (MMLU, ARC, HellaSwag, GSM8K, HumanEval, ...) and bits per byte."),
     Command("report", "lmforge.report.cli:report_command", "lmforge.report.cli:report_args",
             "Regenerate a run's report (Markdown, HTML, PDF) from its artefacts."),
     Command("guide", "lmforge.report.guide:guide_command", "lmforge.report.guide:guide_args",

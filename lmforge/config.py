@@ -278,7 +278,9 @@ class DedupConfig:
 class DecontamConfig:
     """Decontamination against reference texts (e.g. evaluation sets).
 
-    references: files, directories or globs of reference texts (same forms as data.sources).
+    references: files, directories or globs of reference texts (same forms as data.sources), or
+        benchmarks as `eval:TASKS` with TASKS as `lmforge eval --tasks` takes them ("eval:all",
+        "eval:core", "eval:gsm8k,humaneval"): every item of those tasks is a reference.
     ngram: words per n-gram; a document sharing any such n-gram with a reference is contaminated.
     action: "drop" removes contaminated documents, "flag" keeps them and lists them in the manifest.
     """
@@ -374,6 +376,10 @@ class TrainConfig:
         still joins the weights alone into model.safetensors). Either resumes on any number of
         processes. Not with "pipeline", whose stages are separate modules.
     eval_batches: micro-batches of the validation split per evaluation (the same ones each time).
+    eval_tasks: benchmark tasks of `lmforge eval` (e.g. ["arc_easy", "hellaswag"], or "core")
+        also run at every evaluation, each on its first eval_limit items, zero-shot, logged as
+        eval/<task>/<metric> beside val_loss (lmforge/eval/training.py). Default: none.
+    eval_limit: items per task of those evaluations.
     sample_every: steps between sample generations written to the log; 0 disables.
     sample_prompt: the prompt of those samples.
     sample_tokens: tokens generated per sample.
@@ -433,6 +439,8 @@ class TrainConfig:
     keep_last: int = 3
     checkpoint_format: str = "full"
     eval_batches: int = 20
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int = 100
     sample_every: int = 0
     sample_prompt: str = "The"
     sample_tokens: int = 48
@@ -461,7 +469,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "keep_last",
-                     "eval_batches", "log_every", "sample_tokens"):
+                     "eval_batches", "eval_limit", "log_every", "sample_tokens"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("seq_len", "warmup_steps", "batch_tokens", "sample_every", "grad_clip",
                      "weight_decay"):

@@ -253,3 +253,34 @@ def test_the_pdf_shows_a_plot_before_the_config(tmp_path):
     config_page = next(i for i, t in enumerate(texts) if "Appendix: configuration" in t and "[model]" in t)
     assert first_plot <= 1 < config_page
     assert "Evaluation" in texts[0]
+
+
+def test_evaluation_section_has_the_results_table_and_the_curves(tmp_path):
+    import matplotlib.image as mpimg
+
+    run = make_run_dir(tmp_path, steps=40)
+    # train.eval_tasks rows, as the loop logs them beside val_loss.
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write("\n" + "".join(json.dumps({"step": s, "val_loss": 2.5, "eval/arc_easy/acc": s / 100,
+                                           "eval/arc_easy/acc_norm": s / 200}) + "\n"
+                               for s in (10, 20, 30)))
+    for step, acc in ((20, 0.3125), (40, 0.4375)):  # lmforge eval of two checkpoints
+        atomic_write_json(run / "eval" / f"step_{step:08d}.json", {
+            "results": {"arc_easy": {"acc": acc, "acc_norm": 0.5, "stderr": 0.05, "items": 16, "shots": 0},
+                        "humaneval": {"pass@1": 0.0625, "stderr": 0.06, "items": 16, "shots": 0}},
+            "core": {"centered": 0.25, "tasks": {"arc_easy": 0.25}}})
+    out = build_report(run)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    section = md.split("\n## Evaluation\n")[1].split("\n## ")[0]
+    assert "| arc_easy | acc | 0.4375 | 0.05 | 16 | 0 | base |" in section  # the newest checkpoint
+    assert "| humaneval | pass@1 | 0.0625 |" in section and "CORE" in section and "0.2500" in section
+    assert "| arc_easy acc | 0.3125 | 0.4375 |" in section  # across checkpoints, in step order
+    assert "| arc_easy/acc | 0.3000 |" in section  # the last logged value during training
+    pixels = mpimg.imread(out / "plots" / "eval.png")
+    assert colourful_pixels(pixels) > 500
+
+
+def test_evaluation_section_says_where_results_would_be(tmp_path):
+    out = build_report(make_run_dir(tmp_path))
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "No benchmark results yet" in md.split("\n## Evaluation\n")[1].split("\n## ")[0]

@@ -52,6 +52,10 @@ def prepare(args: argparse.Namespace) -> int:
     print(format_table(stats))
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards")
+    removed = next((s for s in manifest["stages"] if s["name"] == "decontam (drop)" and s["removed_docs"]), None)
+    if removed:  # which references (files, or the benchmark tasks of eval:...) they overlapped
+        print(f"removed by decontamination ({removed['removed_docs']}), e.g.: " + ", ".join(
+            f"{e['id']} ({', '.join(e.get('references', []))})" for e in removed["examples"][:10]))
     if manifest["flagged"]:
         print(f"flagged by decontamination ({len(manifest['flagged'])}): "
               + ", ".join(manifest["flagged"][:10]))

@@ -36,7 +36,7 @@ from lmforge.atomic import atomic_directory, atomic_write_json
 from lmforge.config import DataConfig, RunConfig
 from lmforge.data.builtin import builtin_description
 from lmforge.data.clean import clean_text
-from lmforge.data.decontam import Decontaminator
+from lmforge.data.decontam import Decontaminator, reference_fingerprint
 from lmforge.data.dedup import MinHasher, exact_key, near_duplicates, shingle_hashes
 from lmforge.data.filters import RULES, quality_problem
 from lmforge.data.ngrams import text_word_hashes
@@ -141,6 +141,8 @@ def _examine(docs: list[Document]) -> list[dict]:
             r["split_u"] = int.from_bytes(digest, "little") / 2.0**64
             if _worker["decontam"] is not None:
                 r["overlaps"] = _worker["decontam"].overlaps(text)
+                if r["overlaps"]:  # which references (benchmarks), for the report
+                    r["references"] = _worker["decontam"].matched(text)
             if cfg.dedup.near:
                 r["shingles"] = shingle_hashes(text, minhash.ngram, lower_words[0])
             survivors.append(r)
@@ -171,7 +173,8 @@ def curate_key(cfg: DataConfig) -> str:
     """Hash of everything the curated corpus depends on: inputs and config (not worker count)."""
     config = dataclasses.asdict(cfg)
     config.pop("workers")
-    inputs: dict[str, Any] = {s: file_fingerprint(s) for s in cfg.sources + cfg.decontam.references}
+    inputs: dict[str, Any] = {s: file_fingerprint(s) for s in cfg.sources}
+    inputs.update({s: reference_fingerprint(s) for s in cfg.decontam.references})
     if any(s.startswith("builtin:") for s in cfg.sources):
         inputs["builtin"] = builtin_description(cfg.builtin_code_max_bytes)
     payload = json.dumps({"version": MANIFEST_VERSION, "config": config, "inputs": inputs},
@@ -236,7 +239,7 @@ def curate(cfg: DataConfig, out_dir: str | Path, progress: bool | None = None) -
                         exact.remove(doc.id, r["bytes"], limit, duplicate_of=first)
                         continue
                 kept.append({"id": doc.id, "bytes": r["bytes"], "split_u": r["split_u"],
-                             "overlaps": r.get("overlaps", 0)})
+                             "overlaps": r.get("overlaps", 0), "references": r.get("references", [])})
                 if cfg.dedup.near:
                     signatures.append(r["signature"])
                 scratch.write(json.dumps({"id": doc.id, "source": doc.source, "kind": doc.kind,
@@ -308,7 +311,8 @@ def _assign_splits(kept: list[dict], duplicate_of: np.ndarray, cfg: DataConfig,
             continue
         if doc["overlaps"]:
             if cfg.decontam.action == "drop":
-                decontam.remove(doc["id"], doc["bytes"], limit, overlapping_ngrams=doc["overlaps"])
+                decontam.remove(doc["id"], doc["bytes"], limit, overlapping_ngrams=doc["overlaps"],
+                                references=doc["references"])
                 split_of.append(None)
                 continue
             flagged.append(doc["id"])

@@ -9,7 +9,9 @@ or from Python: `import lmforge.eval.harness` (registers the model), then
 
 Log-likelihoods go through `lmforge.eval.scoring` (the same batched, context-sharing scorer as
 `lmforge eval`); rolling log-likelihoods (perplexity tasks) cut the text into the harness' own
-disjoint windows first. Generation (`generate_until`) is not available yet.
+disjoint windows first. Generation (`generate_until`) runs on the engine through
+`lmforge.eval.generation.generate`, requests with the same stop strings, length and temperature
+batched together; a context longer than the model's window keeps its end.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from lmforge.eval.scoring import encode_pair, score_requests
+
+DEFAULT_GEN_TOKENS = 256  # lm-evaluation-harness' default max_gen_toks
 
 
 @register_model("lmforge")
@@ -56,6 +60,26 @@ class LmforgeLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(
-            "the lmforge harness model does not generate yet: run log-likelihood tasks "
-            "(multiple choice, perplexity) until the inference engine lands")
+        from lmforge.engine import prompt_ids
+        from lmforge.eval.generation import generate
+        from lmforge.eval.runner import EvalOptions
+
+        groups: dict[tuple[tuple[str, ...], int, float], list[int]] = {}
+        for index, req in enumerate(requests):
+            _, kwargs = req.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            key = (tuple(until), int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS)), temperature)
+            groups.setdefault(key, []).append(index)
+        out = [""] * len(requests)
+        options = EvalOptions(batch_size=self.batch_size, progress=not disable_tqdm)
+        window = self.model.cfg.max_seq_len
+        for (until, max_tokens, temperature), indices in groups.items():
+            # Whole contexts, cut to fit by `generate` (prompt_ids alone would refuse a long one).
+            prompts = [prompt_ids(self.tokenizer, requests[i].args[0], 10**12) for i in indices]
+            texts, _ = generate(self.model, self.tokenizer, prompts, options, "generate_until",
+                                min(max_tokens, window), until, temperature=temperature)
+            for i, (text,) in zip(indices, texts, strict=True):
+                out[i] = text
+        return out

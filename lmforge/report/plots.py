@@ -1,4 +1,5 @@
-"""Training curves as PNG files: loss (train and validation), learning rate, throughput."""
+"""Training curves as PNG files: loss (train and validation), learning rate, throughput, and the
+benchmark scores logged during training (train.eval_tasks)."""
 
 from __future__ import annotations
 
@@ -80,5 +81,22 @@ def plot_series(metrics: Metrics, key: str, title: str, ylabel: str, path: Path,
     else:
         ax.plot(*zip(*points), color="tab:purple", linewidth=1.2)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    _save(fig, path)
+    return True
+
+
+def plot_eval_curves(metrics: Metrics, keys: list[str], path: Path) -> bool:
+    """Benchmark scores (eval/<task>/<metric> rows: accuracies, pass@k, the centred CORE) against
+    the step."""
+    series = [(key, metrics.val(key)) for key in keys]
+    series = [(key, points) for key, points in series if points]
+    if not series:
+        return False
+    fig, ax = _figure("Benchmarks during training", "score")
+    for key, points in series:
+        ax.plot(*zip(*points), "o-", label=key.removeprefix("eval/"), markersize=3, linewidth=1.2)
+    lowest = min(v for _, points in series for _, v in points)
+    ax.set_ylim(min(0.0, lowest - 0.05), 1)  # the centred CORE can be below 0
+    ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     return True

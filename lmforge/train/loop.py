@@ -8,7 +8,8 @@ One optimizer step, in order:
     4. judge          = loss and norm finite, loss not a spike            (guard.py; agreed by all ranks)
          bad  -> never applied: roll back to the last checkpoint, skip the offending data, go on
          good -> optimizer.step()
-    5. watch          = metrics line, objective.evaluate, objective.sample, checkpoint, signals
+    5. watch          = metrics line, objective.evaluate (+ train.eval_tasks, lmforge/eval/training.py),
+                        objective.sample, checkpoint, signals
 
 What is the same for every stage lives here: accumulation, clipping, autocast, compiled blocks,
 the parallel wrapper (`par`, lmforge.distributed), the spike/NaN guard with rollback, atomic
@@ -37,6 +38,7 @@ from torch import nn
 
 from lmforge.config import RunConfig, TrainConfig
 from lmforge.errors import Interrupted, UserError
+from lmforge.eval.training import training_eval
 from lmforge.train.checkpoint import (
     CheckpointManager,
     TrainingCheckpoint,
@@ -218,6 +220,8 @@ class TrainLoop:
         self.checkpoints = CheckpointManager(self.run_dir, self.train.keep_last)
         self.metrics = MetricsLogger(self.run_dir, enabled=par.is_main, tensorboard=self.train.tensorboard)
         self.peak = peak_flops(self.device)
+        # train.eval_tasks: benchmarks run beside the objective's validation (checked up front).
+        self.task_eval = training_eval(self.train, tokenizer_dir, self.run_dir)
 
         self.step = 0
         self.tokens = 0
@@ -389,7 +393,11 @@ class TrainLoop:
         self.end_costs[name] = max(self.end_costs.get(name, 0.0), self.clock() - start)
 
     def evaluate(self) -> dict[str, float]:
-        return self.objective.evaluate(self.model, self.par, self.autocast)
+        scores = self.objective.evaluate(self.model, self.par, self.autocast)
+        if self.task_eval is not None and self.par.is_main:
+            with self.autocast(), run_compiled_code_eagerly():
+                scores = {**scores, **self.task_eval(self.model)}
+        return scores
 
     def sample(self) -> str | None:
         return self.objective.sample(self.model, self.par, self.autocast, self.step)

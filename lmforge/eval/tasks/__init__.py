@@ -1,13 +1,12 @@
-"""Evaluation tasks by name: the log-likelihood benchmarks here, the rest plugged in later.
+"""Evaluation tasks by name: the log-likelihood benchmarks here, the generation tasks by name.
 
     from lmforge.eval.tasks import BENCHMARKS, resolve_tasks
     resolve_tasks("core")          -> ["mmlu", "arc_easy", ...]
     BENCHMARKS["arc_easy"].load(cache) -> (items, few-shot pools)
 
-`PLANNED` names the tasks scored by generation (GSM8K, HumanEval, MBPP, builtin:chat): they are
-valid names, and code that implements one registers a runner for it in
-`lmforge.eval.runner.RUNNERS` (the extension point); until then `lmforge eval` says
-"not implemented yet". `bpb` (bits per byte) is a task of its own kind, also run there.
+`GENERATION` names the tasks scored by generation (GSM8K, HumanEval, MBPP, builtin:chat): their
+runners are in lmforge/eval/generation.py, reached through `lmforge.eval.runner.RUNNERS` (the
+extension point). `bpb` (bits per byte) is a task of its own kind, also run there.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq"),
 }
 BPB = "bpb"
-PLANNED = ("gsm8k", "humaneval", "mbpp", "chat")  # generation tasks; see the module docstring
-GROUPS["all"] = (BPB, *BENCHMARKS, *PLANNED)
+GENERATION = ("gsm8k", "humaneval", "mbpp", "chat")  # see the module docstring
+GROUPS["all"] = (BPB, *BENCHMARKS, *GENERATION)
 
 
 def mmlu_subject(name: str) -> Benchmark | None:
@@ -76,5 +75,5 @@ def benchmark(name: str) -> Benchmark:
     return found
 
 
-__all__ = ["BENCHMARKS", "BPB", "GROUPS", "PLANNED", "Benchmark", "Item", "benchmark",
+__all__ = ["BENCHMARKS", "BPB", "GENERATION", "GROUPS", "Benchmark", "Item", "benchmark",
            "known_tasks", "resolve_tasks", "with_shots"]

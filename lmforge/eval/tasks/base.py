@@ -59,10 +59,10 @@ class Benchmark:
     tags: tuple[str, ...] = field(default=())
 
 
-def with_shots(bench: Benchmark, items: Sequence[Item], pools: dict[str, list[Item]],
-               shots: int) -> list[str]:
-    """The prefix (description + shots) of every item, sampled with a fixed seed per item."""
-    prefixes = []
+def shot_items(bench: Benchmark, items: Sequence[Item], pools: dict[str, list[Item]],
+               shots: int) -> list[list[Item]]:
+    """The few-shot examples of every item, sampled with a fixed seed per item."""
+    chosen_all = []
     for index, item in enumerate(items):
         chosen: list[Item] = []
         if shots:
@@ -74,5 +74,12 @@ def with_shots(bench: Benchmark, items: Sequence[Item], pools: dict[str, list[It
                 rng = random.Random(FEWSHOT_SEED + index)
                 picked = rng.sample(pool, min(len(pool), shots + bench.shots_from_eval))
                 chosen = [s for s in picked if s is not item][:shots]
-        prefixes.append(item.description + "".join(s.demonstration() + FEWSHOT_DELIMITER for s in chosen))
-    return prefixes
+        chosen_all.append(chosen)
+    return chosen_all
+
+
+def with_shots(bench: Benchmark, items: Sequence[Item], pools: dict[str, list[Item]],
+               shots: int) -> list[str]:
+    """The prefix (description + shots) of every item."""
+    return [item.description + "".join(s.demonstration() + FEWSHOT_DELIMITER for s in chosen)
+            for item, chosen in zip(items, shot_items(bench, items, pools, shots), strict=True)]
