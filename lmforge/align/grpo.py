@@ -231,7 +231,7 @@ class GRPOObjective(Objective):
         self._last_tokens = 0
         self.model: nn.Module | None = None
         self._engine: Any = None
-        self._scorer: Any = None
+        self._scorer = load_scorer(self.g.reward_model) if self.g.reward_model else None
         self._held_out = [e for name, t in tasks.items()
                           for e in t.generate("test", 0, max(1, self.g.eval_examples // len(tasks)))]
 
@@ -357,11 +357,7 @@ class GRPOObjective(Objective):
         return [_answers(request, self.g.group_size, self.end_id) for request in requests]
 
     def _rewards(self, rows: list[tuple[Example, _Answer]]) -> list[float]:
-        if self.g.reward_model:
-            if self._scorer is None:
-                from lmforge.align.reward import load_reward_model
-
-                self._scorer = load_reward_model(self.g.reward_model)
+        if self._scorer is not None:
             base = [float(s) for s in self._scorer.score([e.prompt for e, _ in rows], [a.text for _, a in rows])]
         else:
             base = [self.tasks[e.task].reward(e, a.text) for e, a in rows]
@@ -440,6 +436,16 @@ class GRPOObjective(Objective):
         self.rollouts = Rollouts(**state["rollouts"]) if state.get("rollouts") else None
         self.last_metrics = dict(state.get("last_metrics", {}))
         self._last_tokens = int(state.get("last_tokens", 0))
+
+
+def load_scorer(path: str) -> Any:
+    """The reward model of `grpo.reward_model`: `.score(prompts, answers) -> list[float]`, where a
+    prompt is the conversation asked (a list of {role, content}) and an answer the reply's text."""
+    if not Path(path).exists():
+        raise UserError(f"grpo.reward_model={path}: no such checkpoint")
+    from lmforge.align.reward import load_reward_model
+
+    return load_reward_model(path)
 
 
 def _answers(request: Any, n: int, end_id: int) -> list[_Answer]:
@@ -580,4 +586,4 @@ def keep_base_model(cfg: RunConfig, base_dir: Path) -> None:
 
 __all__ = ["CHAT_TASKS", "GRPOObjective", "GRPO_GUARD_DEFAULTS", "GRPO_TRAIN_DEFAULTS", "Rollouts",
            "format_ok", "group_advantages", "grpo", "grpo_token_loss", "keep_base_model", "kl_k3",
-           "load_reference", "resolve_tasks", "run_grpo", "token_logprobs"]
+           "load_reference", "load_scorer", "resolve_tasks", "run_grpo", "token_logprobs"]
