@@ -314,6 +314,19 @@ def test_the_command_leaves_a_checkpoint_that_sample_reads(base, tmp_path):
     assert sampled.returncode == 0 and sampled.stdout.startswith("def"), sampled.stderr
 
 
+def test_run_grpo_is_the_lifecycle_entry_point(base, tmp_path):
+    """run_grpo(cfg, checkpoint, run_dir): tasks from cfg.grpo.tasks; resume=True continues."""
+    from lmforge.align.grpo import run_grpo
+
+    small = ["train.max_steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2",
+             "grpo.max_new_tokens=3", "grpo.eval_examples=2"]
+    assert run_grpo(_config(base, *small), base, tmp_path).step == 1
+    assert run_grpo(_config(base, *small, "train.max_steps=2"), base, tmp_path, resume=True).step == 2
+    assert [r["step"] for r in read_metrics(tmp_path) if "reward_mean" in r] == [1, 2]
+    with pytest.raises(UserError, match="model.n_layers: grpo keeps the model"):
+        run_grpo(_config(base, *small, "model.n_layers=3"), base, tmp_path / "other")
+
+
 def test_tasks_resolve_to_the_verifiable_ones():
     chat = resolve_tasks(["chat"])
     assert "chitchat" not in chat and {"arithmetic", "letters"} <= set(chat)

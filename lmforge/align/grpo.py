@@ -65,6 +65,7 @@ from lmforge.train.loop import (
     TrainLoop,
     TrainResult,
     autocast_for,
+    run_compiled_code_eagerly,
     seed_everything,
 )
 
@@ -333,7 +334,7 @@ class GRPOObjective(Objective):
 
         assert self.model is not None
         was_training = self.model.training
-        with self.autocast():
+        with self.autocast(), run_compiled_code_eagerly():
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer, max_batch=max(self.local_rows, 1))
                 # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
