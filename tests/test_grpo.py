@@ -136,6 +136,24 @@ def test_format_reward_wants_a_final_answer_line_and_end():
     assert not format_ok("#### 4 and more", "stop")
 
 
+def test_forced_calculator_tokens_are_masked_and_the_end_token_is_trained():
+    """The Engine's events: a sampled token comes with its log-prob, a calculator result it forced
+    without; "stop" means the policy wrote <|end|>, which the Engine leaves out of token_ids."""
+    from lmforge.align.grpo import _answers
+    from lmforge.engine import Event, TokenLogprob
+
+    def sampled(token: int) -> list[TokenLogprob]:
+        return [TokenLogprob(token, -1.0, [])]
+
+    events = [Event(0, "", [10], sampled(10)), Event(1, "x", [4], sampled(4)),
+              Event(0, "2+2", [11], sampled(11)), Event(0, "", [12], sampled(12)),
+              Event(0, "4", [13], []), Event(1, "y", [5], sampled(5), "length"),
+              Event(0, "", [], [], "stop")]
+    first, second = _answers(events, 2, end_id=99)
+    assert (first.ids, first.sampled, first.text, first.finish_reason) == ([10, 11, 12, 13, 99], [1, 1, 1, 0, 1], "2+24", "stop")
+    assert (second.ids, second.sampled, second.finish_reason) == ([4, 5], [1, 1], "length")
+
+
 def test_the_loss_through_micro_batches_is_the_token_level_loss(base):
     """The objective's micro-batch losses, scaled as the loop scales them, give the gradient of
     sum over all answer tokens / their number, computed here directly from the model's logits."""
