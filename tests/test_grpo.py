@@ -371,3 +371,31 @@ def test_bad_input_is_one_line_and_exit_2(case, base, tmp_path):
                     *_sets("train.max_steps=1", "train.tensorboard=false", *overrides))
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: ddp ranks share the prompts and reproduce the one-process run
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_on_two_ranks_matches_one_process(base, tmp_path):
+    """Each rank samples its half of the prompts (same seeds); gradients are averaged with the
+    loss scaled by ranks / tokens: the same rewards, losses and gradient norms as one process."""
+    run = ["train.max_steps=4", "train.eval_every=4", "train.batch_size=8", "grpo.kl_coef=0.05"]
+    single = _drive(base, tmp_path / "one", False, *run)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run(["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(TESTS / "test_grpo.py"), "--drive", str(base),
+                          str(tmp_path / "two"), *run, "train.parallel=ddp"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    expected, got = _step_rows(tmp_path / "one"), _step_rows(tmp_path / "two")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    assert any(v[1] > 0 for v in expected.values())
+    for step, values in expected.items():
+        assert got[step] == pytest.approx(values, rel=1e-4, abs=1e-6), step
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--drive"]:  # the torchrun workers of the test above
+    drive(sys.argv[2], sys.argv[3], False, *sys.argv[4:])
