@@ -301,6 +301,8 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, tmp_path, lora)
     expected = _step_rows(tmp_path / "reference")
     assert sorted(expected) == list(range(1, 11))
     assert any(v[1] > 0 for v in expected.values())  # some steps had signal (not all zero)
+    # The reference is the starting model (LoRA: adapters off): no KL before the first update, some after.
+    assert expected[1][3] == pytest.approx(0.0, abs=1e-6) and expected[10][3] > 1e-4
     assert _step_rows(tmp_path / "killed") == expected
     passes = {r["step"]: r["pass_at_1"] for r in read_metrics(tmp_path / "killed") if "pass_at_1" in r}
     assert passes == {r["step"]: r["pass_at_1"] for r in read_metrics(tmp_path / "reference") if "pass_at_1" in r}
