@@ -167,7 +167,7 @@ def test_the_loss_through_micro_batches_is_the_token_level_loss(base):
     old, ref, _ = objective._score_rows(rows, starts)
     objective.rollouts = Rollouts(ids=rows, start=starts, mask=[[1, 1, 1], [1]], advantage=[0.7, -1.3],
                                   old_logp=[o.tolist() for o in old], ref_logp=[r.tolist() for r in ref],
-                                  tokens=4, metrics={})
+                                  tokens=4)
     for _ in range(2):
         (objective.loss(model, objective.next_batch()) / objective.accum).backward()
     ours = [p.grad.clone() for p in model.parameters()]

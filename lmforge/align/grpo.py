@@ -195,7 +195,6 @@ class Rollouts:
     old_logp: list[list[float]]
     ref_logp: list[list[float]]
     tokens: int  # trained (masked-in) answer tokens of the whole batch, all ranks
-    metrics: dict[str, float]
 
 
 @dataclasses.dataclass
@@ -304,7 +303,7 @@ class GRPOObjective(Objective):
             ids=[rows[i] for i in keep], start=[starts[i] for i in keep],
             mask=[flat[i][1].sampled for i in keep], advantage=[float(advantages.view(-1)[i]) for i in keep],
             old_logp=[old[i].tolist() for i in keep], ref_logp=[ref[i].tolist() for i in keep],
-            tokens=int(totals[0]), metrics=self.last_metrics,
+            tokens=int(totals[0]),
         )
 
     def _prompts(self, index: int) -> tuple[list[Example], list[int]]:
