@@ -338,7 +338,7 @@ def test_run_grpo_is_the_lifecycle_entry_point(base, tmp_path):
     """run_grpo(cfg, checkpoint, run_dir): tasks from cfg.grpo.tasks; resume=True continues."""
     from lmforge.align.grpo import run_grpo
 
-    small = ["train.max_steps=1", "grpo.prompts_per_step=2", "grpo.group_size=2",
+    small = ["train.max_steps=1", "grpo.tasks=arithmetic", "grpo.prompts_per_step=2", "grpo.group_size=2",
              "grpo.max_new_tokens=3", "grpo.eval_examples=2"]
     assert run_grpo(_config(base, *small), base, tmp_path).step == 1
     assert run_grpo(_config(base, *small, "train.max_steps=2"), base, tmp_path, resume=True).step == 2
@@ -369,6 +369,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, base, tmp_path):
     flags, overrides, message = BAD[case]
+    flags = flags or ["--tasks", "arithmetic"]  # not the default chat: its corpus tasks read archives
     proc = _lmforge("grpo", "--checkpoint", str(base), "--out", str(tmp_path / "run"), *flags,
                     *_sets("train.max_steps=1", "train.tensorboard=false", *overrides))
     assert proc.returncode == 2, proc.stderr

@@ -13,9 +13,10 @@ class GrpoConfig:
 
     tasks: built-in tasks whose train split gives the prompts and whose checker gives the reward
         (lmforge.tasks.make_tasks: arithmetic, letters, identity, shakespeare, bible, docstrings),
-        or "chat" for every verifiable one. Default arithmetic: the task whose difficulty is
-        graded, so a small model's groups hold both right and wrong answers (signal); knowledge
-        questions a small model gets all wrong give groups GRPO can only skip.
+        or "chat" (the default) for every verifiable one, each in its builtin:chat share: the
+        tasks SFT taught, so whichever of them the model half-masters gives groups with signal
+        (a tiny model's arithmetic may be all wrong while its letter counting is not); groups
+        with no signal cost their samples but no gradient.
     group_size: answers sampled per prompt; advantages are relative to the group.
     prompts_per_step: prompts per rollout batch (all ranks together; a multiple of the ranks).
     max_new_tokens: longest answer, in tokens (the context also ends an answer).
@@ -34,7 +35,7 @@ class GrpoConfig:
         train.eval_every steps, shared out over the tasks.
     """
 
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    tasks: list[str] = field(default_factory=lambda: ["chat"])
     group_size: int = 8
     prompts_per_step: int = 8
     max_new_tokens: int = 96

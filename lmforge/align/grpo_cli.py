@@ -18,7 +18,7 @@ def grpo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", metavar="LIST",
                         help="comma-separated built-in tasks whose checker is the reward, e.g. "
                              "arithmetic,letters, or chat for every verifiable one (sets grpo.tasks; "
-                             "default arithmetic)")
+                             "default chat)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run directory: metrics.jsonl, checkpoints/, base.json, config.toml")
     add_config_args(parser)
