@@ -68,6 +68,8 @@ COMMANDS: list[Command] = [
             "Pre-train a model on token shards (resumable, with checkpoints and a spike guard)."),
     Command("sft", "lmforge.finetune.cli:sft_command", "lmforge.finetune.cli:sft_args",
             "Fine-tune a checkpoint on conversations, fully or with LoRA (resumable)."),
+    Command("grpo", "lmforge.align.grpo_cli:grpo_command", "lmforge.align.grpo_cli:grpo_args",
+            "RL with verifiable rewards (GRPO) from a chat checkpoint on built-in tasks (resumable)."),
     Command("lora merge", "lmforge.finetune.lora:merge_command", "lmforge.finetune.lora:merge_args",
             "Merge a LoRA checkpoint's adapters into its base: a plain checkpoint."),
     Command("plan", "lmforge.plan:plan_command", "lmforge.plan:plan_args",

@@ -25,6 +25,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from lmforge.align.config import GrpoConfig
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import SftConfig
 from lmforge.pipeline.config import LifecycleConfig
@@ -615,6 +616,7 @@ class RunConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: LifecycleConfig = field(default_factory=LifecycleConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):

@@ -1,0 +1,1 @@
+"""Alignment after SFT: DPO, a reward model, and RL with verifiable rewards (GRPO)."""
