@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.chat.format import CHAT_TOKENS, TOOL_TOKENS
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.model import compute_dtype
@@ -372,8 +373,10 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 # --------------------------------------------------------------------------------------------
 # The engine: continuous batching of many requests over one ragged KV cache
 
-STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # an assistant turn's end, a document's end
-TOOL_TOKENS = ("<|tool|>", "<|/tool|>")  # around a calculator expression (lmforge.chat's too)
+# Every chat control token ends an answer: <|end|> (the turn's end) and <|endoftext|> (the
+# document's), and a role token, which means the model began the next turn itself. None of them
+# is ever sent as text.
+STOP_TOKENS: tuple[str, ...] = CHAT_TOKENS
 
 
 @dataclass

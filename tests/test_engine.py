@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.engine import Engine, RaggedKVCache, SamplingParams, _Sequence, generate
+from lmforge.engine import STOP_TOKENS, Engine, RaggedKVCache, SamplingParams, _Sequence, generate
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -43,7 +43,7 @@ def model(tok):
 
 def alone(model, tok, prompt, max_tokens) -> list[int]:
     """Greedy tokens of one prompt through the batch-1 path, cut at the first stop token."""
-    stops = [tok.special_tokens[t] for t in ("<|end|>", "<|endoftext|>")]
+    stops = [tok.special_tokens[t] for t in STOP_TOKENS]
     out = generate(model, torch.tensor([prompt]), max_tokens, temperature=0,
                    vocab_limit=tok.vocab_size)[0, len(prompt):].tolist()
     cut = [i for i, t in enumerate(out) if t in stops]
@@ -146,6 +146,22 @@ def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[st
     while not request._events.empty():
         events.append(request._events.get())
     return [e.text for e in events], events[-1].finish_reason
+
+
+@pytest.mark.parametrize("control", ["<|user|>", "<|system|>", "<|assistant|>", "<|end|>", "<|endoftext|>"])
+def test_a_chat_control_token_ends_the_answer_and_is_never_text(tok, control):
+    model = tiny_model(tok)
+    words = tok.encode("ab cd")
+    script = iter([*words, tok.special_tokens[control], *words])
+
+    def head(h: torch.Tensor) -> torch.Tensor:  # the model writes the script, a token per forward
+        logits = torch.zeros(*h.shape[:-1], model.cfg.vocab_size)
+        logits[..., next(script)] = 100.0
+        return logits
+
+    model.head = head
+    (answer,), = Engine(model, tok).generate([[5, 6]], SamplingParams(max_tokens=20, temperature=0))
+    assert answer.text == "ab cd" and answer.token_ids == words and answer.finish_reason == "stop"
 
 
 def test_multibyte_characters_stream_intact(tok, model):
