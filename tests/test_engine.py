@@ -197,3 +197,18 @@ def test_background_thread_serves_concurrent_requests(tok, model):
             assert request.result()[0].token_ids == alone(model, tok, prompt, 6)
     finally:
         engine.stop()
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
+    # Three requests of different lengths: the batch shrinks 3 -> 2 -> 1 as they finish, so the
+    # compiled step runs padded (3 rows in the bucket of 4) and exact (2, 1), and rows move
+    # between cache slots as others leave.
+    engine = Engine(model, tok, max_batch=4, compile=True)
+    requests = [engine.submit(p, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
+                for i, p in enumerate(PROMPTS[:3])]
+    while engine.step():
+        pass
+    for i, (prompt, request) in enumerate(zip(PROMPTS, requests, strict=False)):
+        assert request.result()[0].token_ids == alone(model, tok, prompt, 6 + 5 * i)
+    assert engine._compiled_buckets == {1, 2, 4} and engine.compile_seconds > 0

@@ -45,7 +45,7 @@ def server(checkpoint):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(ckpt),
                              "--port", str(port), "--api-key", KEY, "--max-concurrency", "2",
-                             "--max-queue", "1"], env=env, stdout=subprocess.PIPE,
+                             "--max-queue", "1", "--no-compile"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
