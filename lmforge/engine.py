@@ -1,18 +1,26 @@
-"""Generation: the KV cache, the sampling rule and the decode loop, for every caller.
+"""Generation: the KV cache, the sampling rule, the decode loop and the inference engine.
 
-    prompt ids -> prefill (one pass, fills the KVCache) -> sample_next -> one-token step -> ...
+    prompt ids -> prefill (one pass, fills the KV cache) -> sample_next -> one-token step -> ...
 
-`generate` (a batch of prompts, tensor in and out), `stream` (one prompt, ids one at a time) and
-`generate_text` (text in, text out, with a tokenizer) all run the same `_decode` loop, so the
-trainer's periodic samples, `lmforge sample` and the pipeline's sample stage agree on the rules.
+`Engine` (the second half of this file) generates for everything that produces text: chat, the
+server, `generate_text` (`lmforge sample`, the trainer's periodic samples, the pipeline's sample
+stage) and evaluation. It batches many requests of different lengths over one `RaggedKVCache`,
+with continuous batching, stop tokens and strings, streaming text and an optional compiled step.
+
+`generate` (a batch of prompts, tensor in and out) and `stream` (one prompt, ids one at a time)
+are the minimal decode loop under it: one `KVCache`, every row at one position, no text. They
+stay as the tensor-level API (comparisons with transformers' `generate`, which has the same
+shape) and as the independent truth the engine's tests check it against; `generate(compile=True)`
+compiles `model.forward` with a dynamic cache length instead of the engine's static buckets.
 The model (lmforge/model.py) is the network alone: its forward accepts a cache object, nothing more.
 
 Rules of `generate_text`:
 
 - a prompt of "" (or one that encodes to nothing) starts a new document: the prompt is <|endoftext|>;
-- generation stops at <|endoftext|> (not included in the text);
+- generation stops at <|endoftext|> or any other chat control token (`STOP_TOKENS`; not included
+  in the text);
 - ids the tokenizer does not have (model.vocab_size may be padded past tokenizer.vocab_size) are
-  never sampled (`vocab_limit`);
+  never sampled;
 - text is decoded incrementally from the byte stream, so a token that splits a UTF-8 character
   never produces a broken character in the middle of the text;
 - a prompt longer than the model's context and non-finite sampling values are refused (UserError)
@@ -375,49 +383,47 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                   seed: int = 0, on_text: Callable[[str], None] | None = None,
                   compile: bool = False) -> Generation:
-    """Continue `prompt` by up to `max_new_tokens` tokens with `model` (a `Transformer`).
+    """Continue `prompt` by up to `max_new_tokens` tokens with `model` (a `Transformer`), through
+    a one-row `Engine`: the same rules as chat and serving.
 
     temperature 0 is greedy; top_k None/0 and top_p None/1 disable those filters. The sampling
     generator lives on the model's device, seeded with `seed`. `on_text` receives each decoded
-    piece as it is produced (for streaming to a terminal). `compile` runs the one-token decode
-    step through torch.compile (see `generate`): for long generations from small models.
+    piece as it is produced (for streaming to a terminal). `compile`: the Engine's compiled
+    decode step (tens of seconds to compile the first time; for long generations).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     max_seq_len = model.cfg.max_seq_len
     ids = prompt_ids(tokenizer, prompt, max_seq_len)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if max_new_tokens == 0:
+        return Generation("", [], "max_new_tokens")
     pieces: list[str] = []
     new_ids: list[int] = []
+    finish: list[str | None] = []
 
-    def emit(piece: str) -> None:
-        if piece:
-            pieces.append(piece)
+    def on_event(event: Event) -> None:  # called as the engine steps, in this thread
+        new_ids.extend(event.token_ids)
+        finish.append(event.finish_reason)
+        if event.text:
+            pieces.append(event.text)
             if on_text is not None:
-                on_text(piece)
+                on_text(event.text)
 
     was_training = model.training
-    model.eval()
     try:
-        for token in stream(model, ids, max_new_tokens, temperature=temperature,
-                            top_k=top_k or None, top_p=top_p, stop_tokens=[tokenizer.eot_id],
-                            generator=generator, vocab_limit=tokenizer.vocab_size, compile=compile):
-            new_ids.append(token)
-            emit(decoder.decode(tokenizer.decode_bytes([token])))
-        emit(decoder.decode(b"", final=True))
+        engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+        engine.submit(ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                          top_k=top_k or None, top_p=top_p, seed=seed), on_event)
+        while engine.step():
+            pass
     finally:
         model.train(was_training)
-    # `stream` stops before yielding <|endoftext|>, so reaching either limit means it was not sampled.
-    if len(new_ids) >= max_new_tokens:
-        stopped = "max_new_tokens"
-    elif len(ids) + len(new_ids) >= max_seq_len:
-        stopped = "context"
-    else:
+    if finish[-1] == "stop":
         stopped = "end_of_text"
+    elif len(new_ids) >= max_new_tokens:
+        stopped = "max_new_tokens"
+    else:
+        stopped = "context"
     return Generation("".join(pieces), new_ids, stopped)
-
-
 
 
 # --------------------------------------------------------------------------------------------
