@@ -29,6 +29,7 @@ import torch
 
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
+from lmforge.engine import STOP_TOKENS
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -41,7 +42,11 @@ def make_checkpoint(root: Path, preset: str) -> Path:
     tok.save(root / "tok")
     cfg = load_config(preset=preset, overrides=[f"model.vocab_size={tok.vocab_size}"])
     torch.manual_seed(0)
-    return save_model(Transformer(cfg.model), cfg, root / "bench", tokenizer_dir=root / "tok")
+    model = Transformer(cfg.model)
+    with torch.no_grad():  # a zero (tied) embedding: a random model never stops early, every answer is full
+        for token in STOP_TOKENS:
+            model.embed_tokens.weight[tok.special_tokens[token]] = 0
+    return save_model(model, cfg, root / "bench", tokenizer_dir=root / "tok")
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[str, int, float]:

@@ -698,8 +698,9 @@ class Engine:
         process with the same model shape compiles much faster."""
         before = self.compile_seconds
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
-            zeros = torch.zeros(bucket, 1, dtype=torch.long, device=self.device)
-            self._run_compiled(zeros, zeros)
+            # Two tensors, not one twice: dynamo guards on aliasing, and the steps never alias.
+            tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
+            self._run_compiled(tokens, positions)
         return self.compile_seconds - before
 
     def _admit(self) -> None:
