@@ -562,7 +562,7 @@ class Engine:
     2x the eager step at batch 1, where a small model's step is mostly per-operation overhead.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
-    says how long. Off by default here; `lmforge chat` and `lmforge serve` turn it on on CPU.
+    says how long. Off by default; an interactive `lmforge chat` on CPU turns it on (one row).
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, compile: bool = False,
@@ -828,9 +828,9 @@ class Engine:
 
 
 def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16,
-                compile: bool | None = False) -> tuple[Engine, str]:
-    """An engine over a checkpoint and its tokenizer, and the model's name (its directory's).
-    `compile` None: compiled decode steps on CPU, where they were measured faster (see Engine)."""
+                compile: bool = False) -> tuple[Engine, str]:
+    """An engine over a checkpoint and its tokenizer, and the model's name (its directory's);
+    `compile`: see `Engine`."""
     from lmforge.checkpoint import load_model, resolve_checkpoint
     from lmforge.errors import UserError
     from lmforge.tokenizer import load_tokenizer
@@ -839,8 +839,6 @@ def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16,
     if not (directory / "tokenizer").is_dir():
         raise UserError(f"{directory} has no tokenizer/ directory; generation needs the model's tokenizer")
     model = load_model(directory, device=device)
-    if compile is None:
-        compile = torch.device(device).type == "cpu"
     return Engine(model, load_tokenizer(directory / "tokenizer"), max_batch, compile), directory.name
 
 __all__ = ["STOP_TOKENS", "TOOL_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache",
