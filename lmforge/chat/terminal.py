@@ -126,8 +126,9 @@ def chat_command(args: argparse.Namespace) -> int:
     engine, name = load_engine(args.checkpoint, args.device, max_batch=1, compile=compile)
     require_chat_tokens(engine.tokenizer, f"the tokenizer of {name}")
     if compile:
-        print("(compiling the decode step...)", end="", flush=True)
-        print(f"\r(compiled the decode step in {engine.warm_up():.1f} s)", flush=True)
+        # On stderr: stdout holds the conversation (or, with --prompt, just the answer).
+        print("(compiling the decode step...)", end="", file=sys.stderr, flush=True)
+        print(f"\r(compiled the decode step in {engine.warm_up():.1f} s)", file=sys.stderr, flush=True)
     chat = Conversation(engine, args.system, args.temperature, args.top_p, args.max_tokens, args.seed)
 
     def write(text: str) -> None:
