@@ -562,7 +562,7 @@ class Engine:
     2x the eager step at batch 1, where a small model's step is mostly per-operation overhead.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
-    says how long. Off by default; an interactive `lmforge chat` on CPU turns it on (one row).
+    says how long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, compile: bool = False,
