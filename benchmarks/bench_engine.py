@@ -5,6 +5,9 @@
            batch with its attention mask
   batch-1  one prompt, greedy: the `Engine`, our batch-1 `generate`, and transformers' `generate`
 
+Both runs time the `Engine` eager and with `compile=True` (its decode step compiled for batches
+up to 4; the 16-row batch runs eagerly in both until rows finish).
+
 Tokens/s count generated tokens; rounds alternate and the median counts (see bench_model.py,
 whose helpers this reuses). Stop tokens are off on both sides so every row runs to the end.
 
@@ -22,7 +25,8 @@ from lmforge.config import load_config
 from lmforge.engine import Engine, SamplingParams, generate
 from lmforge.model import Transformer
 
-LABELS = {"hf": "transformers", "engine": "ours (Engine)", "batch1": "ours (generate)"}
+LABELS = {"hf": "transformers", "engine": "ours (Engine)", "compiled": "ours (Engine, compile)",
+          "batch1": "ours (generate)"}
 
 
 class ByteTokenizer:
@@ -75,6 +79,9 @@ def main() -> None:
     ours = Transformer(cfg.model).eval()
     theirs = hf_model(ours).eval()
     engine = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts)
+    compiled = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True)
+    print(f"compiled the Engine's decode step for batches up to {compiled.compile_max_batch} "
+          f"in {compiled.warm_up():.1f} s")
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
           f"torch {torch.__version__}, {args.threads} threads")
 
@@ -87,6 +94,7 @@ def main() -> None:
     rates = median_rates({
         "hf": lambda: len(hf_batch(theirs, prompts, args.new_tokens)) * args.new_tokens,
         "engine": lambda: len(engine.generate(prompts, greedy)) * args.new_tokens,
+        "compiled": lambda: len(compiled.generate(prompts, greedy)) * args.new_tokens,
     }, args.rounds)
     report(f"batched (greedy, {args.prompts} prompts of 8..64 tokens, {args.new_tokens} new each, "
            f"{total} tokens)", rates, LABELS)
@@ -97,10 +105,12 @@ def main() -> None:
     idx = torch.tensor([prompt])
     reference = hf_generate(theirs, idx, n)[0, len(prompt):].tolist()
     print(f"  batch-1 greedy tokens identical to transformers: "
-          f"{engine.generate([prompt], one)[0][0].token_ids == reference}")
+          f"{engine.generate([prompt], one)[0][0].token_ids == reference} (Engine), "
+          f"{compiled.generate([prompt], one)[0][0].token_ids == reference} (Engine, compile)")
     rates = median_rates({
         "hf": lambda: hf_generate(theirs, idx, n).shape[1] - len(prompt),
         "engine": lambda: len(engine.generate([prompt], one)[0][0].token_ids),
+        "compiled": lambda: len(compiled.generate([prompt], one)[0][0].token_ids),
         "batch1": lambda: generate(ours, idx, n, temperature=0).shape[1] - len(prompt),
     }, args.rounds)
     report(f"batch-1 (greedy, prompt {len(prompt)}, {n} new tokens)", rates, LABELS)

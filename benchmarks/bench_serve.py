@@ -29,6 +29,7 @@ import torch
 
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
+from lmforge.engine import STOP_TOKENS
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -41,7 +42,11 @@ def make_checkpoint(root: Path, preset: str) -> Path:
     tok.save(root / "tok")
     cfg = load_config(preset=preset, overrides=[f"model.vocab_size={tok.vocab_size}"])
     torch.manual_seed(0)
-    return save_model(Transformer(cfg.model), cfg, root / "bench", tokenizer_dir=root / "tok")
+    model = Transformer(cfg.model)
+    with torch.no_grad():  # a zero (tied) embedding: a random model never stops early, every answer is full
+        for token in STOP_TOKENS:
+            model.embed_tokens.weight[tok.special_tokens[token]] = 0
+    return save_model(model, cfg, root / "bench", tokenizer_dir=root / "tok")
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[str, int, float]:
@@ -80,6 +85,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of each answer")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="the server's --compile (default: the server's own default)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
@@ -90,10 +97,12 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(ckpt),
                                    "--port", str(port), "--max-concurrency", "16", "--max-queue",
-                                   str(args.clients)], env=env)
+                                   str(args.clients),
+                                   *({True: ["--compile"], False: ["--no-compile"]}.get(args.compile, []))],
+                                  env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
+            for _ in range(6000):  # a compiling server starts after its warm-up
                 try:
                     httpx.get(f"{url}/health")
                     break
@@ -104,7 +113,7 @@ def main() -> None:
             for p in prompts:  # the reference answers, one request at a time
                 alone[p] = asyncio.run(load(url, [p], args.tokens))[0][0]
             print(f"preset {args.preset}, {args.tokens} tokens per answer, --max-concurrency 16, "
-                  f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+                  f"compile {args.compile}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
             print(f"  {'clients':>8}{'tok/s':>10}{'vs 1':>8}{'TTFT median':>14}  answers as alone")
             single = None
             for n in (1, 16, args.clients):

@@ -439,6 +439,9 @@ def serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="requests that may wait for a free slot; more get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step of up to 4 rows (default: on CPU; tens of "
+                             "seconds at startup the first time, a few once cached)")
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -450,7 +453,12 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UserError("--max-concurrency must be >= 1, --max-queue >= 0 and --port in 1..65535")
     from lmforge.engine import load_engine
 
-    engine, name = load_engine(args.checkpoint, args.device, args.max_concurrency)
+    compile = args.compile if args.compile is not None else args.device == "cpu"
+    engine, name = load_engine(args.checkpoint, args.device, args.max_concurrency, compile)
+    if engine.compile_max_batch:
+        print("compiling the decode step...", flush=True)
+        print(f"compiled the decode step for batches up to {engine.compile_max_batch} in "
+              f"{engine.warm_up():.1f} s", flush=True)
     app = create_app(engine, name, args.api_key, args.max_queue)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

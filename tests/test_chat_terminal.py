@@ -39,7 +39,7 @@ def on_terminal(answer: str) -> str:
 
 
 def chat_cmd(checkpoint, *args: str) -> list[str]:
-    return [sys.executable, "-m", "lmforge", "chat", "--checkpoint", str(checkpoint[0]),
+    return [sys.executable, "-m", "lmforge", "chat", "--checkpoint", str(checkpoint[0]), "--no-compile",
             "--temperature", "0", *args]
 
 

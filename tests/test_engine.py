@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.engine import Engine, RaggedKVCache, SamplingParams, _Sequence, generate
+from lmforge.engine import STOP_TOKENS, Engine, RaggedKVCache, SamplingParams, _Sequence, generate
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -43,7 +43,7 @@ def model(tok):
 
 def alone(model, tok, prompt, max_tokens) -> list[int]:
     """Greedy tokens of one prompt through the batch-1 path, cut at the first stop token."""
-    stops = [tok.special_tokens[t] for t in ("<|end|>", "<|endoftext|>")]
+    stops = [tok.special_tokens[t] for t in STOP_TOKENS]
     out = generate(model, torch.tensor([prompt]), max_tokens, temperature=0,
                    vocab_limit=tok.vocab_size)[0, len(prompt):].tolist()
     cut = [i for i, t in enumerate(out) if t in stops]
@@ -148,6 +148,22 @@ def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[st
     return [e.text for e in events], events[-1].finish_reason
 
 
+@pytest.mark.parametrize("control", ["<|user|>", "<|system|>", "<|assistant|>", "<|end|>", "<|endoftext|>"])
+def test_a_chat_control_token_ends_the_answer_and_is_never_text(tok, control):
+    model = tiny_model(tok)
+    words = tok.encode("ab cd")
+    script = iter([*words, tok.special_tokens[control], *words])
+
+    def head(h: torch.Tensor) -> torch.Tensor:  # the model writes the script, a token per forward
+        logits = torch.zeros(*h.shape[:-1], model.cfg.vocab_size)
+        logits[..., next(script)] = 100.0
+        return logits
+
+    model.head = head
+    (answer,), = Engine(model, tok).generate([[5, 6]], SamplingParams(max_tokens=20, temperature=0))
+    assert answer.text == "ab cd" and answer.token_ids == words and answer.finish_reason == "stop"
+
+
 def test_multibyte_characters_stream_intact(tok, model):
     text = "héllo wörld, 世界 🙂!"
     pieces, reason = feed(Engine(model, tok), text)
@@ -181,3 +197,19 @@ def test_background_thread_serves_concurrent_requests(tok, model):
             assert request.result()[0].token_ids == alone(model, tok, prompt, 6)
     finally:
         engine.stop()
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
+    # Three requests of different lengths: the batch shrinks 3 -> 2 -> 1 as they finish, so the
+    # compiled step runs padded (3 rows in the bucket of 4) and exact (2, 1), and rows move
+    # between cache slots as others leave.
+    engine = Engine(model, tok, max_batch=4, compile=True)
+    assert engine.warm_up() > 0 and engine._compiled_buckets == {1, 2, 4}
+    requests = [engine.submit(p, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
+                for i, p in enumerate(PROMPTS[:3])]
+    with torch.compiler.set_stance("fail_on_recompile"):  # the warm-up compiled every step's graph
+        while engine.step():
+            pass
+    for i, (prompt, request) in enumerate(zip(PROMPTS, requests, strict=False)):
+        assert request.result()[0].token_ids == alone(model, tok, prompt, 6 + 5 * i)

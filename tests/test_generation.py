@@ -1,7 +1,7 @@
 """`generate_text` with a model whose vocabulary is larger than its tokenizer's.
 
 The truth here is a property: ids the tokenizer does not have are never produced, whatever the
-logits say, and the text decodes. A forward hook rigs the model so the padded ids carry the
+logits say, and the text decodes. A forward hook rigs the model's LM head so the padded ids carry the
 largest logits; without the limit, sampling picks them (checked, so the test can fail).
 """
 
@@ -30,12 +30,13 @@ def rigged_model(vocab_size: int = 384) -> Transformer:
 
 
 def pad_biased(model: Transformer, lo: int, hi: int, value: float = 50.0):
-    """A forward hook adding `value` to the logits of ids lo..hi-1 (a model that loves them)."""
+    """A forward hook adding `value` to the logits of ids lo..hi-1 (a model that loves them), on
+    the LM head: the engine's prefill computes its logits without the model's own forward."""
     def hook(module, inputs, logits):
         logits = logits.clone()
         logits[..., lo:hi] += value
         return logits
-    return model.register_forward_hook(hook)
+    return model.lm_head.register_forward_hook(hook)
 
 
 def test_padded_ids_are_never_sampled(tokenizer):

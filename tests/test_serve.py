@@ -45,7 +45,7 @@ def server(checkpoint):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(ckpt),
                              "--port", str(port), "--api-key", KEY, "--max-concurrency", "2",
-                             "--max-queue", "1"], env=env, stdout=subprocess.PIPE,
+                             "--max-queue", "1", "--no-compile"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -185,8 +185,12 @@ def test_a_full_queue_is_429_and_disconnects_free_their_rows(server):
     try:
         for s in streams:
             assert s.__enter__().status_code == 200
-        busy = httpx.post(f"{server}/v1/completions", headers=headers, json={**long, "stream": False})
-        assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+        # The official client sees OpenAI's own "busy" answer (and, with its retries off, raises).
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.RateLimitError) as busy:
+            client.completions.create(model="tiny-chat", prompt="x", max_tokens=CONTEXT - 10)
+        assert busy.value.status_code == 429
+        assert busy.value.body["type"] == "rate_limit_error" and busy.value.body["code"] == "queue_full"
     finally:
         for s, c in zip(streams, clients, strict=True):
             s.__exit__(None, None, None)

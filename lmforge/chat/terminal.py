@@ -32,6 +32,9 @@ def chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", metavar="TEXT",
                         help="answer this one message, print the answer and exit (for scripts)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step (default: on CPU for an interactive chat, "
+                             "not for --prompt; the first compile takes tens of seconds)")
 
 
 class Conversation:
@@ -119,8 +122,13 @@ def chat_command(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1] and --max-tokens >= 1")
-    engine, name = load_engine(args.checkpoint, args.device, max_batch=1)
+    compile = args.compile if args.compile is not None else args.prompt is None and args.device == "cpu"
+    engine, name = load_engine(args.checkpoint, args.device, max_batch=1, compile=compile)
     require_chat_tokens(engine.tokenizer, f"the tokenizer of {name}")
+    if compile:
+        # On stderr: stdout holds the conversation (or, with --prompt, just the answer).
+        print("(compiling the decode step...)", end="", file=sys.stderr, flush=True)
+        print(f"\r(compiled the decode step in {engine.warm_up():.1f} s)", file=sys.stderr, flush=True)
     chat = Conversation(engine, args.system, args.temperature, args.top_p, args.max_tokens, args.seed)
 
     def write(text: str) -> None:
