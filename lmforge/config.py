@@ -25,6 +25,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from lmforge.align.config import DpoConfig, RewardConfig
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import SftConfig
 
@@ -605,6 +606,8 @@ class RunConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
