@@ -23,6 +23,7 @@ from pathlib import Path
 from lmforge.align.config import DpoConfig
 from lmforge.align.pairs import Pair, PairData, read_pairs, write_pairs
 from lmforge.atomic import atomic_write_json
+from lmforge.errors import UserError
 
 PREFS_DIR = "prefs"  # RUN_DIR/prefs/
 
@@ -112,6 +113,9 @@ def make_prefs(model, tokenizer, cfg: DpoConfig, seed: int, tasks: dict | None =
         (data.train if split == "train" else data.val).extend(pairs)
         data.notes.append(stats.describe(split))
     model.train(was_training)
+    if not data.train:
+        raise UserError(f"{data.notes[0]}: no pair to learn from; sample more answers per prompt "
+                        "(dpo.prefs_samples), more prompts (dpo.prefs_prompts), or fine-tune the model first")
     return data
 
 
