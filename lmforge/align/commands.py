@@ -209,7 +209,7 @@ def reward_score_command(args: argparse.Namespace) -> int:
 
 def _scoring_rows(path: Path, tokenizer: Any) -> tuple[list[dict], list[list[list[int]]]]:
     """Each record and the token rows to score: [answer] or [chosen, rejected]."""
-    from lmforge.align.pairs import _require_fields, render_answer, to_answer, to_pair
+    from lmforge.align.pairs import render_answer, require_fields, to_answer, to_pair
     from lmforge.finetune.data import _jsonl_records
 
     if not path.is_file():
@@ -220,7 +220,7 @@ def _scoring_rows(path: Path, tokenizer: Any) -> tuple[list[dict], list[list[lis
             if isinstance(record, Exception):
                 raise record
             if isinstance(record, dict) and "answer" in record:
-                _require_fields(record, ("prompt", "answer"))
+                require_fields(record, ("prompt", "answer"))
                 prompt, answer = to_answer(record["prompt"], record["answer"])
                 answers = [answer]
             else:

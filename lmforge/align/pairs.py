@@ -49,7 +49,7 @@ class Pair:
 
 def to_pair(record: object) -> Pair:
     """A record as a Pair; ValueError saying what is wrong."""
-    _require_fields(record, FIELDS)
+    require_fields(record, FIELDS)
     prompt, chosen = to_answer(record["prompt"], record["chosen"], "chosen")
     _, rejected = to_answer(record["prompt"], record["rejected"], "rejected")
     if chosen == rejected:
@@ -57,7 +57,8 @@ def to_pair(record: object) -> Pair:
     return Pair(prompt, chosen, rejected)
 
 
-def _require_fields(record: object, fields: Sequence[str]) -> None:
+def require_fields(record: object, fields: Sequence[str]) -> None:
+    """ValueError unless `record` is a JSON object with every one of `fields`."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, not {type(record).__name__}")
     missing = [name for name in fields if name not in record]
@@ -199,4 +200,4 @@ def render_pairs(tokenizer, pairs: Sequence[Pair], context: int) -> tuple[list[R
 
 
 __all__ = ["BUILTIN_PREFS", "Pair", "PairData", "RenderedPair", "load_pairs", "pair_hash", "read_pairs",
-           "render_answer", "render_pairs", "to_answer", "to_pair", "write_pairs"]
+           "render_answer", "render_pairs", "require_fields", "to_answer", "to_pair", "write_pairs"]
