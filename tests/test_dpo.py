@@ -25,6 +25,7 @@ from lmforge.align.prefs import make_prefs
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
 from lmforge.distributed import init_parallel
+from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.tasks.common import Example, Task
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -216,6 +217,24 @@ def test_lora_dpo_leaves_an_adapter_checkpoint(base, pairs_file, tmp_path):
     first = next(r for r in read_metrics(run) if r.get("step") == 1 and "loss" in r)
     assert first["loss"] == pytest.approx((0 - 1 / (2 * 0.1)) ** 2, rel=1e-4)  # IPO at policy == reference
     assert isinstance(lmforge.load_model(run), Transformer)
+
+
+def test_run_dpo_is_the_pipeline_entry_and_resumes(base, pairs_file, tmp_path):
+    """run_dpo(cfg, checkpoint, run_dir, resume) with the pairs from cfg.dpo.data: a run of 4 steps,
+    then the same call with resume and max_steps 6 goes on from step 4 (no step done twice)."""
+    from lmforge.align.dpo import run_dpo
+
+    def cfg(steps: int):
+        return load_config(overrides=[*MODEL, *RUN, f"train.max_steps={steps}",
+                                      f"dpo.data=[{json.dumps(str(pairs_file))}]"])
+
+    assert run_dpo(cfg(4), base, tmp_path / "run").step == 4
+    assert run_dpo(cfg(6), base, tmp_path / "run", resume=True).step == 6
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r and "event" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    wrong_model = load_config(overrides=[*MODEL, "model.n_layers=3"])
+    with pytest.raises(UserError, match="model.n_layers"):
+        run_dpo(wrong_model, base, tmp_path / "other")
 
 
 # --------------------------------------------------------------------------------------------

@@ -414,15 +414,19 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
 
 def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume: bool = False) -> TrainResult:
     """`lmforge dpo` for a caller holding a config (the lifecycle pipeline): the pairs come from
-    cfg.dpo.data, the time budget from cfg.train.time_budget. With `resume`, a run directory
-    that holds a complete checkpoint continues from its newest one (its base must be
-    `checkpoint`); otherwise the run starts afresh."""
+    cfg.dpo.data, the time budget from cfg.train.time_budget, the train settings are cfg.train as
+    given (`lmforge dpo` starts them from DPO_TRAIN_DEFAULTS), and cfg.model must be the
+    checkpoint's. With `resume`, a run directory that holds a complete checkpoint continues from
+    its newest one (its base must be `checkpoint`); otherwise the run starts afresh."""
     from lmforge.align.commands import check_recorded_base, policy_base
+    from lmforge.checkpoint import read_config
     from lmforge.config import parse_duration
+    from lmforge.finetune.cli import _keep_model
     from lmforge.train.checkpoint import CheckpointManager
 
     run_dir = Path(run_dir)
     base = policy_base(checkpoint)
+    _keep_model(cfg, read_config(base.checkpoint), base.checkpoint)
     resume_from = CheckpointManager(run_dir, 1).latest() if resume else None
     if resume_from is not None:
         check_recorded_base(run_dir, base, str(checkpoint))
