@@ -24,6 +24,8 @@ class DpoConfig:
     val_fraction: share of a file's pairs held out (by content hash) for the held-out metrics.
     prefs_prompts / prefs_val_prompts: builtin:prefs prompts drawn from the train / test split.
     prefs_samples: answers sampled per prompt (at prefs_temperature, at most prefs_max_tokens).
+    prefs_greedy: also the greedy answer (temperature 0), paired first: its mistakes are the
+        model's most likely ones.
     prefs_pairs: at most this many (right, wrong) pairs per prompt.
     """
 
@@ -37,6 +39,7 @@ class DpoConfig:
     prefs_samples: int = 8
     prefs_temperature: float = 1.0
     prefs_max_tokens: int = 128
+    prefs_greedy: bool = True
     prefs_pairs: int = 2
 
     def validate(self) -> None:

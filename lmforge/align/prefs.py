@@ -1,9 +1,11 @@
 """`builtin:prefs`: preference pairs sampled from the policy itself, judged by the task checkers.
 
 For each verifiable `builtin:chat` prompt (the train split for training pairs, the test split for
-held-out ones) the engine samples `dpo.prefs_samples` answers at `dpo.prefs_temperature`; the
-task's `check` marks each right or wrong, and up to `dpo.prefs_pairs` (right, wrong) pairs are
-made. A prompt whose answers are all right or all wrong teaches nothing and is skipped (counted).
+held-out ones) the engine samples `dpo.prefs_samples` answers at `dpo.prefs_temperature`, plus
+the greedy answer with `dpo.prefs_greedy`; the task's `check` marks each right or wrong, and up to
+`dpo.prefs_pairs` (right, wrong) pairs are made, the greedy answer's first: the answer the model
+gives at temperature 0 (in evaluation, in a deterministic chat) is the mistake most worth
+correcting, and sampled answers alone rarely contain it. A prompt whose answers are all right or all wrong teaches nothing and is skipped (counted).
 No human labels: the pairs are on-policy, the answers the model would give itself.
 
 Deterministic for a seed (each prompt's samples have their own seeds). The pairs are cached in the
@@ -62,7 +64,7 @@ def sample_pairs(model, tokenizer, examples: Sequence, tasks: dict, cfg: DpoConf
     stats = PrefsStats(prompts=len(examples))
     engine = Engine(model, tokenizer, max_batch=max(cfg.prefs_samples, 64))
     context = model.cfg.max_seq_len
-    requests = []
+    requests = []  # per example: (sampled, greedy) requests, or None when it does not fit
     for i, example in enumerate(examples):
         ids = render_prompt(tokenizer, example.prompt)
         room = min(cfg.prefs_max_tokens, context - len(ids))
@@ -73,7 +75,8 @@ def sample_pairs(model, tokenizer, examples: Sequence, tasks: dict, cfg: DpoConf
         # Seeds apart by prefs_samples: the engine seeds sample k of a request with seed + k.
         params = SamplingParams(max_tokens=room, temperature=cfg.prefs_temperature, n=cfg.prefs_samples,
                                 seed=seed * 1_000_003 + i * cfg.prefs_samples)
-        requests.append(engine.submit(ids, params))
+        greedy = engine.submit(ids, SamplingParams(max_tokens=room, temperature=0.0)) if cfg.prefs_greedy else None
+        requests.append((engine.submit(ids, params), greedy))
     while engine.step():
         pass
     pairs = []
@@ -81,7 +84,8 @@ def sample_pairs(model, tokenizer, examples: Sequence, tasks: dict, cfg: DpoConf
         if request is None:
             continue
         task = tasks[example.task]
-        answers = list(dict.fromkeys(c.text.strip() for c in request.result()))  # distinct, in order
+        completions = [c for r in reversed(request) if r is not None for c in r.result()]  # greedy first
+        answers = list(dict.fromkeys(c.text.strip() for c in completions))  # distinct, in order
         right = [a for a in answers if task.check(example, a)]
         wrong = [a for a in answers if a not in right]
         if not wrong:
