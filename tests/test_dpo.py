@@ -179,6 +179,7 @@ def batch_order(objective: DPOObjective) -> list[int]:
 # Resume, and what a run leaves
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file)]
     reference = tmp_path / "reference"
@@ -209,6 +210,7 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp
                                                      lmforge.load_model(base).state_dict().values()))
 
 
+@pytest.mark.slow
 def test_lora_dpo_leaves_an_adapter_checkpoint(base, pairs_file, tmp_path):
     run = tmp_path / "run"
     _lmforge("dpo", "--checkpoint", str(base), "--data", str(pairs_file), "--out", str(run),

@@ -108,6 +108,7 @@ def test_a_toy_preference_is_learnt_to_over_95_percent_on_held_out_pairs(reward_
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(fresh) > 0.95
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["reward", "train", "--checkpoint", str(base), "--data", str(pairs_file)]
     run = [*RUN, "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=4", "train.eval_batches=2"]
@@ -122,6 +123,7 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp
     assert accuracy == {r["step"]: r["accuracy"] for r in read_metrics(killed_run) if "val_loss" in r}
 
 
+@pytest.mark.slow
 def test_reward_score_prints_scores_and_best_of_n_chat_picks_one(base, reward_run, pairs_file, tmp_path):
     answers = tmp_path / "answers.jsonl"
     answers.write_text(json.dumps({"prompt": "Ask for the cat.", "answer": "the red cat please"}) + "\n"
