@@ -173,7 +173,8 @@ class RewardObjective(Objective):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         chosen, rejected = self._scores(model, batch)
-        self._correct.append(torch.stack([(chosen > rejected).sum(), torch.tensor(len(chosen))]).detach().cpu())
+        wins = (chosen > rejected).sum().detach()
+        self._correct.append(torch.stack([wins, torch.full_like(wins, len(chosen))]))
         return bradley_terry_loss(chosen, rejected).mean()
 
     def step_metrics(self) -> dict[str, float]:
