@@ -20,7 +20,7 @@ from lmforge.config import RunConfig
 from lmforge.errors import Interrupted, UserError
 
 # What a DPO / reward-model run directory holds besides a pre-training run's files.
-RUN_NAMES = {"base.json", "prefs", "reference_logps.safetensors", "reference_logps.safetensors.tmp"}
+RUN_NAMES = {"base.json", "prefs", "reference_logps.safetensors"}
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,9 @@ def cached_reference(run_dir: Path, model: nn.Module, train: Sequence[RenderedPa
     from RUN_DIR/reference_logps.safetensors when it was made for these pairs and this base,
     else computed and written there."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lmforge.atomic import atomic_write_bytes
 
     file = Path(run_dir) / REFERENCE_CACHE
     digest = hashlib.sha256(base.sha256.encode())
@@ -177,9 +179,7 @@ def cached_reference(run_dir: Path, model: nn.Module, train: Sequence[RenderedPa
         for side in ("chosen", "rejected"):
             rows = [getattr(p, side) for p in pairs]
             cache[f"{split}_{side}"] = reference_logprobs(model, rows, pad_id, batch_size, autocast)
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(cache, str(tmp), metadata={"fingerprint": fingerprint})
-    tmp.replace(file)
+    atomic_write_bytes(file, save(cache, metadata={"fingerprint": fingerprint}))
     return cache
 
 
