@@ -204,6 +204,8 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
     assert sorted(rows(reference, "val_loss")) == [4, 8, 12]
     assert json.loads((reference / "base.json").read_text())["checkpoint"] == str(base.resolve())
+    # The stage's guard floor for preference losses (see PREFERENCE_GUARD_DEFAULTS), not pre-training's.
+    assert "min_abs_spread = 0.25" in (reference / "config.toml").read_text()
     # A normal checkpoint: load_model reads it and it moved away from the base.
     trained = lmforge.load_model(reference)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(),

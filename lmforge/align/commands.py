@@ -28,11 +28,13 @@ class Stage:
     command: str  # "dpo", "reward train"
     section: str  # its config section, holding `data`
     defaults: str  # "module:NAME" of its train defaults
+    guard: str  # "module:NAME" of its guard defaults
     train: str  # "module:function" (cfg, base, run_dir, resume_from=, time_budget_s=) -> TrainResult
 
 
-DPO = Stage("dpo", "dpo", "lmforge.align.dpo:DPO_TRAIN_DEFAULTS", "lmforge.align.dpo:dpo")
-REWARD = Stage("reward train", "reward", "lmforge.align.reward:REWARD_TRAIN_DEFAULTS",
+GUARD = "lmforge.align.dpo:PREFERENCE_GUARD_DEFAULTS"
+DPO = Stage("dpo", "dpo", "lmforge.align.dpo:DPO_TRAIN_DEFAULTS", GUARD, "lmforge.align.dpo:dpo")
+REWARD = Stage("reward train", "reward", "lmforge.align.reward:REWARD_TRAIN_DEFAULTS", GUARD,
                "lmforge.align.reward:train_reward_model")
 
 
@@ -132,15 +134,16 @@ def _train_command(args: argparse.Namespace, stage: Stage) -> int:
 
 
 def _new_run_config(args: argparse.Namespace, base_dir: Path, stage: Stage) -> RunConfig:
-    """The stage's train defaults, the base's model and tokenizer sections, then --preset /
-    --config / --set and --data. The architecture stays the base's."""
+    """The stage's train and guard defaults, the base's model and tokenizer sections, then
+    --preset / --config / --set and --data. The architecture stays the base's."""
     from lmforge.checkpoint import read_config
     from lmforge.cli import config_from_args
     from lmforge.finetune.cli import _keep_model
 
     base_cfg = read_config(base_dir)
     fixed = {"model": base_cfg.to_dict()["model"], "tokenizer": base_cfg.to_dict()["tokenizer"]}
-    cfg = config_from_args(args, base={**fixed, "train": dict(_resolve(stage.defaults))})
+    defaults = {"train": dict(_resolve(stage.defaults)), "guard": dict(_resolve(stage.guard))}
+    cfg = config_from_args(args, base={**fixed, **defaults})
     if args.data:
         getattr(cfg, stage.section).data = list(args.data)
         cfg.validate()

@@ -59,6 +59,11 @@ DPO_TRAIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=200, batch_size=8, lr=5e-5, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
     eval_every=25, eval_batches=10, checkpoint_every=50, sample_every=0,
 )
+# The spike guard's floor for preference losses: a batch of 8 pairs' mean loss swings between ~0
+# (pairs already learnt) and ~1 (new ones) as a matter of course, which the default floor (0.05
+# nats, made for a language-model loss) calls spikes until the run stops. With 0.25 a spike is a
+# batch mean some 2.2 nats above the recent median: the policy preferring rejected answers by far.
+PREFERENCE_GUARD_DEFAULTS: dict[str, Any] = dict(min_abs_spread=0.25)
 REFERENCE_CACHE = "reference_logps.safetensors"  # RUN_DIR/...: the reference's answer log-probs
 T = TypeVar("T")
 
@@ -415,7 +420,8 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
 def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume: bool = False) -> TrainResult:
     """`lmforge dpo` for a caller holding a config (the lifecycle pipeline): the pairs come from
     cfg.dpo.data, the time budget from cfg.train.time_budget, the train settings are cfg.train as
-    given (`lmforge dpo` starts them from DPO_TRAIN_DEFAULTS), and cfg.model must be the
+    given (`lmforge dpo` starts them from DPO_TRAIN_DEFAULTS, its guard from
+    PREFERENCE_GUARD_DEFAULTS), and cfg.model must be the
     checkpoint's. With `resume`, a run directory that holds a complete checkpoint continues from
     its newest one (its base must be `checkpoint`); otherwise the run starts afresh."""
     from lmforge.align.commands import check_recorded_base, policy_base
@@ -435,6 +441,7 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
     return dpo(cfg, base, run_dir, resume_from=resume_from, time_budget_s=budget)
 
 
-__all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "PairsRun", "PreferenceLoss", "REFERENCE_CACHE",
+__all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "PREFERENCE_GUARD_DEFAULTS", "PairsRun", "PreferenceLoss",
+           "REFERENCE_CACHE",
            "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "main_rank_first",
            "pair_batch", "policy_pairs", "preference_loss", "prepare_pairs", "reference_logprobs", "run_dpo"]
