@@ -35,6 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 COMPLETE_MARKER = "COMPLETE"
+# Marks a reward model's checkpoint (lmforge/align/reward.py): a scalar scorer, never a policy.
+REWARD_MODEL_FILE = "reward_model.json"
 # Files only a training checkpoint has; with them, a missing COMPLETE marker means "unfinished".
 TRAINING_FILES = ("optimizer.safetensors", "trainer_state.json")
 
@@ -199,12 +201,20 @@ def build_model(cfg: RunConfig, state: dict[str, torch.Tensor], source: str,
     return model.to(device).eval()
 
 
+def refuse_reward_model(directory: Path) -> None:
+    """A reward model passed where a language model is wanted: one clear line."""
+    if (directory / REWARD_MODEL_FILE).is_file():
+        raise UserError(f"{directory} is a reward model (it scores answers, it does not generate "
+                        "them); pass a policy checkpoint here, and the reward model to --reward")
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Transformer:
     """Load a checkpoint directory, or a run directory's newest complete checkpoint, in eval mode.
     A LoRA checkpoint gives its base with the adapters merged in (lmforge/finetune/lora.py)."""
     from lmforge.finetune.lora import is_lora_checkpoint, load_lora_model
 
     directory = resolve_checkpoint(path)
+    refuse_reward_model(directory)
     if is_lora_checkpoint(directory):
         return load_lora_model(directory, device)
     cfg = read_config(directory)

@@ -25,7 +25,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from lmforge.align.config import GrpoConfig
+from lmforge.align.config import DpoConfig, GrpoConfig, RewardConfig
 from lmforge.errors import ConfigError
 from lmforge.finetune.config import SftConfig
 from lmforge.pipeline.config import LifecycleConfig
@@ -617,6 +617,8 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: LifecycleConfig = field(default_factory=LifecycleConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):

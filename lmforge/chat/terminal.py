@@ -3,7 +3,9 @@
 The conversation is kept as OpenAI-style messages and rendered with the chat format for every
 turn; when it outgrows the model's context the oldest turns are dropped (the system prompt stays).
 Answers stream as the engine produces them. Ctrl-C stops the answer being written (what was
-written stays in the history), not the program; /quit or Ctrl-D ends it.
+written stays in the history), not the program; /quit or Ctrl-D ends it. With `--best-of N
+--reward RM` each turn samples N answers at once and shows the one the reward model scores highest
+(lmforge/align/reward.py), whole rather than streamed.
 
 Input: a line is a message; a line ending with a backslash continues on the next line.
 Commands: /reset, /system TEXT (empty: none), /temperature T, /quit, /help.
@@ -35,15 +37,19 @@ def chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step (default: on CPU for an interactive chat, "
                              "not for --prompt; the first compile takes tens of seconds)")
+    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+                        help="sample N answers and show the one --reward scores highest")
+    parser.add_argument("--reward", metavar="RM", help="a reward model (lmforge reward train) for --best-of")
 
 
 class Conversation:
     """The chat state and one answer at a time through the engine (stepped in this thread)."""
 
     def __init__(self, engine, system: str, temperature: float, top_p: float, max_tokens: int,
-                 seed: int | None) -> None:
+                 seed: int | None, best_of: int = 1, reward=None) -> None:
         self.engine, self.system, self.temperature = engine, system, temperature
         self.top_p, self.max_tokens, self.seed = top_p, max_tokens, seed
+        self.best_of, self.reward = best_of, reward  # N answers, the reward model's favourite shown
         self.turns: list[dict[str, str]] = []
 
     def messages(self) -> list[dict[str, str]]:
@@ -68,6 +74,8 @@ class Conversation:
                                 temperature=self.temperature, top_p=self.top_p, seed=self.seed)
         if self.seed is not None:
             self.seed += 1
+        if self.best_of > 1:
+            return self._best_of(prompt, params, write)
         pieces: list[str] = []
 
         def show(event) -> None:
@@ -86,6 +94,19 @@ class Conversation:
                 pass
             write(" [stopped]")
         reply = "".join(pieces)
+        self.turns.append({"role": "assistant", "content": reply})
+        return reply
+
+    def _best_of(self, prompt: list[int], params, write: Callable[[str], None]) -> str:
+        """Sample best_of answers at once, show the one the reward model scores highest."""
+        params.n = self.best_of
+        request = self.engine.submit(prompt, params)
+        while self.engine.step():
+            pass
+        answers = [c.text for c in request.result()]
+        scores = self.reward.score([self.messages()] * len(answers), answers)
+        reply = answers[max(range(len(answers)), key=scores.__getitem__)]
+        write(reply)
         self.turns.append({"role": "assistant", "content": reply})
         return reply
 
@@ -122,14 +143,22 @@ def chat_command(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
         raise UserError("--temperature must be >= 0, --top-p in (0, 1] and --max-tokens >= 1")
+    if args.best_of < 1 or (args.best_of > 1) != (args.reward is not None):
+        raise UserError("--best-of N (N > 1) and --reward RM go together: N answers, the reward model picks")
     compile = args.compile if args.compile is not None else args.prompt is None and args.device == "cpu"
-    engine, name = load_engine(args.checkpoint, args.device, max_batch=1, compile=compile)
+    engine, name = load_engine(args.checkpoint, args.device, max_batch=args.best_of, compile=compile)
     require_chat_tokens(engine.tokenizer, f"the tokenizer of {name}")
+    reward = None
+    if args.reward:
+        from lmforge.align.reward import load_reward_model
+
+        reward = load_reward_model(args.reward, args.device)
     if compile:
         # On stderr: stdout holds the conversation (or, with --prompt, just the answer).
         print("(compiling the decode step...)", end="", file=sys.stderr, flush=True)
         print(f"\r(compiled the decode step in {engine.warm_up():.1f} s)", file=sys.stderr, flush=True)
-    chat = Conversation(engine, args.system, args.temperature, args.top_p, args.max_tokens, args.seed)
+    chat = Conversation(engine, args.system, args.temperature, args.top_p, args.max_tokens, args.seed,
+                        args.best_of, reward)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
