@@ -256,7 +256,9 @@ def test_the_align_and_export_stages_call_their_functions_with_the_agreed_signat
         return Path(out)
 
     fakes = {("lmforge.align.dpo", "run_dpo"): run_dpo, ("lmforge.interop.gguf", "export_gguf"): export_gguf}
-    monkeypatch.setattr(posttrain, "_function", lambda module, name: fakes[(module, name)])
+    real_function = posttrain._function  # still reads the stages' train / guard defaults
+    monkeypatch.setattr(posttrain, "_function",
+                        lambda module, name: fakes.get((module, name)) or real_function(module, name))
     cfg = load_config(preset="tiny", overrides=[
         "run.align=dpo", "run.export=gguf", 'run.align_overrides=["train.max_steps=7"]'])
     root = tmp_path / "run"
@@ -270,7 +272,11 @@ def test_the_align_and_export_stages_call_their_functions_with_the_agreed_signat
     posttrain.run_align(ctx)
     stage_cfg, checkpoint, run_dir, resume = calls["dpo"]
     assert (checkpoint, run_dir, resume) == (sft, root / "align", False)
-    assert stage_cfg.train.max_steps == 7 and stage_cfg.train.lr == 3e-4  # its override, SFT's defaults
+    from lmforge.align.dpo import DPO_TRAIN_DEFAULTS, PREFERENCE_GUARD_DEFAULTS
+
+    # Its override on top of what `lmforge dpo` starts from (not the pre-training settings).
+    assert stage_cfg.train.max_steps == 7 and stage_cfg.train.lr == DPO_TRAIN_DEFAULTS["lr"] != cfg.train.lr
+    assert stage_cfg.guard.min_abs_spread == PREFERENCE_GUARD_DEFAULTS["min_abs_spread"]
     assert stage_cfg.train.time_budget == "880s"  # all that the untrained stages leave
     assert posttrain.align_fingerprint(ctx) is not None
     assert resolve_checkpoint(root) == root / "align" / "checkpoints" / "step_00000002"

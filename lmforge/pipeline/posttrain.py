@@ -36,6 +36,13 @@ GGUF_DTYPE = "f16"  # half the size of f32; llama.cpp's logits stay within its t
 # The functions the align and export stages call, by choice (other modules of lmforge own them).
 ALIGN_TRAINERS = {"dpo": ("lmforge.align.dpo", "run_dpo"), "grpo": ("lmforge.align.grpo", "run_grpo")}
 GGUF_EXPORTER = ("lmforge.interop.gguf", "export_gguf")
+# The train.* and guard.* defaults each fine-tuning stage starts from: the same its own command
+# (`lmforge sft / dpo / grpo`) starts from, so a stage of the lifecycle trains as the command does.
+STAGE_DEFAULTS = {
+    "sft": ("lmforge.finetune.sft", "SFT_TRAIN_DEFAULTS", "SFT_GUARD_DEFAULTS"),
+    "dpo": ("lmforge.align.dpo", "DPO_TRAIN_DEFAULTS", "PREFERENCE_GUARD_DEFAULTS"),
+    "grpo": ("lmforge.align.grpo", "GRPO_TRAIN_DEFAULTS", "GRPO_GUARD_DEFAULTS"),
+}
 
 
 def _function(module: str, name: str):
@@ -106,11 +113,13 @@ def checkpoint_fingerprint(run_dir: Path) -> str | None:
     return inputs_hash({"checkpoint": latest.name, "weights": weights})
 
 
-def stage_config(cfg: RunConfig, train_defaults: dict[str, Any], field: str) -> RunConfig:
-    """The run's config with a fine-tuning stage's train defaults and its overrides
-    (`run.<field>`, e.g. run.sft_overrides)."""
+def stage_config(cfg: RunConfig, kind: str, field: str) -> RunConfig:
+    """The run's config with a fine-tuning stage's train and guard defaults (STAGE_DEFAULTS[kind])
+    and its overrides (`run.<field>`, e.g. run.sft_overrides)."""
+    module, train_defaults, guard_defaults = STAGE_DEFAULTS[kind]
     stage = copy.deepcopy(cfg)
-    stage.train = dataclasses.replace(stage.train, **train_defaults, time_budget="")
+    stage.guard = dataclasses.replace(stage.guard, **_function(module, guard_defaults))
+    stage.train = dataclasses.replace(stage.train, **_function(module, train_defaults), time_budget="")
     try:
         for item in getattr(cfg.run, field):
             apply_override(stage, item)
@@ -126,7 +135,8 @@ def stage_config(cfg: RunConfig, train_defaults: dict[str, Any], field: str) -> 
 def _train_inputs(ctx: Context, name: str, stage_cfg: RunConfig) -> dict[str, Any]:
     train = dataclasses.asdict(stage_cfg.train)
     train.pop("time_budget")  # set from the budget split
-    return {"train": train, "budget_s": ctx.budget_s, "share": ctx.cfg.run.share(name)}
+    return {"train": train, "guard": dataclasses.asdict(stage_cfg.guard), "budget_s": ctx.budget_s,
+            "share": ctx.cfg.run.share(name)}
 
 
 def _resume_or_clear(ctx: Context, run_dir: Path) -> Path | None:
@@ -150,9 +160,7 @@ def _stopped(result: Any) -> None:
 
 
 def sft_stage_config(cfg: RunConfig) -> RunConfig:
-    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
-
-    return stage_config(cfg, SFT_TRAIN_DEFAULTS, "sft_overrides")
+    return stage_config(cfg, "sft", "sft_overrides")
 
 
 def sft_inputs(ctx: Context) -> Any:
@@ -183,10 +191,8 @@ def run_sft(ctx: Context) -> None:
 
 
 def align_stage_config(cfg: RunConfig) -> RunConfig:
-    # Alignment moves a chat model a little, as SFT does: it starts from the same train defaults.
-    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
-
-    return stage_config(cfg, SFT_TRAIN_DEFAULTS, "align_overrides")
+    """run.align's own command defaults (DPO's or GRPO's); with align none, SFT's (unused)."""
+    return stage_config(cfg, cfg.run.align if cfg.run.align in STAGE_DEFAULTS else "sft", "align_overrides")
 
 
 def align_inputs(ctx: Context) -> Any:
