@@ -34,10 +34,13 @@ from lmforge.finetune.lora import BaseRef
 from lmforge.train.loop import Autocast, Objective, TrainLoop, TrainResult, seed_everything
 
 # What `lmforge sft` starts from before --preset / --config / --set: fine-tuning moves a trained
-# model a little, so a lower learning rate, a short warmup, a few hundred steps, no weight decay
-# (it would pull the weights towards zero, away from the base) and frequent evaluation.
+# model a little, so a lower learning rate than pre-training's, a short warmup, a few hundred
+# steps, no weight decay (it would pull the weights towards zero, away from the base) and frequent
+# evaluation. lr: half the tiny preset's pre-training peak; measured on the README's tiny run
+# (benchmarks/RESULTS.md, "SFT with the calculator"), 3e-4 learned several times slower in the
+# same time and 3e-3 or more spiked or diverged. Models of 100M+ parameters want far less (1e-4).
 SFT_TRAIN_DEFAULTS: dict[str, Any] = dict(
-    max_steps=300, batch_size=16, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
+    max_steps=300, batch_size=16, lr=1.5e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
     eval_every=50, eval_batches=20, checkpoint_every=100, sample_every=0,
 )
 BASE_RECORD = "base.json"  # RUN_DIR/base.json: the base checkpoint and the sha256 of its weights

@@ -25,8 +25,8 @@ BUILTIN_CHAT = "builtin:chat"
 
 # Share of each task in `builtin:chat` (identity is a small pool, repeated to fill its share).
 MIXTURE = {
-    "arithmetic": 0.35, "shakespeare": 0.1, "bible": 0.1, "docstrings": 0.1,
-    "letters": 0.15, "identity": 0.02, "chitchat": 0.18,
+    "arithmetic": 0.45, "shakespeare": 0.08, "bible": 0.08, "docstrings": 0.07,
+    "letters": 0.15, "identity": 0.02, "chitchat": 0.15,
 }
 
 
