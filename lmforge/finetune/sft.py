@@ -43,6 +43,12 @@ SFT_TRAIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=300, batch_size=16, lr=1.5e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
     eval_every=50, eval_batches=20, checkpoint_every=100, sample_every=0,
 )
+# The spike guard's spread floor for SFT: batches are bucketed by length, so one batch holds long
+# corpus answers (loss ~4-5) and the next short arithmetic (~1): a pre-training floor (2% of the
+# median) called such batches spikes - on the tiny run five rollbacks at ordinary gradient norms
+# (1.1-1.3, the run's median 1.1) ended a healthy run as "diverging". Half the median keeps NaNs
+# and real blow-ups (many times the median) caught.
+SFT_GUARD_DEFAULTS: dict[str, Any] = dict(min_rel_spread=0.5)
 BASE_RECORD = "base.json"  # RUN_DIR/base.json: the base checkpoint and the sha256 of its weights
 
 
@@ -198,4 +204,4 @@ def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resum
             par.shutdown()
 
 
-__all__ = ["BASE_RECORD", "SFT_TRAIN_DEFAULTS", "SFTObjective", "load_base", "read_base_record", "sft"]
+__all__ = ["BASE_RECORD", "SFT_GUARD_DEFAULTS", "SFT_TRAIN_DEFAULTS", "SFTObjective", "load_base", "read_base_record", "sft"]
