@@ -216,6 +216,9 @@ def test_the_sft_guard_lets_a_batch_of_long_answers_pass_and_still_stops_blow_up
     hard_batch = 4.93  # measured: its gradient norm 1.27, the run's median 1.1
     assert pretrain.check(hard_batch, 1.27) == "spike"  # the pre-training floor misfires
     assert finetune.check(hard_batch, 1.27) is None
+    for _ in range(50):  # later the easy batches are learned: their losses fall, the hard ones do not
+        finetune.observe(1.2 * math.exp(rng.gauss(0.0, 0.25)))
+    assert finetune.check(5.07, 2.12) is None  # measured at step 1362 of a continued run
     assert finetune.check(10 * statistics.median(finetune.losses), 1.27) == "spike"
     assert finetune.check(float("nan"), 1.0) == "nan_loss"
 

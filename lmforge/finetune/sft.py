@@ -43,12 +43,14 @@ SFT_TRAIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=300, batch_size=16, lr=1.5e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0,
     eval_every=50, eval_batches=20, checkpoint_every=100, sample_every=0,
 )
-# The spike guard's spread floor for SFT: batches are bucketed by length, so one batch holds long
-# corpus answers (loss ~4-5) and the next short arithmetic (~1): a pre-training floor (2% of the
-# median) called such batches spikes - on the tiny run five rollbacks at ordinary gradient norms
-# (1.1-1.3, the run's median 1.1) ended a healthy run as "diverging". Half the median keeps NaNs
-# and real blow-ups (many times the median) caught.
-SFT_GUARD_DEFAULTS: dict[str, Any] = dict(min_rel_spread=0.5)
+# The spike guard's spread floors for SFT: batches are bucketed by length, so one batch holds long
+# corpus answers (loss ~4-5 nats) and the next short arithmetic (~1, falling towards 0): with
+# pre-training's floors (2% of the median, 0.05 nats) such batches were spikes - on the tiny run
+# five rollbacks at ordinary gradient norms (1.1-1.3, the run's median 1.1) ended a healthy run as
+# "diverging", and a floor of half the median alone did the same once the easy batches' median fell
+# to ~1.2. A spike must now stand 6 nats (or 3x the median) above the median: NaNs and blow-ups are
+# still caught.
+SFT_GUARD_DEFAULTS: dict[str, Any] = dict(min_rel_spread=0.5, min_abs_spread=1.0)
 BASE_RECORD = "base.json"  # RUN_DIR/base.json: the base checkpoint and the sha256 of its weights
 
 
