@@ -290,3 +290,18 @@ def test_score_task_answers_through_the_engine_with_the_calculator(few_shot):
     assert [text for _, text in score.answers] == [e.reference for e in task.splits["test"]]
     silent = score_task(_answering_model(tok, task, know=False), tok, task, n=3, few_shot=few_shot)
     assert silent.correct == 0 and [text for _, text in silent.answers] == [""] * 3
+
+
+def test_short_arithmetic_draws_only_from_the_arithmetic_tasks_train_split():
+    """builtin:arithmetic (a curriculum's first stage) never trains on a held-out arithmetic
+    question: its keys are split as the arithmetic task's are."""
+    from lmforge.tasks import builtin_arithmetic
+
+    train, test = builtin_arithmetic("train", 0, 500), builtin_arithmetic("test", 0, 100)
+    assert all(split_of("arithmetic", e.key) == "train" for e in train)
+    assert all(split_of("arithmetic", e.key) == "test" for e in test)
+    for e in train:
+        a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", e.prompt[0]["content"]).groups()
+        assert max(int(a), int(b)) <= 99
+        assert int(e.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert e.reference == f"<|tool|>{a} {op} {b}<|/tool|>{e.answer}\n#### {e.answer}"

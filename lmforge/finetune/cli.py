@@ -17,7 +17,7 @@ def sft_args(parser: argparse.ArgumentParser) -> None:
                              "complete checkpoint); its tokenizer must have the chat tokens")
     parser.add_argument("--data", action="append", metavar="SRC",
                         help="conversations (repeatable): a JSONL / Parquet file of OpenAI messages, "
-                             "ShareGPT or Alpaca records, or builtin:chat; SRC:WEIGHT mixes "
+                             "ShareGPT or Alpaca records, builtin:chat or builtin:arithmetic; SRC:WEIGHT mixes "
                              "(sets sft.data; default builtin:chat)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run directory: metrics.jsonl, checkpoints/, base.json, config.toml")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.tasks.arithmetic import Arithmetic
+from lmforge.tasks.arithmetic import Arithmetic, ShortArithmetic
 from lmforge.tasks.chitchat import CHATTERBOT, ChitChat
 from lmforge.tasks.common import SPLITS, Example, Task, check_split
 from lmforge.tasks.corpus import Bible, Docstrings, Shakespeare
@@ -22,6 +22,7 @@ from lmforge.tasks.identity import Identity
 from lmforge.tasks.letters import Letters
 
 BUILTIN_CHAT = "builtin:chat"
+BUILTIN_ARITHMETIC = "builtin:arithmetic"  # short symbolic arithmetic: a curriculum's first stage
 
 # Share of each task in `builtin:chat` (identity is a small pool, repeated to fill its share).
 MIXTURE = {
@@ -52,5 +53,11 @@ def builtin_chat(split: str, seed: int, n: int, tasks: dict[str, Task] | None = 
     return out
 
 
-__all__ = ["BUILTIN_CHAT", "CHATTERBOT", "MIXTURE", "SPLITS", "Example", "Task", "builtin_chat",
+def builtin_arithmetic(split: str, seed: int, n: int) -> list[Example]:
+    """`n` examples of `builtin:arithmetic` (`ShortArithmetic`): fine-tune on it first, then on
+    `builtin:chat`, for a small model to learn the calculator calls (docs/guide/finetuning.md)."""
+    return ShortArithmetic().generate(split, seed, n)
+
+
+__all__ = ["BUILTIN_ARITHMETIC", "BUILTIN_CHAT", "CHATTERBOT", "MIXTURE", "SPLITS", "Example", "Task", "builtin_arithmetic", "builtin_chat",
            "make_tasks"]

@@ -96,3 +96,20 @@ class Arithmetic(Task):
 
     def check(self, example: Example, answer_text: str) -> bool:
         return final_number(answer_text) == example.answer
+
+
+class ShortArithmetic(Arithmetic):
+    """`builtin:arithmetic`, the first stage of a curriculum: `a op b` in symbols with operands
+    0-99, where a small model first learns to copy numbers into the call (measured: the full
+    mixture alone did not get there in 1,400 steps, this did in ~1,000 and carried it over).
+    Its keys and splits are the arithmetic task's, so it never trains on a held-out question."""
+
+    name = "arithmetic_short"
+    split_family = "arithmetic"
+
+    def draw(self, rng: random.Random) -> Example:
+        op = rng.choice(["+", "-", "*"])
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        answer, result = tool_answer(f"{a} {op} {b}")
+        question = rng.choice(QUESTIONS[op][:3]).format(a=a, b=b)  # the symbolic ones
+        return Example(self.name, conversation(question, answer), result, f"{op}:{a}:{b}")
