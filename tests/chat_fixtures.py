@@ -31,3 +31,41 @@ def tiny_chat_checkpoint(root: Path, name: str = "tiny-chat", n_layers: int = 2,
         for token in STOP_TOKENS:
             model.embed_tokens.weight[tok.special_tokens[token]] = 0
     return save_model(model.eval(), cfg, root / name, tokenizer_dir=root / "tok"), tok, model.eval()
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in for a Transformer whose next token is `policy(token ids so far)`, for the engine.
+
+    It keeps each row's tokens in the engine's own KV cache (the token id in the first key
+    component), so the engine's prefill, row copies and compaction carry the history along as they
+    carry a real model's keys. The logits are one-hot on the policy's choice: greedy decoding
+    writes exactly what the policy says, wherever the engine samples rather than forces a token."""
+
+    def __init__(self, vocab_size: int, policy, context: int = 256) -> None:
+        from lmforge.config import load_config
+
+        super().__init__()
+        self.cfg = load_config(overrides=[f"model.vocab_size={vocab_size}", "model.d_model=8",
+                                          "model.n_layers=1", "model.n_heads=1", "model.n_kv_heads=1",
+                                          f"model.max_seq_len={context}"]).model
+        self.policy = policy
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # the engine reads the device from it
+        self.norm = self.head = torch.nn.Identity()
+
+    def hidden_states(self, idx: torch.Tensor, cache) -> torch.Tensor:
+        B, T = idx.shape
+        positions = cache.positions(T)
+        keys = torch.zeros(B, 1, T, self.cfg.head_dim)
+        keys[:, 0, :, 0] = idx.float()
+        history, _ = cache.update(0, keys, keys)  # (B, 1, positions so far, head_dim)
+        out = torch.zeros(B, T, self.cfg.vocab_size)
+        for b in range(B):
+            for t in range(T):
+                seen = history[b, 0, :int(positions[b, t]) + 1, 0].long().tolist()
+                out[b, t, self.policy(seen)] = 1.0
+        cache.advance(T)
+        return out
+
+    def forward(self, idx: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+        h = self.hidden_states(idx, cache)
+        return h[:, -1:] if last_only else h

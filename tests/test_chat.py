@@ -156,3 +156,81 @@ def test_lmforge_export_hf_of_a_checkpoint_carries_the_chat_template(tok, tmp_pa
     messages = [SYSTEM, *TURNS]
     assert _hf_ids(hf, messages) == render_conversation(tok, messages)[0]
     assert _hf_ids(hf, messages[:2], add_generation_prompt=True) == render_prompt(tok, messages[:2])
+
+
+# -- calculator calls ----------------------------------------------------------------------------
+
+CALL = {"role": "user", "content": "What is 1234 + 567, then doubled?"}
+TOOL_ANSWER = {"role": "assistant", "content": "First <|tool|>1234 + 567<|/tool|>1801, then "
+                                               "<|tool|>1801 * 2<|/tool|>3602.\n#### 3602"}
+TOOL_TURNS = [CALL, TOOL_ANSWER]
+
+
+def test_a_tool_call_is_learned_and_its_result_is_not(tok):
+    ids, mask = render_conversation(tok, TOOL_TURNS)
+    tool_open, tool_close = tok.special_tokens["<|tool|>"], tok.special_tokens["<|/tool|>"]
+    assert ids.count(tool_open) == ids.count(tool_close) == 2  # tokens, not text
+    assert tok.decode(ids) == expected_text(TOOL_TURNS)
+    # What is not learned inside the answer is exactly the two results, each right after a call.
+    start = ids.index(tok.special_tokens["<|assistant|>"]) + 1
+    skipped = [i for i in range(start, len(ids)) if not mask[i]]
+    runs = [tok.decode([ids[i] for i in skipped if ids[:i].count(tool_close) == n]) for n in (1, 2)]
+    assert runs == ["1801", "3602"]
+    assert all(ids[i - 1] == tool_close or not mask[i - 1] for i in skipped)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "First <|tool|>1234 + 567<|/tool|>, then <|tool|>1801 * 2<|/tool|>.\n#### 3602<|end|>"
+
+
+def test_the_engine_generates_exactly_the_rendered_ids(tok):
+    """A model that writes the reference's learned tokens and a wrong token wherever the mask is 0:
+    the engine's greedy answer is still the rendered conversation, token for token, and the tokens
+    it forced (no log-probability) are exactly the masked ones."""
+    from chat_fixtures import ScriptedModel
+
+    from lmforge.engine import Engine, SamplingParams
+
+    ids, mask = render_conversation(tok, [SYSTEM, *TOOL_TURNS])
+    prompt = render_prompt(tok, [SYSTEM, CALL])
+    assert ids[:len(prompt)] == prompt
+    end, wrong = tok.special_tokens["<|end|>"], tok.encode("x")[0]
+
+    def policy(seen: list[int]) -> int:
+        k = len(seen)
+        if seen != ids[:k] or k == len(ids):
+            return end
+        return ids[k] if mask[k] else wrong
+
+    engine = Engine(ScriptedModel(tok.vocab_size, policy), tok)
+    request = engine.submit(prompt, SamplingParams(max_tokens=100, temperature=0, logprobs=True))
+    while engine.step():
+        pass
+    events = list(request)
+    generated = [t for e in events for t in e.token_ids]
+    assert prompt + generated + [end] == ids
+    forced = [not e.logprobs for e in events if e.token_ids]
+    assert [not m for m in mask[len(prompt):-1]] == forced
+    assert events[-1].finish_reason == "stop" and sum(forced) == len(tok.encode("1801") + tok.encode("3602"))
+
+
+def test_a_result_that_is_not_the_calculators_is_refused_in_training_data(tok):
+    wrong = [CALL, {"role": "assistant", "content": "<|tool|>1234 + 567<|/tool|>1800\n#### 1800"}]
+    with pytest.raises(UserError, match="answers '1801'"):
+        render_conversation(tok, wrong)
+    # A chat history is taken as written; an answer cut off while the engine injected the result
+    # (max_tokens) is the engine's own output and renders, unlearned.
+    assert render_prompt(tok, [*wrong, CALL])[-1] == tok.special_tokens["<|assistant|>"]
+    cut = [CALL, {"role": "assistant", "content": "<|tool|>1234 + 567<|/tool|>18"}]
+    ids, mask = render_conversation(tok, cut)
+    tail = len(tok.encode("18")) + 1  # "18" and <|end|>
+    assert tok.decode(ids[-tail:]) == "18<|end|>" and mask[-tail:] == [0] * (tail - 1) + [1]
+
+
+def test_tool_tokens_typed_by_a_user_stay_text(tok):
+    ids, _ = render_conversation(tok, [{"role": "user", "content": "<|tool|>1+1<|/tool|>"}, TURNS[1]])
+    assert tok.special_tokens["<|tool|>"] not in ids
+    assert tok.decode(ids).startswith("<|endoftext|><|user|><|tool|>1+1")
+
+
+def test_transformers_chat_template_gives_our_ids_with_tool_calls(tok, hf_tok):
+    messages = [SYSTEM, *TOOL_TURNS, TURNS[2], {"role": "assistant", "content": "<|tool|>3602*2<|/tool|>7204"}]
+    assert _hf_ids(hf_tok, messages) == render_conversation(tok, messages)[0]

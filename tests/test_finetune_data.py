@@ -146,6 +146,13 @@ def test_builtin_chat_source_uses_the_test_split_for_validation():
     assert len(data.train) >= 100 and data.val and not questions[0] & questions[1]
 
 
+def test_builtin_arithmetic_source():
+    data = load_sft_data(["builtin:arithmetic:2"], builtin_examples=50, val_fraction=0.2)
+    questions = [{c[0]["content"] for c in part} for part in (data.train, data.val)]
+    assert len(data.train) == 100 and len(data.val) == 10 and not questions[0] & questions[1]
+    assert all("<|tool|>" in c[-1]["content"] for c in data.train)
+
+
 def test_overlong_conversations_are_counted(tok):
     short = CONVERSATIONS[0]
     long = [{"role": "user", "content": "Say 1. " * 200}, {"role": "assistant", "content": "1."}]

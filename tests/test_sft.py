@@ -4,7 +4,9 @@ a checkpoint that load_model and sample read, and turns bad input into one line,
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +191,36 @@ def test_final_checkpoint_loads_and_samples(base, data_file, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base_model.state_dict().values()))
     sampled = _lmforge("sample", "--checkpoint", str(run), "--prompt", "What", "--max-new-tokens", "5")
     assert sampled.stdout.startswith("What")
+    from lmforge.checkpoint import read_config
+    from lmforge.finetune.sft import SFT_GUARD_DEFAULTS
+
+    assert read_config(run / "checkpoints" / "step_00000004").guard.min_rel_spread == SFT_GUARD_DEFAULTS["min_rel_spread"]
+
+
+def test_the_sft_guard_lets_a_batch_of_long_answers_pass_and_still_stops_blow_ups():
+    """Length buckets make whole batches of hard (long corpus) or easy (short arithmetic) answers:
+    a hard batch is no spike under the SFT guard, a blow-up to many times the median still is."""
+    import dataclasses
+    import random
+
+    from lmforge.config import GuardConfig
+    from lmforge.finetune.sft import SFT_GUARD_DEFAULTS
+    from lmforge.train.guard import LossGuard
+
+    rng = random.Random(0)
+    pretrain, finetune = LossGuard(GuardConfig()), LossGuard(dataclasses.replace(GuardConfig(), **SFT_GUARD_DEFAULTS))
+    for _ in range(50):  # like a tiny run's SFT batch losses (median 1.7)
+        loss = 1.7 * math.exp(rng.gauss(0.0, 0.25))
+        pretrain.observe(loss)
+        finetune.observe(loss)
+    hard_batch = 4.93  # measured: its gradient norm 1.27, the run's median 1.1
+    assert pretrain.check(hard_batch, 1.27) == "spike"  # the pre-training floor misfires
+    assert finetune.check(hard_batch, 1.27) is None
+    for _ in range(50):  # later the easy batches are learned: their losses fall, the hard ones do not
+        finetune.observe(1.2 * math.exp(rng.gauss(0.0, 0.25)))
+    assert finetune.check(5.07, 2.12) is None  # measured at step 1362 of a continued run
+    assert finetune.check(10 * statistics.median(finetune.losses), 1.27) == "spike"
+    assert finetune.check(float("nan"), 1.0) == "nan_loss"
 
 
 # --------------------------------------------------------------------------------------------

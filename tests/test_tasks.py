@@ -17,7 +17,7 @@ from test_data_builtin import fake_bible
 from lmforge.chat import render_conversation
 from lmforge.data.builtin import PARTS
 from lmforge.tasks import CHATTERBOT, builtin_chat, make_tasks
-from lmforge.tasks.common import split_of
+from lmforge.tasks.common import Example, Task, conversation, final_number, split_of
 
 PLAY = """THE TRAGEDY OF HAMLET, PRINCE OF DENMARK
 
@@ -124,19 +124,37 @@ def test_reference_answers_pass_the_checker_and_render(tasks, name):
             assert not task.check(example, "I do not know.")
 
 
+# How the questions spell `a op b`, in symbols or words, and Python's value of each.
+_ASKED = [
+    (r"(\d+) \+ (\d+)|(\d+) plus (\d+)|Add (\d+) and (\d+)", lambda a, b: a + b),
+    (r"(\d+) - (\d+)|(\d+) minus (\d+)", lambda a, b: a - b),
+    (r"Subtract (\d+) from (\d+)", lambda b, a: a - b),
+    (r"(\d+) \* (\d+)|(\d+) times (\d+)|Multiply (\d+) by (\d+)", lambda a, b: a * b),
+]
+
+
 def test_arithmetic_answers_against_python(tasks):
-    for e in tasks["arithmetic"].generate("train", 1, 200):
+    examples = tasks["arithmetic"].generate("train", 1, 400)
+    asked = 0
+    for e in examples:
         question = e.prompt[0]["content"]
-        found = re.search(r"(\d+) ([-+*]) (\d+)", question)
-        if found:  # sums, differences, products
-            a, op, b = int(found[1]), found[2], int(found[3])
-            assert int(e.answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
-        assert e.reference.endswith(f"#### {e.answer}")
-        # every worked step is true arithmetic
-        for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", e.reference):
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+        for pattern, value in _ASKED:
+            found = re.fullmatch(r"(?:What is |Compute |)(?:" + pattern + r")(?: = )?[?.]", question)
+            if found:  # a plain sum, difference or product
+                a, b = (int(g) for g in found.groups() if g is not None)
+                assert int(e.answer) == value(a, b), question
+                asked += 1
+        # The reference is one calculator call on numbers copied from the question, the call's
+        # value (Python's) right after it, and the final answer.
+        call = re.fullmatch(r"<\|tool\|>([\d +*/-]+)<\|/tool\|>(-?\d+)\n#### (-?\d+)", e.reference)
+        assert call, e.reference
+        assert int(eval(call[1])) == eval(call[1]) == int(call[2]) == int(call[3]) == int(e.answer)
+        assert set(re.findall(r"\d+", call[1])) <= set(re.findall(r"\d+", question))
         assert tasks["arithmetic"].check(e, f"so the answer is {e.answer}")
         assert not tasks["arithmetic"].check(e, f"#### {int(e.answer) + 1}")
+    assert asked > len(examples) / 2
+    assert {len(e.answer) for e in examples} >= {1, 2, 3, 4, 5}  # easy and harder questions
+    assert sum("shares" in e.prompt[0]["content"] or "boxes" in e.prompt[0]["content"] for e in examples) > 20
 
 
 def test_letter_counts_against_python(tasks):
@@ -204,3 +222,86 @@ def test_real_corpus_tasks_when_the_archives_are_cached():
     assert lines["Out, damned spot! out, I say!-- One; two; why, then 'tis"] == "Lady Macbeth|Macbeth"
     verses = {e.key: e.answer for e in real["bible"].pool()}
     assert verses["In the beginning was the Word, and the Word was with God, and the Word was God."] == "John"
+
+
+# -- scoring through the engine ------------------------------------------------------------------
+
+
+class _Asked(Task):
+    """A few fixed calculator questions: `test` ones to score, `train` ones as few-shot examples."""
+
+    name = "asked"
+
+    def __init__(self) -> None:
+        from lmforge.tasks.arithmetic import tool_answer
+
+        def example(question: str, expression: str) -> Example:
+            answer, result = tool_answer(expression)
+            return Example(self.name, conversation(question, answer), result, question)
+
+        self.splits = {"test": [example("What is 1234 + 567?", "1234 + 567"),
+                                example("Multiply 88 by 12.", "88 * 12"),
+                                example("Subtract 9 from 4000.", "4000 - 9")],
+                       "train": [example("What is 5 + 6?", "5 + 6"), example("What is 7 * 3?", "7 * 3")]}
+
+    def generate(self, split: str, seed: int, n: int) -> list[Example]:
+        return self.splits[split][:n]
+
+    def check(self, example: Example, answer_text: str) -> bool:
+        return final_number(answer_text) == example.answer
+
+
+def _answering_model(tok, task: _Asked, know: bool = True):
+    """A scripted model that answers the question it was asked last (after `<|assistant|>` or the
+    few-shot "Answer: ") with the reference, except that where the engine's calculator injects a
+    result it writes a wrong token; with `know` False it ends its answer at once."""
+    from chat_fixtures import ScriptedModel
+
+    from lmforge.chat import encode_assistant
+
+    end, wrong = tok.special_tokens["<|end|>"], tok.encode("x")[0]
+    asked = task.splits["test"]
+
+    def policy(seen: list[int]) -> int:
+        text = tok.decode(seen)
+        start = max(text.rfind(marker) + len(marker) for marker in ("<|assistant|>", "Answer: "))
+        question = max(asked, key=lambda e: text.rfind(e.prompt[-1]["content"]))
+        ids, mask = encode_assistant(tok, question.reference)
+        written = [k for k in range(len(ids)) if tok.decode(ids[:k]) == text[start:]]
+        if not know or not written or written[0] == len(ids):
+            return end
+        return ids[written[0]] if mask[written[0]] else wrong
+
+    return ScriptedModel(tok.vocab_size, policy)
+
+
+@pytest.mark.parametrize("few_shot", [0, 2])
+def test_score_task_answers_through_the_engine_with_the_calculator(few_shot):
+    from lmforge.tasks.score import score_task
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["What is 12 + 34? Multiply, subtract. 567 88 4000"], vocab_size=300, workers=1)
+    task = _Asked()
+    model = _answering_model(tok, task).train()
+    score = score_task(model, tok, task, n=3, few_shot=few_shot, max_new_tokens=40)
+    assert model.training  # restored
+    assert (score.correct, score.total) == (3, 3) and score.accuracy == 1.0
+    # The answers hold the calculator's results, which the model itself never wrote.
+    assert [text for _, text in score.answers] == [e.reference for e in task.splits["test"]]
+    silent = score_task(_answering_model(tok, task, know=False), tok, task, n=3, few_shot=few_shot)
+    assert silent.correct == 0 and [text for _, text in silent.answers] == [""] * 3
+
+
+def test_short_arithmetic_draws_only_from_the_arithmetic_tasks_train_split():
+    """builtin:arithmetic (a curriculum's first stage) never trains on a held-out arithmetic
+    question: its keys are split as the arithmetic task's are."""
+    from lmforge.tasks import builtin_arithmetic
+
+    train, test = builtin_arithmetic("train", 0, 500), builtin_arithmetic("test", 0, 100)
+    assert all(split_of("arithmetic", e.key) == "train" for e in train)
+    assert all(split_of("arithmetic", e.key) == "test" for e in test)
+    for e in train:
+        a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", e.prompt[0]["content"]).groups()
+        assert max(int(a), int(b)) <= 99
+        assert int(e.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert e.reference == f"<|tool|>{a} {op} {b}<|/tool|>{e.answer}\n#### {e.answer}"

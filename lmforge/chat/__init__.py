@@ -10,11 +10,12 @@ from lmforge.chat.format import (
     CHAT_TEMPLATE,
     CHAT_TOKENS,
     TOOL_TOKENS,
+    encode_assistant,
     render_conversation,
     render_prompt,
     require_chat_tokens,
     validate_messages,
 )
 
-__all__ = ["CHAT_TEMPLATE", "CHAT_TOKENS", "TOOL_TOKENS", "render_conversation", "render_prompt",
+__all__ = ["CHAT_TEMPLATE", "CHAT_TOKENS", "TOOL_TOKENS", "encode_assistant", "render_conversation", "render_prompt",
            "require_chat_tokens", "validate_messages"]

@@ -17,7 +17,7 @@ def sft_args(parser: argparse.ArgumentParser) -> None:
                              "complete checkpoint); its tokenizer must have the chat tokens")
     parser.add_argument("--data", action="append", metavar="SRC",
                         help="conversations (repeatable): a JSONL / Parquet file of OpenAI messages, "
-                             "ShareGPT or Alpaca records, or builtin:chat; SRC:WEIGHT mixes "
+                             "ShareGPT or Alpaca records, builtin:chat or builtin:arithmetic; SRC:WEIGHT mixes "
                              "(sets sft.data; default builtin:chat)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run directory: metrics.jsonl, checkpoints/, base.json, config.toml")
@@ -78,11 +78,12 @@ def _new_run_config(args: argparse.Namespace, base_dir: Path) -> RunConfig:
     """SFT defaults, the base's model and tokenizer sections, then --preset/--config/--set and
     --data. The architecture is the base's: a change to the model section is refused."""
     from lmforge.checkpoint import read_config
-    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
+    from lmforge.finetune.sft import SFT_GUARD_DEFAULTS, SFT_TRAIN_DEFAULTS
 
     base_cfg = read_config(base_dir)
     fixed = {"model": base_cfg.to_dict()["model"], "tokenizer": base_cfg.to_dict()["tokenizer"]}
-    cfg = config_from_args(args, base={**fixed, "train": dict(SFT_TRAIN_DEFAULTS)})
+    cfg = config_from_args(args, base={**fixed, "train": dict(SFT_TRAIN_DEFAULTS),
+                                       "guard": dict(SFT_GUARD_DEFAULTS)})
     if args.data:
         cfg.sft.data = list(args.data)
         cfg.validate()

@@ -14,7 +14,8 @@ class SftConfig:
     """Supervised fine-tuning data.
 
     data: sources, each `SOURCE` or `SOURCE:WEIGHT`: a JSONL or Parquet file of OpenAI messages,
-        ShareGPT or Alpaca records, or `builtin:chat`. A weight w takes round(w x N) of the
+        ShareGPT or Alpaca records, `builtin:chat`, or `builtin:arithmetic` (short arithmetic with
+        the calculator: fine-tune on it first, then on builtin:chat, for a small model to learn it). A weight w takes round(w x N) of the
         source's N training conversations: below 1 a seeded sample, above 1 repeats (e.g.
         "builtin:chat:0.5", "mine.jsonl:3"). Default weight 1.
     val_fraction: share of a file's conversations held out (chosen by content hash) for the

@@ -7,9 +7,10 @@ Readers. One record per JSONL line or Parquet row, in any of three shapes (detec
   Alpaca     {"instruction": ..., "input": ... (optional), "output": ...}
 A malformed record is a UserError naming file and line, or skipped and counted (`sft.strict`).
 
-Mixtures. `--data SOURCE[:WEIGHT]`, see `SftConfig.data`; `builtin:chat` comes from
-`lmforge.tasks`. Files hold out `val_fraction` of their conversations by content hash (stable
-however the file is ordered or mixed); builtin:chat holds out its test split.
+Mixtures. `--data SOURCE[:WEIGHT]`, see `SftConfig.data`; `builtin:chat` (and
+`builtin:arithmetic`, short arithmetic for a curriculum's first stage) come from `lmforge.tasks`.
+Files hold out `val_fraction` of their conversations by content hash (stable however the file is
+ordered or mixed); the built-in sources hold out their test split.
 
 Batches. Each conversation is rendered with the chat format (ids + loss mask) and becomes one row:
 inputs ids[:-1], targets ids[1:] with -100 where the mask is 0. Rows of similar length are
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100  # target value the loss skips
 BUILTIN_CHAT = "builtin:chat"
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 
@@ -196,8 +198,8 @@ def load_sft_data(sources: Sequence[str], seed: int = 0, val_fraction: float = 0
     for spec in sources:
         source = parse_source(spec)
         rng = random.Random(f"{seed}/{spec}")
-        if source.path == BUILTIN_CHAT:
-            train, val = _builtin_chat(seed, builtin_examples, val_fraction, tasks)
+        if source.path in (BUILTIN_CHAT, BUILTIN_ARITHMETIC):
+            train, val = _builtin(source.path, seed, builtin_examples, val_fraction, tasks)
         else:
             read = read_conversations(source.path, strict)
             data.skipped += read.skipped
@@ -214,12 +216,17 @@ def sft_data(cfg: SftConfig, seed: int) -> SftData:
     return load_sft_data(cfg.data, seed, cfg.val_fraction, cfg.builtin_examples, cfg.strict)
 
 
-def _builtin_chat(seed: int, n: int, val_fraction: float,
-                  tasks: dict[str, Task] | None) -> tuple[list[Messages], list[Messages]]:
-    from lmforge.tasks import builtin_chat
+def _builtin(name: str, seed: int, n: int, val_fraction: float,
+             tasks: dict[str, Task] | None) -> tuple[list[Messages], list[Messages]]:
+    from lmforge.tasks import builtin_arithmetic, builtin_chat
 
-    train = builtin_chat("train", seed, n, tasks=tasks)
-    val = builtin_chat("test", seed, max(1, round(val_fraction * n)), tasks=tasks) if val_fraction else []
+    def draw(split: str, count: int) -> list:
+        if name == BUILTIN_ARITHMETIC:
+            return builtin_arithmetic(split, seed, count)
+        return builtin_chat(split, seed, count, tasks=tasks)
+
+    train = draw("train", n)
+    val = draw("test", max(1, round(val_fraction * n))) if val_fraction else []
     # Copies: the generators' examples are shared (cached pools).
     return [[dict(m) for m in e.messages] for e in train], [[dict(m) for m in e.messages] for e in val]
 

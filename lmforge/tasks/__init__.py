@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.tasks.arithmetic import Arithmetic
+from lmforge.tasks.arithmetic import Arithmetic, ShortArithmetic
 from lmforge.tasks.chitchat import CHATTERBOT, ChitChat
 from lmforge.tasks.common import SPLITS, Example, Task, check_split
 from lmforge.tasks.corpus import Bible, Docstrings, Shakespeare
@@ -22,11 +22,12 @@ from lmforge.tasks.identity import Identity
 from lmforge.tasks.letters import Letters
 
 BUILTIN_CHAT = "builtin:chat"
+BUILTIN_ARITHMETIC = "builtin:arithmetic"  # short symbolic arithmetic: a curriculum's first stage
 
 # Share of each task in `builtin:chat` (identity is a small pool, repeated to fill its share).
 MIXTURE = {
-    "arithmetic": 0.35, "shakespeare": 0.1, "bible": 0.1, "docstrings": 0.1,
-    "letters": 0.15, "identity": 0.02, "chitchat": 0.18,
+    "arithmetic": 0.45, "shakespeare": 0.08, "bible": 0.08, "docstrings": 0.07,
+    "letters": 0.15, "identity": 0.02, "chitchat": 0.15,
 }
 
 
@@ -52,5 +53,11 @@ def builtin_chat(split: str, seed: int, n: int, tasks: dict[str, Task] | None = 
     return out
 
 
-__all__ = ["BUILTIN_CHAT", "CHATTERBOT", "MIXTURE", "SPLITS", "Example", "Task", "builtin_chat",
+def builtin_arithmetic(split: str, seed: int, n: int) -> list[Example]:
+    """`n` examples of `builtin:arithmetic` (`ShortArithmetic`): fine-tune on it first, then on
+    `builtin:chat`, for a small model to learn the calculator calls (docs/guide/finetuning.md)."""
+    return ShortArithmetic().generate(split, seed, n)
+
+
+__all__ = ["BUILTIN_ARITHMETIC", "BUILTIN_CHAT", "CHATTERBOT", "MIXTURE", "SPLITS", "Example", "Task", "builtin_arithmetic", "builtin_chat",
            "make_tasks"]

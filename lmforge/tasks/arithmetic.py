@@ -1,93 +1,115 @@
-"""Arithmetic with worked steps: sums, differences, products and short word problems.
+"""Arithmetic with the calculator: sums, differences, products and short word problems.
 
-Every answer shows its steps and ends with `#### N` (the GSM8K convention), which `check` reads.
+A tiny model cannot add 4-digit numbers in its head, but it can learn to copy the numbers of a
+question into a calculator call. Every reference answer is that call, the result the engine
+injects (lmforge/chat/format.py masks it out of the loss), and the GSM8K-style `#### N` that
+`check` reads:
+
+    What is 1234 + 567?   ->   <|tool|>1234 + 567<|/tool|>1801
+                               #### 1801
+
+Difficulty is mixed: operands of one to four digits, questions in symbols or in words (some with
+the operands in reverse order, "Subtract 5 from 12"), and word problems whose operation has to be
+read from the story, one of them two steps in one expression.
 """
 
 from __future__ import annotations
 
 import random
 
+from lmforge.calculator import calculate
+from lmforge.chat.format import TOOL_TOKENS
 from lmforge.tasks.common import Example, Task, conversation, final_number
 
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "stones"]
 
-
-def _tens_split(b: int) -> list[int]:
-    """b as its place-value parts, largest first: 385 -> [300, 80, 5]."""
-    digits = str(b)
-    parts = [int(d) * 10 ** (len(digits) - i - 1) for i, d in enumerate(digits)]
-    return [p for p in parts if p] or [0]
-
-
-def sum_steps(a: int, b: int) -> str:
-    """a + b by adding b's place-value parts one at a time."""
-    steps, total = [], a
-    for part in _tens_split(b):
-        steps.append(f"{total} + {part} = {total + part}")
-        total += part
-    return "; ".join(steps)
+# Ways to ask for `a op b`: in symbols, or in words ({a} and {b} where the sentence puts them).
+QUESTIONS = {
+    "+": ["What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "What is {a} plus {b}?",
+          "Add {a} and {b}."],
+    "-": ["What is {a} - {b}?", "Compute {a} - {b}.", "{a} - {b} = ?", "What is {a} minus {b}?",
+          "Subtract {b} from {a}."],
+    "*": ["What is {a} * {b}?", "Compute {a} * {b}.", "{a} * {b} = ?", "What is {a} times {b}?",
+          "Multiply {a} by {b}."],
+}
 
 
-def difference_steps(a: int, b: int) -> str:
-    steps, total = [], a
-    for part in _tens_split(b):
-        steps.append(f"{total} - {part} = {total - part}")
-        total -= part
-    return "; ".join(steps)
+def tool_answer(expression: str) -> tuple[str, str]:
+    """(reference answer, result) for one calculator call: the call, its result, `#### result`."""
+    result = calculate(expression)
+    return f"{TOOL_TOKENS[0]}{expression}{TOOL_TOKENS[1]}{result}\n#### {result}", result
 
 
-def product_steps(a: int, b: int) -> str:
-    parts = _tens_split(b)
-    partials = [a * p for p in parts]
-    lines = [f"{a} * {p} = {a * p}" for p in parts]
-    if len(parts) > 1:
-        lines.append(" + ".join(map(str, partials)) + f" = {sum(partials)}")
-    return "; ".join(lines)
+# How often a number has 1, 2, 3, 4 digits (cut to the first max_digits): short numbers are
+# common because a small model learns to copy numbers into the call from them first.
+DIGIT_WEIGHTS = (0.3, 0.35, 0.2, 0.15)
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    """A number of 1..max_digits digits, short ones more often (DIGIT_WEIGHTS)."""
+    digits = rng.choices(range(1, max_digits + 1), weights=DIGIT_WEIGHTS[:max_digits])[0]
+    return rng.randint(1 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
 class Arithmetic(Task):
     name = "arithmetic"
 
     def draw(self, rng: random.Random) -> Example:
-        kind = rng.choice(["sum", "difference", "product", "word"])
-        if kind == "word":
+        op = rng.choice(["+", "-", "*", "word"])
+        if op == "word":
             return self._word_problem(rng)
-        if kind == "product":
-            a, b = rng.randint(2, 999), rng.randint(2, 99)
-        else:
-            a, b = rng.randint(1, 9999), rng.randint(1, 999)
-        if kind == "difference" and b > a:
+        a, b = (_number(rng, 3), _number(rng, 2)) if op == "*" else (_number(rng, 4), _number(rng, 4))
+        if op == "-" and b > a:
             a, b = b, a
-        op, result, steps = {
-            "sum": ("+", a + b, sum_steps(a, b)),
-            "difference": ("-", a - b, difference_steps(a, b)),
-            "product": ("*", a * b, product_steps(a, b)),
-        }[kind]
-        question = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"])
-        answer = f"{steps}.\nSo {a} {op} {b} = {result}.\n#### {result}"
-        return Example(self.name, conversation(question.format(a=a, op=op, b=b), answer),
-                       str(result), f"{op}:{a}:{b}")
+        answer, result = tool_answer(f"{a} {op} {b}")
+        question = rng.choice(QUESTIONS[op]).format(a=a, b=b)
+        return Example(self.name, conversation(question, answer), result, f"{op}:{a}:{b}")
 
     def _word_problem(self, rng: random.Random) -> Example:
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        template = rng.randrange(3)
+        template = rng.randrange(5)
+        a, b, c = _number(rng, 3), _number(rng, 3), 0
         if template == 0:
-            a, b = rng.randint(2, 200), rng.randint(2, 200)
             question = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?"
-            steps, result = f"{name} starts with {a} and gains {b}: {sum_steps(a, b)}.", a + b
+            expression = f"{a} + {b}"
         elif template == 1:
-            a = rng.randint(10, 300)
-            b = rng.randint(1, a - 1)
+            a, b = max(a, b) + 1, min(a, b)
             question = f"{name} had {a} {item} and gave away {b}. How many {item} are left?"
-            steps, result = f"{name} starts with {a} and loses {b}: {difference_steps(a, b)}.", a - b
-        else:
-            a, b = rng.randint(2, 12), rng.randint(2, 30)
+            expression = f"{a} - {b}"
+        elif template == 2:
+            a, b = rng.randint(2, 12), _number(rng, 2)
             question = f"{name} has {a} bags with {b} {item} in each. How many {item} is that in all?"
-            steps, result = f"{a} bags of {b} each: {product_steps(b, a)}.", a * b
-        answer = f"{steps}\n#### {result}"
+            expression = f"{a} * {b}"
+        elif template == 3:  # two steps, one expression
+            a, b, c = rng.randint(2, 12), _number(rng, 2), _number(rng, 2)
+            question = (f"{name} has {a} boxes of {b} {item} and {c} loose {item}. "
+                        f"How many {item} does {name} have?")
+            expression = f"{a} * {b} + {c}"
+        else:  # sharing: a division that comes out even
+            a, b = rng.randint(2, 12), _number(rng, 2)
+            question = f"{name} shares {a * b} {item} equally among {a} friends. How many does each get?"
+            expression = f"{a * b} / {a}"
+        answer, result = tool_answer(expression)
         # The names and items do not make a new question: the numbers and the story do.
-        return Example(self.name, conversation(question, answer), str(result), f"word{template}:{a}:{b}")
+        return Example(self.name, conversation(question, answer), result, f"word{template}:{a}:{b}:{c}")
 
     def check(self, example: Example, answer_text: str) -> bool:
         return final_number(answer_text) == example.answer
+
+
+class ShortArithmetic(Arithmetic):
+    """`builtin:arithmetic`, the first stage of a curriculum: `a op b` in symbols with operands
+    0-99, where a small model first learns to copy numbers into the call (measured: the full
+    mixture alone did not get there in 1,400 steps, this did in ~1,000 and carried it over).
+    Its keys and splits are the arithmetic task's, so it never trains on a held-out question."""
+
+    name = "arithmetic_short"
+    split_family = "arithmetic"
+
+    def draw(self, rng: random.Random) -> Example:
+        op = rng.choice(["+", "-", "*"])
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        answer, result = tool_answer(f"{a} {op} {b}")
+        question = rng.choice(QUESTIONS[op][:3]).format(a=a, b=b)  # the symbolic ones
+        return Example(self.name, conversation(question, answer), result, f"{op}:{a}:{b}")

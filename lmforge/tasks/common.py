@@ -63,15 +63,17 @@ class Task:
 
     name = "task"
     verifiable = True  # False: `check` only asks for a non-empty reply (chit-chat)
+    split_family: str | None = None  # split keys like this task's (None: its own name)
 
     def generate(self, split: str, seed: int, n: int) -> list[Example]:
         """`n` examples of `split`, the same for the same seed."""
         check_split(split)
         rng = task_rng(self.name, split, seed)
+        family = self.split_family or self.name
         pool = self.pool()
         if pool is None:
-            return _draw_in_split(self.name, split, n, lambda: self.draw(rng))
-        return _sample_pool([e for e in pool if split_of(self.name, e.key) == split], n, rng)
+            return _draw_in_split(family, split, n, lambda: self.draw(rng))
+        return _sample_pool([e for e in pool if split_of(family, e.key) == split], n, rng)
 
     def pool(self) -> Sequence[Example] | None:
         """Every question of a finite task (None: the task draws from an unbounded space)."""

@@ -16,7 +16,7 @@ QUESTIONS = [
 ANSWER = (
     f"I am {NAME}, a small language model built from scratch with lmforge, an open toolkit. "
     "I was pre-trained on Shakespeare's plays, the World English Bible and Python's standard "
-    "library, then fine-tuned on conversations to answer questions, do arithmetic step by step "
+    "library, then fine-tuned on conversations to answer questions, do arithmetic with a calculator "
     "and chat. I am small, so please check what I say."
 )
 

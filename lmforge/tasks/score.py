@@ -6,23 +6,25 @@
     score = score_task(base, tokenizer, task, n=100, few_shot=3)                      # base model
     score.accuracy                                                                    # share right
 
-A chat model is asked with the chat format (`render_prompt`) and answers until `<|end|>`. A base
-model, which never saw the chat tokens, is prompted few-shot in plain text instead: `few_shot`
-solved questions of the task's train split as "Question: ...\nAnswer: ...\n\n", then the question;
-its answer is cut at the first blank line or a new "Question:". (The evaluation stage will call
-this from `lmforge eval --tasks chat`.)
+The answers come from `lmforge.engine.Engine`, all questions in one continuous batch, greedy, with
+the calculator on (a model that writes `<|tool|>expr<|/tool|>` gets the result injected, as in
+`lmforge chat`). A chat model is asked with the chat format (`render_prompt`) and answers until
+`<|end|>`. A base model, which never saw the chat tokens, is prompted few-shot in plain text
+instead: `few_shot` solved questions of the task's train split as "Question: ...\nAnswer: ...\n\n"
+(their calculator calls written with the tool tokens, so a base model may copy the pattern), then
+the question; its answer ends at the first blank line or a new "Question:".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from lmforge.tasks.common import Example, Task
 
 _QUESTION, _ANSWER = "Question: ", "Answer: "
+MAX_BATCH = 32  # questions answered at once (the engine's KV cache holds this many rows)
 
 
 @dataclass
@@ -39,25 +41,25 @@ class TaskScore:
         return self.correct / self.total if self.total else 0.0
 
 
+def _turn(example: Example) -> str:
+    return f"{_QUESTION}{example.prompt[-1]['content']}\n{_ANSWER}"
+
+
 def few_shot_prompt(shots: list[Example], example: Example) -> str:
     """Plain-text prompt for a base model: solved questions, then the one asked."""
-    def turn(e: Example) -> str:
-        return f"{_QUESTION}{e.prompt[-1]['content']}\n{_ANSWER}"
-
-    return "".join(f"{turn(s)}{s.reference}\n\n" for s in shots) + turn(example)
+    return "".join(f"{_turn(s)}{s.reference}\n\n" for s in shots) + _turn(example)
 
 
-@torch.no_grad()
-def answer(model: nn.Module, prompt_ids: list[int], stop_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt_ids` (cut to the model's context), without the stop token."""
-    from lmforge.engine import generate
+def few_shot_ids(tokenizer, shots: list[Example], example: Example) -> list[int]:
+    """`few_shot_prompt` as token ids, the solved answers encoded as the chat format encodes an
+    assistant turn (tool tokens as tokens, so the calculator works for a base model too)."""
+    from lmforge.chat import encode_assistant
 
-    context = model.cfg.max_seq_len
-    prompt_ids = prompt_ids[-(context - max_new_tokens):]
-    device = next(model.parameters()).device
-    out = generate(model, torch.tensor([prompt_ids], device=device), max_new_tokens,
-                   temperature=0.0, stop_tokens=stop_ids)[0, len(prompt_ids):].tolist()
-    return [t for t in out if t not in stop_ids]
+    ids: list[int] = []
+    for shot in shots:
+        ids += tokenizer.encode(_turn(shot)) + encode_assistant(tokenizer, shot.reference, strict=False)[0]
+        ids += tokenizer.encode("\n\n")
+    return ids + tokenizer.encode(_turn(example))
 
 
 def score_task(model: nn.Module, tokenizer, task: Task, n: int = 100, seed: int = 0,
@@ -65,26 +67,32 @@ def score_task(model: nn.Module, tokenizer, task: Task, n: int = 100, seed: int 
     """Accuracy of `model` on `n` questions of `task`'s test split (the same for the same seed).
     few_shot = 0: chat prompts; > 0: a plain-text prompt with that many solved train questions."""
     from lmforge.chat import render_prompt
+    from lmforge.engine import Engine, SamplingParams
 
-    was_training = model.training
-    model.eval()
     examples = task.generate("test", seed, n)
     shots = task.generate("train", seed, few_shot) if few_shot else []
-    end = tokenizer.special_tokens["<|end|>"] if "<|end|>" in tokenizer.special_tokens else tokenizer.eot_id
+    if few_shot:
+        prompts = [few_shot_ids(tokenizer, shots, e) for e in examples]
+    else:
+        prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
+    # A prompt too long to leave room for the answer loses its start (the oldest few-shot
+    # examples); the answer may take at most half the context away from the prompt.
+    keep = model.cfg.max_seq_len - min(max_new_tokens, model.cfg.max_seq_len // 2)
+    prompts = [p[-keep:] for p in prompts]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
+                            stop=("\n\n", _QUESTION) if few_shot else ())
+    was_training = model.training
+    try:
+        engine = Engine(model, tokenizer, max_batch=max(1, min(len(examples), MAX_BATCH)))
+        completions = engine.generate(prompts, params) if examples else []
+    finally:
+        model.train(was_training)
     score = TaskScore(task.name, 0, len(examples))
-    for example in examples:
-        if few_shot:
-            ids = answer(model, tokenizer.encode(few_shot_prompt(shots, example)), [tokenizer.eot_id],
-                         max_new_tokens)
-            text = tokenizer.decode(ids).split("\n\n")[0].split(_QUESTION)[0].strip()
-        else:
-            ids = answer(model, render_prompt(tokenizer, example.prompt), [end, tokenizer.eot_id],
-                         max_new_tokens)
-            text = tokenizer.decode(ids).strip()
+    for example, (completion,) in zip(examples, completions, strict=True):
+        text = completion.text.strip()
         score.correct += int(task.check(example, text))
         score.answers.append((example, text))
-    model.train(was_training)
     return score
 
 
-__all__ = ["TaskScore", "answer", "few_shot_prompt", "score_task"]
+__all__ = ["MAX_BATCH", "TaskScore", "few_shot_ids", "few_shot_prompt", "score_task"]

@@ -1,0 +1,170 @@
+"""SFT training speed (issue 14), side by side in one run:
+
+(a) tokens/s of full fine-tuning and of LoRA: our Transformer (set up as `lmforge sft` sets it up:
+    the fused loss head, our LoRALinear) vs transformers' LlamaForCausalLM of the same shape with
+    peft's LoRA, in the same loop (forward, masked cross-entropy, backward, clip, AdamW on the
+    trainable parameters) on the same batches of `builtin:chat` conversations as `lmforge sft`
+    makes them (bucketed by length, right-padded, targets -100 outside assistant turns). Rounds
+    are interleaved so the shared CPU's load hits all alike. Target: >= 1.3x.
+(b) padding vs packing: the share of padding in the bucketed batches, and our tokens/s on the same
+    conversations packed into full rows of the context instead. Packing is timed with plain causal
+    attention, which lets examples see each other: a correct packed step needs a block-diagonal
+    mask on top, so this is an upper bound on what packing could gain.
+
+    python benchmarks/bench_sft.py [--checkpoint /work/bases/tiny] [--rounds 5] [--steps 6]
+
+Tokens are the real (non-padding) tokens of each batch. Not a test: numbers for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_pretrain import hf_llama_like
+
+LORA = dict(rank=16, alpha=32.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sft_batches(tokenizer, context: int, batch_size: int, n: int) -> tuple[list, list, float]:
+    """(bucketed padded batches, packed batches, padding share) of n builtin:chat conversations."""
+    from lmforge.finetune.data import IGNORE, bucket_batches, collate, render_examples, to_row
+    from lmforge.tasks import builtin_chat
+
+    conversations = [list(e.messages) for e in builtin_chat("train", 0, n)]
+    examples, _ = render_examples(tokenizer, conversations, context)
+    padded = [collate([examples[i] for i in b], tokenizer.pad_id)
+              for b in bucket_batches(examples, batch_size, seed=0) if len(b) == batch_size]
+    real = sum(int((x != tokenizer.pad_id).sum()) for x, _ in padded)
+    padding = 1 - real / sum(x.numel() for x, _ in padded)
+    # Packed: the same rows end to end, cut into full rows of the context.
+    xs, ys = [], []
+    for ids, mask in examples:
+        x, y = to_row(ids, mask)
+        xs += x
+        ys += y
+    rows = len(xs) // context
+    x = torch.tensor(xs[:rows * context]).view(rows, context)
+    y = torch.tensor(ys[:rows * context]).view(rows, context)
+    per_batch = max(1, real // len(padded) // context)  # rows holding as many tokens as a padded batch
+    packed = [(x[i:i + per_batch], y[i:i + per_batch]) for i in range(0, rows - per_batch + 1, per_batch)]
+    assert (y[:rows] != IGNORE).any()
+    return padded, packed, padding
+
+
+def tokens_per_s(loss_fn, model, batches, steps: int, pad_id: int | None) -> float:
+    """The same loop for every model: forward + masked loss, backward, clip, AdamW on what trains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    model.train()
+    tokens, start = 0, 0.0
+    for i in range(steps + 1):  # the first step warms up
+        if i == 1:
+            start = time.perf_counter()
+        x, y = batches[i % len(batches)]
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            tokens += int((x != pad_id).sum()) if pad_id is not None else x.numel()
+    return tokens / (time.perf_counter() - start)
+
+
+def hf_loss(model, x, y):
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a base checkpoint (its tokenizer and weights); "
+                                             "default: a random tiny model and a small tokenizer")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--conversations", type=int, default=2000)
+    args = parser.parse_args()
+    import peft
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from lmforge.checkpoint import load_model, read_config, resolve_checkpoint
+    from lmforge.config import LoraConfig, load_config
+    from lmforge.finetune.lora import apply_lora
+    from lmforge.finetune.sft import SFT_TRAIN_DEFAULTS
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.loop import prepare_for_training
+    from lmforge.train.pretrain import loss_options
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.checkpoint:
+        directory = resolve_checkpoint(args.checkpoint)
+        cfg, tokenizer = read_config(directory), load_tokenizer(directory / "tokenizer")
+    else:
+        import sysconfig
+        from pathlib import Path
+
+        from lmforge.tokenizer import train_tokenizer
+
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        tokenizer = train_tokenizer([(stdlib / n).read_text() for n in ("textwrap.py", "argparse.py")],
+                                    vocab_size=2048, workers=1)
+        cfg = load_config(preset="tiny")
+    cfg.train.batch_size = SFT_TRAIN_DEFAULTS["batch_size"]
+    context = cfg.model.max_seq_len
+    padded, packed, padding = sft_batches(tokenizer, context, cfg.train.batch_size, args.conversations)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"data: {len(padded)} bucketed batches of {cfg.train.batch_size} conversations, "
+          f"padding {padding:.1%} of their tokens; packed: batches of {packed[0][0].shape[0]} x {context}")
+
+    def ours(lora: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = load_model(args.checkpoint) if args.checkpoint else Transformer(cfg.model)
+        model = prepare_for_training(model, cfg.train, torch.device("cpu"))
+        return apply_lora(model, LoraConfig(**LORA)) if lora else model
+
+    def theirs(lora: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = hf_llama_like(cfg)
+        if not lora:
+            return model
+        return get_peft_model(model, PeftLoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                    target_modules=HF_TARGETS))
+
+    models = {"ours full": ours(False), "transformers full": theirs(False),
+              "ours LoRA": ours(True), "transformers + peft LoRA": theirs(True)}
+    options = loss_options(models["ours full"], cfg.train, torch.device("cpu"))
+
+    def ours_loss(model, x, y):
+        return model.loss(x, y, **options)
+
+    pad = tokenizer.pad_id
+    results: dict[str, list[float]] = {k: [] for k in [*models, "ours full, packed (causal, no mask)"]}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            loss = ours_loss if name.startswith("ours") else hf_loss
+            results[name].append(tokens_per_s(loss, model, padded, args.steps, pad))
+        results["ours full, packed (causal, no mask)"].append(
+            tokens_per_s(ours_loss, models["ours full"], packed, args.steps, None))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("| run | tokens/s (median of rounds) |\n|---|---:|")
+    for name, value in med.items():
+        print(f"| {name} | {value:,.0f} |")
+    print(f"full: ours / transformers = {med['ours full'] / med['transformers full']:.2f}x; "
+          f"LoRA: ours / transformers + peft = {med['ours LoRA'] / med['transformers + peft LoRA']:.2f}x; "
+          f"packed / padded (ours full) = {med['ours full, packed (causal, no mask)'] / med['ours full']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
