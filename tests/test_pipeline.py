@@ -34,12 +34,15 @@ TINY = [
     "train.eval_batches=2", "train.tensorboard=false", "data.workers=1", "data.val_fraction=0.03",
 ]
 # The stages after pre-training, as small: a few SFT steps on the conversations make_corpus writes,
-# bits per byte (and `chat`, skipped until it has a runner), two transcripts, the HF export.
+# a few DPO steps on its preference pairs, bits per byte and the `chat` tasks, two transcripts, the
+# HF and GGUF exports.
 LIFECYCLE = [
-    "sft.val_fraction=0.1", "run.align=none", "run.export=hf", "run.eval_tasks=bpb,chat",
-    "run.chat_tasks=arithmetic", "run.chat_questions=2",
+    "sft.val_fraction=0.1", "dpo.val_fraction=0.1", "run.align=dpo", "run.export=hf,gguf",
+    "run.eval_tasks=bpb,chat", "run.eval_limit=4", "run.chat_tasks=arithmetic", "run.chat_questions=2",
     'run.sft_overrides=["train.max_steps=8", "train.batch_size=4", "train.eval_every=4", '
     '"train.checkpoint_every=4", "train.eval_batches=2"]',
+    'run.align_overrides=["train.max_steps=4", "train.batch_size=4", "train.eval_every=2", '
+    '"train.checkpoint_every=2", "train.eval_batches=1"]',
 ]
 
 
@@ -64,11 +67,18 @@ def make_corpus(root: Path, docs: int = 240, seed: int = 0) -> Path:
         conversations.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
                                            {"role": "assistant", "content": f"#### {a + b}"}]})
     (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    pairs = []
+    for _ in range(60):  # DPO data: the right sum preferred to a wrong one
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        pairs.append({"prompt": f"What is {a} + {b}?", "chosen": f"#### {a + b}",
+                      "rejected": f"#### {a + b + rng.randint(1, 3)}"})
+    (root / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return corpus
 
 
 def run_command(out: Path, corpus: Path, *overrides: str) -> list[str]:
-    lifecycle = [*LIFECYCLE, f"sft.data={corpus.parent / 'chat.jsonl'}"]
+    lifecycle = [*LIFECYCLE, f"sft.data={corpus.parent / 'chat.jsonl'}",
+                 f"dpo.data={corpus.parent / 'prefs.jsonl'}"]
     sets = [arg for item in [*TINY, *lifecycle, *overrides] for arg in ("--set", item)]
     return [sys.executable, "-m", "lmforge", "run", "--source", str(corpus), "--out", str(out),
             "--time-budget", "none", *sets]
@@ -139,27 +149,34 @@ def test_run_writes_every_artefact_and_the_report(finished):
     sft_val = [m["val_loss"] for m in sft if "val_loss" in m]
     assert len(sft_val) == 2 and sft_val[-1] < sft_val[0]
     assert (run / "sft" / "checkpoints" / "step_00000008" / "COMPLETE").is_file()
-    assert not (run / "align").exists()  # run.align = none
-    # ... both models were evaluated (bits per byte on the validation shards); `chat` is skipped
-    # with a note until a runner implements it ...
+    # ... DPO aligned it on the pairs, starting from the SFT model ...
+    aligned = "align/checkpoints/step_00000004"
+    assert (run / aligned / "COMPLETE").is_file()
+    assert json.loads((run / "align" / "base.json").read_text())["checkpoint"].endswith(
+        "sft/checkpoints/step_00000008")
+    dpo = [json.loads(line) for line in (run / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_margin" in m for m in dpo)
+    # ... the three models were evaluated (bits per byte on the validation shards, the chat tasks) ...
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert list(results["models"]) == ["base", "sft"]
-    assert results["models"]["sft"]["checkpoint"] == "sft/checkpoints/step_00000008"
-    for label in ("base", "sft"):
+    assert list(results["models"]) == ["base", "sft", "aligned"]
+    assert results["models"]["aligned"]["checkpoint"] == aligned
+    for label in ("base", "sft", "aligned"):
         assert 0.5 < results["models"][label]["results"]["bpb"]["bpb"] < 8.0
-    assert set(results["tasks"]) | set(results["skipped"]) == {"bpb", "chat"}
+        assert 0.0 <= results["models"][label]["results"]["chat"]["acc"] <= 1.0
+    assert results["tasks"] == ["bpb", "chat"]
     # ... the final model answered held-out questions, each checked, and was exported.
     chat = json.loads((run / "logs" / "chat.json").read_text())
-    assert chat["checkpoint"] == "sft/checkpoints/step_00000008" and len(chat["transcripts"]) == 2
+    assert chat["checkpoint"] == aligned and len(chat["transcripts"]) == 2
     for t in chat["transcripts"]:
         assert t["task"] == "arithmetic" and t["messages"][-1]["role"] == "assistant"
         assert isinstance(t["correct"], bool)
     export = json.loads((run / "export" / "export.json").read_text())
-    assert export["checkpoint"] == "sft/checkpoints/step_00000008"
+    assert export["checkpoint"] == aligned
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "export" / "hf" / name).is_file() and f"hf/{name}" in export["files"]
+    assert (run / "export" / "model.gguf").read_bytes()[:4] == b"GGUF"
     # Where the chat model is, and the commands that talk to it.
-    assert f"model:  {run / 'sft' / 'checkpoints' / 'step_00000008'}" in stdout
+    assert f"model:  {run / aligned}" in stdout
     assert f"lmforge chat --checkpoint {run}" in stdout and f"lmforge serve --checkpoint {run}" in stdout
     chat = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--checkpoint", str(run), "--prompt",
                            "What is 2 + 3?", "--max-tokens", "4", "--temperature", "0"],
@@ -171,7 +188,7 @@ def test_run_writes_every_artefact_and_the_report(finished):
     for title, _ in SECTIONS:
         assert f"## {title}" in md and f">{title}</h2>" in html
     assert "Not available" not in md.split("## Stage timings")[0]  # every artefact was found
-    for plot in ("loss.png", "lr.png", "throughput.png", "sft_loss.png"):
+    for plot in ("loss.png", "lr.png", "throughput.png", "sft_loss.png", "align_loss.png"):
         assert (run / "report" / "plots" / plot).stat().st_size > 5000
     assert (run / "report" / "report.pdf").read_bytes().startswith(b"%PDF")
 
@@ -197,8 +214,7 @@ def test_changed_config_reruns_its_stage_and_everything_after(finished, corpus, 
     assert after_tokenizer["data"] == first["data"]
     for name in STAGE_NAMES[1:]:
         assert stage_lines(stdout)[name].startswith("done"), name
-        if name != "align":  # run.align = none has nothing to redo: the same (empty) outputs
-            assert after_tokenizer[name]["outputs"] != first[name]["outputs"], name
+        assert after_tokenizer[name]["outputs"] != first[name]["outputs"], name
     assert json.loads((run / "tokenizer" / "stats.json").read_text())["vocab_size"] == 320
     # Nothing finished was lost: the old model (and tokenizer, shards, samples) are kept aside.
     [kept] = (run / "previous").glob("pretrain-*")
@@ -206,7 +222,7 @@ def test_changed_config_reruns_its_stage_and_everything_after(finished, corpus, 
     assert all((old[k] == theirs).all() for k, theirs in final_weights(finished[0]).items())
     assert any((old[k] != new[k]).any() for k in new)
     assert {p.name.split("-")[0] for p in (run / "previous").iterdir()} == {
-        "tokenizer", "shards", "pretrain", "sft", "eval", "sample", "chat", "export"}
+        "tokenizer", "shards", "pretrain", "sft", "align", "eval", "sample", "chat", "export"}
     assert "Redone on changed inputs" in (run / "report" / "report.md").read_text()
 
     # The data config changes: every stage is redone.
@@ -226,7 +242,7 @@ def test_a_budget_too_small_for_a_redo_is_refused_before_anything_is_touched(fin
     # others as long as they took, and the driver keeps 5 s.
     took = sum(r["seconds"] for name, r in records(run).items()
                if name in ("eval", "sample", "chat", "export", "report"))
-    need = 2 * 30 + took + 5
+    need = 3 * 30 + took + 5
     command = run_command(run, corpus)
     command[command.index("--time-budget") + 1] = "1m"
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)

