@@ -64,6 +64,9 @@ DPO_TRAIN_DEFAULTS: dict[str, Any] = dict(
 # nats, made for a language-model loss) calls spikes until the run stops. With 0.25 a spike is a
 # batch mean some 2.2 nats above the recent median: the policy preferring rejected answers by far.
 PREFERENCE_GUARD_DEFAULTS: dict[str, Any] = dict(min_abs_spread=0.25)
+# A time budget pays for building the pairs and the reference pass before the loop; whatever they
+# took, the loop keeps at least this share of the budget (so the run may overrun by that much).
+SETUP_FLOOR = 0.2
 REFERENCE_CACHE = "reference_logps.safetensors"  # RUN_DIR/...: the reference's answer log-probs
 T = TypeVar("T")
 
@@ -383,6 +386,7 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
     from lmforge.train.pretrain import batch_geometry
 
     run_dir = Path(run_dir)
+    started = clock()
     tokenizer, tokenizer_dir = chat_tokenizer(base, "DPO")
     owns_par = par is None
     par = par or init_parallel(cfg)
@@ -395,6 +399,8 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
             run_dir, model, pairs.train, pairs.val, base, tokenizer.pad_id, cfg.train.batch_size * 2,
             autocast_for(cfg, par.device)))
         objective = DPOObjective(cfg, pairs.train, pairs.val, reference, tokenizer.pad_id, par)
+        if time_budget_s is not None:  # sampling builtin:prefs and the reference pass count too
+            time_budget_s = max(time_budget_s - (clock() - started), SETUP_FLOOR * time_budget_s)
 
         def write_adapters(state: dict, ckpt_cfg: RunConfig, directory: Path, tok: Path | None) -> None:
             write_lora_files(model, ckpt_cfg, directory, base, tok)

@@ -46,12 +46,14 @@ class LifecycleConfig:
     eval_limit: int = 100
     chat_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "letters", "shakespeare", "bible"])
     chat_questions: int = 3
-    pretrain_share: float = 0.55
-    sft_share: float = 0.30
+    pretrain_share: float = 0.45
+    sft_share: float = 0.40
     align_share: float = 0.15
     min_stage_s: float = 30.0
     sft_overrides: list[str] = field(default_factory=list)
-    align_overrides: list[str] = field(default_factory=list)
+    # builtin:prefs samples 9 answers to each prompt before DPO trains: 128 prompts keep that to
+    # about a minute of the stage's few on two cores (the `lmforge dpo` default is 512).
+    align_overrides: list[str] = field(default_factory=lambda: ["dpo.prefs_prompts=128"])
 
     def share(self, stage: str) -> float:
         return {"pretrain": self.pretrain_share, "sft": self.sft_share, "align": self.align_share}[stage]
