@@ -138,7 +138,7 @@ def _new_run_config(args: argparse.Namespace, base_dir: Path, stage: Stage) -> R
     --preset / --config / --set and --data. The architecture stays the base's."""
     from lmforge.checkpoint import read_config
     from lmforge.cli import config_from_args
-    from lmforge.finetune.cli import _keep_model
+    from lmforge.finetune.cli import keep_base_architecture
 
     base_cfg = read_config(base_dir)
     fixed = {"model": base_cfg.to_dict()["model"], "tokenizer": base_cfg.to_dict()["tokenizer"]}
@@ -147,7 +147,7 @@ def _new_run_config(args: argparse.Namespace, base_dir: Path, stage: Stage) -> R
     if args.data:
         getattr(cfg, stage.section).data = list(args.data)
         cfg.validate()
-    _keep_model(cfg, base_cfg, base_dir)
+    keep_base_architecture(cfg, base_cfg, base_dir, stage.name)
     return cfg
 
 
@@ -155,7 +155,7 @@ def _resumed_config(args: argparse.Namespace, resume_from: Path, stage: Stage) -
     """The run's own config (the debug section belongs to the invocation)."""
     from lmforge.checkpoint import read_config
     from lmforge.cli import config_from_args
-    from lmforge.finetune.cli import _keep_model
+    from lmforge.finetune.cli import keep_base_architecture
 
     saved = read_config(resume_from)
     base = saved.to_dict()
@@ -165,7 +165,7 @@ def _resumed_config(args: argparse.Namespace, resume_from: Path, stage: Stage) -
     if args.data and list(args.data) != data:
         raise UserError(f"--data {' '.join(args.data)}: a resumed run continues on its own data "
                         f"({' '.join(data)}); drop --data or start a new --out")
-    _keep_model(cfg, saved, resume_from)
+    keep_base_architecture(cfg, saved, resume_from, stage.name)
     if cfg.lora != saved.lora:
         raise UserError("a resumed run keeps its lora section; start a new --out to change it")
     return cfg
@@ -213,12 +213,12 @@ def reward_score_command(args: argparse.Namespace) -> int:
 def _scoring_rows(path: Path, tokenizer: Any) -> tuple[list[dict], list[list[list[int]]]]:
     """Each record and the token rows to score: [answer] or [chosen, rejected]."""
     from lmforge.align.pairs import render_answer, require_fields, to_answer, to_pair
-    from lmforge.finetune.data import _jsonl_records
+    from lmforge.finetune.data import jsonl_records
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     records, rows = [], []
-    for line, record in _jsonl_records(path):
+    for line, record in jsonl_records(path):
         try:
             if isinstance(record, Exception):
                 raise record

@@ -433,12 +433,12 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
     from lmforge.align.commands import check_recorded_base, policy_base
     from lmforge.checkpoint import read_config
     from lmforge.config import parse_duration
-    from lmforge.finetune.cli import _keep_model
+    from lmforge.finetune.cli import keep_base_architecture
     from lmforge.train.checkpoint import CheckpointManager
 
     run_dir = Path(run_dir)
     base = policy_base(checkpoint)
-    _keep_model(cfg, read_config(base.checkpoint), base.checkpoint)
+    keep_base_architecture(cfg, read_config(base.checkpoint), base.checkpoint, "dpo")
     resume_from = CheckpointManager(run_dir, 1).latest() if resume else None
     if resume_from is not None:
         check_recorded_base(run_dir, base, str(checkpoint))

@@ -576,12 +576,9 @@ def run_grpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume
 def keep_base_model(cfg: RunConfig, base_dir: Path) -> None:
     """GRPO trains the base's architecture: a model section that differs is refused."""
     from lmforge.checkpoint import read_config
+    from lmforge.finetune.cli import keep_base_architecture
 
-    base_model = read_config(base_dir).model
-    if cfg.model != base_model:
-        changed = next(k for k, v in dataclasses.asdict(cfg.model).items() if getattr(base_model, k) != v)
-        raise UserError(f"model.{changed}: grpo keeps the model of its base checkpoint {base_dir}; "
-                        "drop that setting (or a --preset that sets it)")
+    keep_base_architecture(cfg, read_config(base_dir), base_dir, "grpo")
 
 
 __all__ = ["CHAT_TASKS", "GRPOObjective", "GRPO_GUARD_DEFAULTS", "GRPO_TRAIN_DEFAULTS", "Rollouts",

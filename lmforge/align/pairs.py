@@ -99,13 +99,13 @@ def _check(messages: list, name: str, need_assistant: bool = True) -> None:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """Every pair of a JSONL file, in file order; a bad record is a UserError naming its line."""
-    from lmforge.finetune.data import _jsonl_records
+    from lmforge.finetune.data import jsonl_records
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected a JSONL file of preference pairs, or {BUILTIN_PREFS})")
     pairs = []
-    for line, record in _jsonl_records(path):
+    for line, record in jsonl_records(path):
         try:
             if isinstance(record, Exception):
                 raise record

@@ -87,7 +87,7 @@ def _new_run_config(args: argparse.Namespace, base_dir: Path) -> RunConfig:
     if args.data:
         cfg.sft.data = list(args.data)
         cfg.validate()
-    _keep_model(cfg, base_cfg, base_dir)
+    keep_base_architecture(cfg, base_cfg, base_dir)
     return cfg
 
 
@@ -102,14 +102,16 @@ def _resumed_config(args: argparse.Namespace, resume_from: Path) -> RunConfig:
     if args.data and list(args.data) != cfg.sft.data:
         raise UserError(f"--data {' '.join(args.data)}: a resumed run continues on its own data "
                         f"({' '.join(cfg.sft.data)}); drop --data or start a new --out")
-    _keep_model(cfg, saved, resume_from)
+    keep_base_architecture(cfg, saved, resume_from)
     if cfg.lora != saved.lora:
         raise UserError("a resumed run keeps its lora section; start a new --out to change it")
     return cfg
 
 
-def _keep_model(cfg: RunConfig, base_cfg: RunConfig, source: Path) -> None:
+def keep_base_architecture(cfg: RunConfig, base_cfg: RunConfig, source: Path, command: str = "sft") -> None:
+    """Fine-tuning stages (sft, dpo, grpo) train their base's architecture: a model section that
+    differs (a --preset, a --set model.*) is refused, naming the first differing field."""
     if cfg.model != base_cfg.model:
         changed = next(k for k, v in cfg.to_dict()["model"].items() if base_cfg.to_dict()["model"][k] != v)
-        raise UserError(f"model.{changed}: sft keeps the model of its base checkpoint {source}; "
+        raise UserError(f"model.{changed}: {command} keeps the model of its base checkpoint {source}; "
                         "drop that setting (or a --preset that sets it)")

@@ -124,7 +124,7 @@ def read_conversations(path: str | Path, strict: bool = True) -> FileConversatio
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet file, or {BUILTIN_CHAT})")
-    records = _parquet_records(path) if path.suffix == ".parquet" else _jsonl_records(path)
+    records = _parquet_records(path) if path.suffix == ".parquet" else jsonl_records(path)
     out, skipped = [], 0
     for line, record in records:
         try:
@@ -141,7 +141,7 @@ def read_conversations(path: str | Path, strict: bool = True) -> FileConversatio
     return FileConversations(out, skipped)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, record or the error that line gave) for each non-empty line."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
