@@ -147,7 +147,7 @@ def _new_run_config(args: argparse.Namespace, base_dir: Path, stage: Stage) -> R
     if args.data:
         getattr(cfg, stage.section).data = list(args.data)
         cfg.validate()
-    keep_base_architecture(cfg, base_cfg, base_dir, stage.name)
+    keep_base_architecture(cfg, base_cfg, base_dir, stage.command)
     return cfg
 
 
@@ -165,7 +165,7 @@ def _resumed_config(args: argparse.Namespace, resume_from: Path, stage: Stage) -
     if args.data and list(args.data) != data:
         raise UserError(f"--data {' '.join(args.data)}: a resumed run continues on its own data "
                         f"({' '.join(data)}); drop --data or start a new --out")
-    keep_base_architecture(cfg, saved, resume_from, stage.name)
+    keep_base_architecture(cfg, saved, resume_from, stage.command)
     if cfg.lora != saved.lora:
         raise UserError("a resumed run keeps its lora section; start a new --out to change it")
     return cfg
