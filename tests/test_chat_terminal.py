@@ -93,9 +93,16 @@ def test_interactive_chat_in_a_terminal(checkpoint):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_the_answer_not_the_program(checkpoint):
+@pytest.fixture(scope="module")
+def deep_checkpoint(tmp_path_factory):
+    """A deeper random model: its 4,000-token answer takes seconds even on a fast machine, so the
+    Ctrl-C below lands while it streams (with 4 layers the answer could end before it arrived)."""
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("deep-chat"), n_layers=32, context=4096)
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(deep_checkpoint):
     pexpect = pytest.importorskip("pexpect")
-    cmd = chat_cmd(checkpoint, "--max-tokens", "4000")  # many seconds of answer
+    cmd = chat_cmd(deep_checkpoint, "--max-tokens", "4000")  # many seconds of answer
     child = pexpect.spawn(cmd[0], cmd[1:], env=ENV, encoding="utf-8", timeout=60)
     try:
         child.expect_exact("you> ")
