@@ -14,6 +14,7 @@ Commands: /reset, /system TEXT (empty: none), /temperature T, /quit, /help.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -168,6 +169,9 @@ def chat_command(args: argparse.Namespace) -> int:
         chat.answer(args.prompt, write)
         write("\n")
         return 0
+    # Ctrl-C must reach us even when started with SIGINT ignored (a shell's background job without
+    # job control hands that on, and Python then installs no handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"chatting with {name}; /help for commands, /quit or Ctrl-D to leave")
     while True:
         try:
