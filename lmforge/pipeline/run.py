@@ -11,7 +11,8 @@ redone on changed inputs first moves what its last attempt left to RUN/previous/
 (with that attempt's record and config). `--until STAGE` runs the stages up to STAGE only.
 
 The time budget covers the whole invocation and is split as stage.py describes: the training
-stages share what the others leave, by `run.*_share`. It is checked before anything is touched: a
+stages share what the others leave, by `run.*_share`; a stage redone or continued alone gets its
+share, not the time of the stages finished before. It is checked before anything is touched: a
 budget too small for the stages left is refused with the smallest that works.
 """
 
@@ -136,13 +137,11 @@ def _run_pretrain(ctx: Context) -> None:
         # Other inputs' outputs were moved aside by the driver; these are an earlier attempt's on
         # the same inputs that never reached a checkpoint.
         _clear_training_outputs(layout)
-    cfg = ctx.cfg  # pre-training never changes its config: no copy needed
-    seconds = ctx.stage_budget_s("pretrain")
-    if seconds is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=f"{seconds:.0f}s"))
+    cfg = dataclasses.replace(ctx.cfg, train=dataclasses.replace(ctx.cfg.train))  # run.py's own copy
+    seconds = posttrain.budget_stage(ctx, "pretrain", cfg, resume_from)
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
-    result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
+    result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from, time_budget_s=seconds)
     if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
         raise Interrupted(result.signal or signal.SIGINT, saved=True)
 
@@ -265,7 +264,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     # Everything that can refuse the run is checked before the first write.
     planned = _plan(ctx, records, stages)
     posttrain.check_available(cfg, [stage.name for stage in stages])
-    ctx.estimates = {name: _estimate_s(ctx, name, records) for name in planned}
+    ctx.selected, ctx.planned = [stage.name for stage in stages], planned
+    ctx.estimates = {name: _estimate_s(ctx, name, records) for name in ctx.selected}
     _check_budget(ctx, planned, up_front=True)
 
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -305,10 +305,17 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
                 say(f"{head} inputs changed: the previous outputs are kept in {kept}")
         unfinished = ctx.same_inputs and record.get("status") == "running"
         say(f"{head} running" + (" (continuing an unfinished attempt)" if unfinished else ""))
+        if unfinished:  # its earlier attempts' seconds come off its share of the budget
+            ctx.spent[stage.name] = records.spent_s(stage.name)
         records.started(stage.name, digest, inputs)
         start = time.monotonic()
-        stage.run(ctx)
+        try:
+            stage.run(ctx)
+        except BaseException:
+            records.stopped(stage.name, time.monotonic() - start)
+            raise
         seconds = time.monotonic() - start
+        ctx.estimates[stage.name] = seconds
         outputs = stage.fingerprint(ctx)
         if outputs is None:  # pragma: no cover - a stage that returned without its outputs is a bug
             raise RuntimeError(f"stage {stage.name} finished without writing its outputs")
@@ -424,6 +431,7 @@ def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) ->
         "why": f"lmforge run redid {stage.name} on changed inputs",
         "record": record or {}, "paths": [str(p.relative_to(layout.root)) for p in found]})
     return kept
+
 
 
 def _upstream(records: StageRecords, name: str) -> dict[str, Any]:
