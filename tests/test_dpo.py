@@ -296,3 +296,14 @@ def test_bad_input_is_one_line_and_exit_2(case, base, pairs_file, tmp_path):
     if line is not None:
         assert f"{data}:2:" in proc.stderr
 
+
+def test_a_resume_that_changes_the_prefs_settings_is_refused(base, pairs_file, tmp_path):
+    """builtin:prefs pairs are sampled once, with the dpo.prefs_* settings, and cached in the run:
+    a resume with other settings would silently go on with the old pairs, so it is refused."""
+    args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file), "--out", str(tmp_path / "run")]
+    _lmforge(*args, *_sets(*RUN, "train.max_steps=2"))
+    proc = _lmforge(*args, "--resume", *_sets("dpo.prefs_prompts=8"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "dpo.prefs_prompts: a resumed run keeps the dpo.prefs_* settings" in proc.stderr
+    # Other settings may change on a resume: a longer run.
+    assert "step 3/3" in _lmforge(*args, "--resume", *_sets("train.max_steps=3")).stdout

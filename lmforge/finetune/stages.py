@@ -35,7 +35,9 @@ class Stage:
     train: str  # "module:function" (cfg, base, run_dir, resume_from=, time_budget_s=) -> TrainResult
     run_names: frozenset[str]  # what its run directory holds besides a pre-training run's
     inputs_help: str  # the inputs flag's help
-    kept: tuple[str, ...] = ("lora",)  # sections a resumed run keeps as they were
+    # What a resumed run keeps as it was: sections ("lora"), or a section's fields by prefix
+    # ("dpo.prefs_": builtin:prefs pairs are sampled once, with those settings).
+    kept: tuple[str, ...] = ("lora",)
 
 
 PREFERENCE_GUARD = "lmforge.align.dpo:PREFERENCE_GUARD_DEFAULTS"
@@ -53,7 +55,7 @@ SFT = Stage("sft", "sft", "data", "lmforge.finetune.sft:SFT_TRAIN_DEFAULTS",
             "records, builtin:chat or builtin:arithmetic; SRC:WEIGHT mixes (sets sft.data; default "
             "builtin:chat)")
 DPO = Stage("dpo", "dpo", "data", "lmforge.align.dpo:DPO_TRAIN_DEFAULTS", PREFERENCE_GUARD,
-            "lmforge.align.dpo:dpo", PAIRS_NAMES, _pairs_help("dpo"))
+            "lmforge.align.dpo:dpo", PAIRS_NAMES, _pairs_help("dpo"), kept=("lora", "dpo.prefs_"))
 REWARD = Stage("reward train", "reward", "data", "lmforge.align.reward:REWARD_TRAIN_DEFAULTS",
                PREFERENCE_GUARD, "lmforge.align.reward:train_reward_model", PAIRS_NAMES,
                _pairs_help("reward"))
@@ -203,11 +205,24 @@ def _resumed_config(args: argparse.Namespace, resume_from: Path, stage: Stage) -
         raise UserError(f"{flag} {shown}: a resumed run continues on its own {stage.inputs} "
                         f"({sep.join(own)}); drop {flag} or start a new --out")
     keep_base_architecture(cfg, saved, resume_from, stage.command)
-    if any(getattr(cfg, name) != getattr(saved, name) for name in stage.kept):
-        many = len(stage.kept) > 1
-        raise UserError(f"a resumed run keeps its {' and '.join(stage.kept)} section{'s' if many else ''}; "
-                        f"start a new --out to change {'them' if many else 'it'}")
+    _keep_sections(cfg, saved, stage)
     return cfg
+
+
+def _keep_sections(cfg: RunConfig, saved: RunConfig, stage: Stage) -> None:
+    """Refuse a resumed run whose --set / --config changed what it keeps (Stage.kept)."""
+    sections = [name for name in stage.kept if "." not in name]
+    if any(getattr(cfg, name) != getattr(saved, name) for name in sections):
+        many = len(sections) > 1
+        raise UserError(f"a resumed run keeps its {' and '.join(sections)} section{'s' if many else ''}; "
+                        f"start a new --out to change {'them' if many else 'it'}")
+    for group in (name for name in stage.kept if "." in name):
+        section, prefix = group.split(".")
+        ours, theirs = cfg.to_dict()[section], saved.to_dict()[section]
+        changed = [key for key in ours if key.startswith(prefix) and ours[key] != theirs.get(key)]
+        if changed:
+            raise UserError(f"{section}.{changed[0]}: a resumed run keeps the {group}* settings it "
+                            "started with; start a new --out to change them")
 
 
 # -- the lifecycle's entry ---------------------------------------------------------------------
