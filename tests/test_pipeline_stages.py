@@ -123,9 +123,13 @@ def test_a_redone_stage_keeps_its_previous_outputs(driver):
     note = json.loads((kept / pipeline.PREVIOUS_NOTE).read_text())
     assert note["stage"] == "c" and note["record"]["status"] == "complete"
     assert "max_steps = 1000" in (kept / "config.toml").read_text()  # the config it was made with
-    # A change further up keeps every redone stage's outputs, each in its own folder.
+    # A change further up keeps every redone stage's outputs, each in its own folder, one per
+    # stage: c's newer previous outputs replace the older ones.
+    newer = (root / "c.txt").read_text()
     assert run("train.max_steps=7", "tokenizer.vocab_size=512") == ["b", "c"]
-    assert sorted(p.name.split("-")[0] for p in (root / "previous").iterdir()) == ["b", "c", "c"]
+    assert sorted(p.name.split("-")[0] for p in (root / "previous").iterdir()) == ["b", "c"]
+    [kept_c] = (root / "previous").glob("c-*")
+    assert (kept_c / "c.txt").read_text() == newer != old
 
 
 def test_a_budget_too_small_is_refused_before_anything_is_touched(tmp_path, monkeypatch):

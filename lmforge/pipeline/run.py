@@ -8,7 +8,7 @@ command again skips every stage whose inputs are unchanged and whose outputs are
 an interrupted stage (data shards and training checkpoints are resumable on their own), and reruns a
 changed stage and everything after it. A rerun never loses a finished stage's outputs: a stage
 redone on changed inputs first moves what its last attempt left to RUN/previous/STAGE-TIMESTAMP/
-(with that attempt's record and config). `--until STAGE` runs the stages up to STAGE only.
+(with that attempt's record and config), where it replaces the stage's older entry. `--until STAGE` runs the stages up to STAGE only.
 
 The time budget covers the whole invocation and is split as stage.py describes: the training
 stages share what the others leave, by `run.*_share`; a stage redone or continued alone gets its
@@ -409,7 +409,8 @@ def _check_budget(ctx: Context, left: list[str], up_front: bool) -> None:
 
 
 def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) -> Path | None:
-    """Move what `stage` left on other inputs to RUN/previous/STAGE-STAMP/; None if nothing."""
+    """Move what `stage` left on other inputs to RUN/previous/STAGE-STAMP/ (replacing the stage's
+    older entry there); None if nothing."""
     layout = ctx.layout
     found = [p for p in stage.outputs(layout) if p.exists()]
     if not found:
@@ -430,8 +431,24 @@ def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) ->
         "stage": stage.name, "moved_at": ctx.stamp,
         "why": f"lmforge run redid {stage.name} on changed inputs",
         "record": record or {}, "paths": [str(p.relative_to(layout.root)) for p in found]})
+    # One previous attempt per stage: older ones would pile up (a checkpoint each) on every change.
+    for older in _previous_of(layout.previous, stage.name):
+        if older != kept:
+            shutil.rmtree(older)
     return kept
 
+
+def _previous_of(previous: Path, stage: str) -> list[Path]:
+    """The RUN/previous/ entries that hold stage `stage`'s outputs (by their previous.json)."""
+    found = []
+    for entry in sorted(previous.iterdir()):
+        note = entry / PREVIOUS_NOTE
+        try:
+            if json.loads(note.read_text(encoding="utf-8")).get("stage") == stage:
+                found.append(entry)
+        except (OSError, ValueError):  # not an entry this driver wrote: left alone
+            continue
+    return found
 
 
 def _upstream(records: StageRecords, name: str) -> dict[str, Any]:
