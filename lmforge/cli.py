@@ -68,7 +68,7 @@ COMMANDS: list[Command] = [
             "Pre-train a model on token shards (resumable, with checkpoints and a spike guard)."),
     Command("sft", "lmforge.finetune.cli:sft_command", "lmforge.finetune.cli:sft_args",
             "Fine-tune a checkpoint on conversations, fully or with LoRA (resumable)."),
-    Command("grpo", "lmforge.align.grpo_cli:grpo_command", "lmforge.align.grpo_cli:grpo_args",
+    Command("grpo", "lmforge.align.commands:grpo_command", "lmforge.align.commands:grpo_args",
             "RL with verifiable rewards (GRPO) from a chat checkpoint on built-in tasks (resumable)."),
     Command("dpo", "lmforge.align.commands:dpo_command", "lmforge.align.commands:dpo_args",
             "Align a chat checkpoint on preference pairs with DPO (or IPO), resumable."),
@@ -110,6 +110,18 @@ def add_config_args(parser: argparse.ArgumentParser, preset_required: bool = Fal
     group.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.FIELD=VALUE",
                        help="override one field (repeatable), e.g. --set model.n_layers=8")
+
+
+def add_run_args(parser: argparse.ArgumentParser, out_help: str,
+                 time_budget_help: str = "finish within this wall-clock time, e.g. 5m (sets "
+                                         "train.time_budget)") -> None:
+    """--out, the config layers, --resume and --time-budget: every command that trains into a run
+    directory (pretrain, sft, dpo, reward train, grpo) takes them alike."""
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help=out_help)
+    add_config_args(parser)
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                        help="continue from RUN_DIR's newest complete checkpoint, or from CKPT")
+    parser.add_argument("--time-budget", metavar="DURATION", help=time_budget_help)
 
 
 def positive_int(text: str) -> int:

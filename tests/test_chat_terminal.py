@@ -4,10 +4,13 @@ Truth for the answers: the batch-1 `generate` path on the same checkpoint (greed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,6 +46,23 @@ def chat_cmd(checkpoint, *args: str) -> list[str]:
             "--temperature", "0", *args]
 
 
+@contextlib.contextmanager
+def chat_terminal(checkpoint, *args: str) -> Iterator[Any]:
+    """`lmforge chat ARGS` in a pseudo-terminal (a pexpect child), at its first prompt; when the
+    test is done with it, /quit must end it with exit status 0."""
+    pexpect = pytest.importorskip("pexpect")
+    cmd = chat_cmd(checkpoint, *args)
+    child = pexpect.spawn(cmd[0], cmd[1:], env=ENV, encoding="utf-8", timeout=60)
+    try:
+        child.expect_exact("you> ")
+        yield child
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_prompt_mode_prints_the_answer(checkpoint):
     done = subprocess.run(chat_cmd(checkpoint, "--system", "Be brief.", "--max-tokens", "12",
                                    "--prompt", "Hi there"),
@@ -59,11 +79,7 @@ def test_prompt_mode_bad_flags_are_one_line(checkpoint):
 
 
 def test_interactive_chat_in_a_terminal(checkpoint):
-    pexpect = pytest.importorskip("pexpect")
-    cmd = chat_cmd(checkpoint, "--max-tokens", "8")
-    child = pexpect.spawn(cmd[0], cmd[1:], env=ENV, encoding="utf-8", timeout=60)
-    try:
-        child.expect_exact("you> ")
+    with chat_terminal(checkpoint, "--max-tokens", "8") as child:
         child.sendline("Hello")
         first = greedy_answer(checkpoint, [{"role": "user", "content": "Hello"}], 8)
         child.expect_exact("assistant> ")
@@ -86,11 +102,6 @@ def test_interactive_chat_in_a_terminal(checkpoint):
         child.sendline("/reset")
         child.expect_exact("new conversation")
         child.expect_exact("you> ")
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +112,10 @@ def deep_checkpoint(tmp_path_factory):
 
 
 def test_ctrl_c_stops_the_answer_not_the_program(deep_checkpoint):
-    pexpect = pytest.importorskip("pexpect")
-    cmd = chat_cmd(deep_checkpoint, "--max-tokens", "4000")  # many seconds of answer
-    child = pexpect.spawn(cmd[0], cmd[1:], env=ENV, encoding="utf-8", timeout=60)
-    try:
-        child.expect_exact("you> ")
+    with chat_terminal(deep_checkpoint, "--max-tokens", "4000") as child:  # many seconds of answer
         child.sendline("Talk for a long time")
         child.expect_exact("assistant> ")
         child.expect(r"\S")  # the answer is streaming
         child.sendintr()
         child.expect_exact("[stopped]")
         child.expect_exact("you> ")
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0

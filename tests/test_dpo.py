@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from train_fixtures import losses, read_metrics
+from train_fixtures import flags as _sets
+from train_fixtures import kill_and_resume, losses, read_metrics
+from train_fixtures import run_lmforge as _lmforge
 
 import lmforge
 from lmforge.align.config import DpoConfig
@@ -30,7 +29,6 @@ from lmforge.model import Transformer
 from lmforge.tasks.common import Example, Task
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 MODEL = ["model.vocab_size=320", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
          "model.n_kv_heads=2", "model.max_seq_len=64"]
 RUN = ["train.max_steps=12", "train.batch_size=4", "train.eval_every=4", "train.eval_batches=2",
@@ -57,18 +55,6 @@ def pairs_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
     return path
-
-
-def _lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,16 +168,15 @@ def batch_order(objective: DPOObjective) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file)]
-    reference = tmp_path / "reference"
-    done = _lmforge(*args, "--out", str(reference), *_sets(*RUN))
+    written: dict[str, int] = {}
+
+    def cache_time(run: Path) -> None:
+        written["ns"] = (run / "reference_logps.safetensors").stat().st_mtime_ns
+
+    done, reference, killed_run = kill_and_resume(args, RUN, tmp_path, before_resume=cache_time)
     assert "training and" in done.stdout
-    killed_run = tmp_path / "killed"
-    killed = _lmforge(*args, "--out", str(killed_run), *_sets(*RUN, "debug.inject=sigkill@7"), check=False)
-    assert killed.returncode == -9
-    cache = killed_run / "reference_logps.safetensors"
-    written = cache.stat().st_mtime_ns
-    _lmforge(*args, "--out", str(killed_run), "--resume")
-    assert cache.stat().st_mtime_ns == written  # the resumed run read the reference, never recomputed it
+    # The resumed run read the reference, never recomputed it.
+    assert (killed_run / "reference_logps.safetensors").stat().st_mtime_ns == written["ns"]
     assert sorted(losses(reference)) == list(range(1, 13))
     assert losses(killed_run) == losses(reference)
 
@@ -310,3 +295,15 @@ def test_bad_input_is_one_line_and_exit_2(case, base, pairs_file, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     if line is not None:
         assert f"{data}:2:" in proc.stderr
+
+
+def test_a_resume_that_changes_the_prefs_settings_is_refused(base, pairs_file, tmp_path):
+    """builtin:prefs pairs are sampled once, with the dpo.prefs_* settings, and cached in the run:
+    a resume with other settings would silently go on with the old pairs, so it is refused."""
+    args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file), "--out", str(tmp_path / "run")]
+    _lmforge(*args, *_sets(*RUN, "train.max_steps=2"))
+    proc = _lmforge(*args, "--resume", *_sets("dpo.prefs_prompts=8"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "dpo.prefs_prompts: a resumed run keeps the dpo.prefs_* settings" in proc.stderr
+    # Other settings may change on a resume: a longer run.
+    assert "step 3/3" in _lmforge(*args, "--resume", *_sets("train.max_steps=3")).stdout

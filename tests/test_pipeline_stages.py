@@ -123,9 +123,13 @@ def test_a_redone_stage_keeps_its_previous_outputs(driver):
     note = json.loads((kept / pipeline.PREVIOUS_NOTE).read_text())
     assert note["stage"] == "c" and note["record"]["status"] == "complete"
     assert "max_steps = 1000" in (kept / "config.toml").read_text()  # the config it was made with
-    # A change further up keeps every redone stage's outputs, each in its own folder.
+    # A change further up keeps every redone stage's outputs, each in its own folder, one per
+    # stage: c's newer previous outputs replace the older ones.
+    newer = (root / "c.txt").read_text()
     assert run("train.max_steps=7", "tokenizer.vocab_size=512") == ["b", "c"]
-    assert sorted(p.name.split("-")[0] for p in (root / "previous").iterdir()) == ["b", "c", "c"]
+    assert sorted(p.name.split("-")[0] for p in (root / "previous").iterdir()) == ["b", "c"]
+    [kept_c] = (root / "previous").glob("c-*")
+    assert (kept_c / "c.txt").read_text() == newer != old
 
 
 def test_a_budget_too_small_is_refused_before_anything_is_touched(tmp_path, monkeypatch):
@@ -314,3 +318,83 @@ def test_a_mistake_in_a_later_stage_settings_is_refused_before_the_first_stage(t
         with pytest.raises(UserError, match=re.escape(message)):
             run_in(tmp_path / "run", "run.align=none", "run.export=hf", override)
         assert not (tmp_path / "run").exists()
+
+
+class FakeClock:
+    """time.monotonic for the driver and the budget split: it moves only when a stage says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def budgeted(tmp_path, monkeypatch):
+    """The stand-in stages as pretrain -> sft -> align on a fake clock: each records the seconds
+    the split gives it and then takes `use[name]` of them (all by default)."""
+    from types import SimpleNamespace
+
+    from lmforge.pipeline import stage as stage_module
+
+    clock = FakeClock()
+    fake_time = SimpleNamespace(monotonic=clock.monotonic)
+    monkeypatch.setattr(pipeline, "time", fake_time)
+    monkeypatch.setattr(stage_module, "time", fake_time)
+    given: dict[str, float] = {}
+    use: dict[str, float] = {}
+    stop_in: set[str] = set()
+    stages = fake_stages([], set(), names=("pretrain", "sft", "align"))
+
+    def timed(stage: pipeline.Stage) -> pipeline.Stage:
+        def run(ctx) -> None:
+            seconds = ctx.stage_budget_s(stage.name)
+            given[stage.name] = seconds
+            clock.now += seconds * use.get(stage.name, 1.0)
+            if stage.name in stop_in:  # interrupted after using that much
+                raise KeyboardInterrupt
+            stage.run(ctx)
+
+        return pipeline.Stage(stage.name, stage.after, stage.config, run, stage.fingerprint, stage.outputs)
+
+    monkeypatch.setattr(pipeline, "STAGES", [timed(s) for s in stages])
+
+    def run(*overrides: str) -> dict[str, float]:
+        given.clear()
+        run_in(tmp_path / "run", "run.pretrain_share=0.5", "run.sft_share=0.3", "run.align_share=0.2",
+               *overrides, budget_s=1000.0)
+        return dict(given)
+
+    return run, use, stop_in
+
+
+def test_a_stage_redone_alone_gets_its_share_not_the_time_of_the_stages_finished_before(budgeted):
+    run, _, _ = budgeted
+    assert run() == pytest.approx({"pretrain": 500.0, "sft": 300.0, "align": 200.0})
+    # Only alignment's settings changed: pre-training and SFT are skipped, and alignment gets its
+    # share (it used to get the whole budget they no longer needed).
+    assert run("train.max_steps=7") == pytest.approx({"align": 200.0})
+    # SFT redone: SFT and alignment as in the first run.
+    assert run("train.max_steps=7", "tokenizer.vocab_size=600") == pytest.approx(
+        {"sft": 300.0, "align": 200.0})
+
+
+def test_a_stage_that_ends_early_leaves_its_time_to_the_next_in_the_same_invocation(budgeted):
+    run, use, _ = budgeted
+    use["pretrain"] = 0.5  # 250 s of its 500 s left over: split among SFT and alignment by share
+    assert run() == pytest.approx({"pretrain": 500.0, "sft": 750.0 * 0.3 / 0.5, "align": 300.0})
+    use.clear()
+    # A later invocation redoing alignment alone gets its share, not that leftover.
+    assert run("train.max_steps=7") == pytest.approx({"align": 200.0})
+
+
+def test_a_continued_stage_gets_its_share_less_what_its_earlier_attempts_spent(budgeted):
+    run, use, stop_in = budgeted
+    use["sft"] = 0.25
+    stop_in.add("sft")
+    with pytest.raises(KeyboardInterrupt):
+        run()  # SFT stopped after 75 of its 300 s
+    stop_in.clear()
+    use.clear()
+    assert run() == pytest.approx({"sft": 300.0 - 75.0, "align": 200.0})

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import losses, read_metrics
+from train_fixtures import kill_and_resume, losses, read_metrics
+from train_fixtures import run_lmforge as _lmforge
 
 from lmforge.align.reward import bradley_terry_loss, load_reward_model, train_reward_model
 from lmforge.checkpoint import save_model
@@ -24,7 +22,6 @@ from lmforge.finetune.lora import base_reference
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 MODEL = ["model.vocab_size=320", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
          "model.n_kv_heads=2", "model.max_seq_len=64"]
 WORDS = "the a red blue cat dog sees finds river house moon apple green old small runs".split()
@@ -71,18 +68,6 @@ def reward_run(base, pairs_file, tmp_path_factory) -> Path:
     return run
 
 
-def _lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def test_bradley_terry_loss_and_gradient_follow_the_closed_form():
     chosen = torch.tensor([0.0, 2.0, -1.0], requires_grad=True)
     rejected = torch.tensor([0.0, 0.5, 1.0], requires_grad=True)
@@ -112,12 +97,7 @@ def test_a_toy_preference_is_learnt_to_over_95_percent_on_held_out_pairs(reward_
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["reward", "train", "--checkpoint", str(base), "--data", str(pairs_file)]
     run = [*RUN, "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=4", "train.eval_batches=2"]
-    reference = tmp_path / "reference"
-    _lmforge(*args, "--out", str(reference), *_sets(*run))
-    killed_run = tmp_path / "killed"
-    killed = _lmforge(*args, "--out", str(killed_run), *_sets(*run, "debug.inject=sigkill@7"), check=False)
-    assert killed.returncode == -9
-    _lmforge(*args, "--out", str(killed_run), "--resume")
+    _, reference, killed_run = kill_and_resume(args, run, tmp_path)
     assert sorted(losses(reference)) == list(range(1, 13)) and losses(killed_run) == losses(reference)
     accuracy = {r["step"]: r["accuracy"] for r in read_metrics(reference) if "val_loss" in r}
     assert accuracy == {r["step"]: r["accuracy"] for r in read_metrics(killed_run) if "val_loss" in r}

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import losses, read_metrics
+from train_fixtures import flags as _sets
+from train_fixtures import kill_and_resume, losses, read_metrics
+from train_fixtures import run_lmforge as _lmforge
 
 import lmforge
 from lmforge.checkpoint import save_model
@@ -27,7 +26,6 @@ from lmforge.tasks.common import Example, Task, final_number
 from lmforge.tasks.score import score_task
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
 MODEL = ["model.vocab_size=320", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
          "model.n_kv_heads=2", "model.max_seq_len=64"]
 # A short, fast run: evaluated and checkpointed every 4 steps, no time budget.
@@ -61,18 +59,6 @@ def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS), encoding="utf-8")
     return path
-
-
-def _lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,14 +129,12 @@ def test_the_loss_counts_assistant_tokens_only(base, tmp_path):
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, data_file, tmp_path, lora):
     extra = ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.1", "train.lr=1e-2"] if lora else []
     args = ["sft", "--checkpoint", str(base), "--data", str(data_file)]
-    reference = tmp_path / "reference"
-    done = _lmforge(*args, "--out", str(reference), *_sets(*RUN, *extra))
+
+    def checkpointed(run: Path) -> None:
+        assert (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+    done, reference, killed_run = kill_and_resume(args, [*RUN, *extra], tmp_path, before_resume=checkpointed)
     assert "parameters train" in done.stdout
-    killed_run = tmp_path / "killed"
-    killed = _lmforge(*args, "--out", str(killed_run), *_sets(*RUN, *extra, "debug.inject=sigkill@7"), check=False)
-    assert killed.returncode == -9
-    assert (killed_run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
-    _lmforge(*args, "--out", str(killed_run), "--resume")
     expected = losses(reference)
     assert sorted(expected) == list(range(1, 13))
     assert losses(killed_run) == expected

@@ -1,9 +1,14 @@
-"""Shared helpers of the pre-training tests: a tiny corpus made into shards by the data stage."""
+"""Shared helpers of the training tests: a tiny corpus made into shards by the data stage, the
+`lmforge` command in a subprocess, and the SIGKILL-and-resume harness of the fine-tuning stages."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import RunConfig, load_config
@@ -71,3 +76,38 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in r and "event" not in r:
             out[r["step"]] = r["loss"]
     return out
+
+
+# The environment of `python -m lmforge` subprocesses: this checkout's lmforge, one thread.
+LMFORGE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+
+def run_lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m lmforge ARGS`; with `check`, a non-zero exit fails with its output."""
+    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
+                          env=LMFORGE_ENV, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def flags(*overrides: str) -> list[str]:
+    """Overrides as --set flags (nothing added, unlike set_args)."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def kill_and_resume(args: list[str], overrides: list[str], root: Path, at: int = 7,
+                    before_resume: Callable[[Path], object] = lambda run: None,
+                    ) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A stage command (`args`: command, --checkpoint, --data ...) run three ways: uninterrupted into
+    root/reference; into root/killed, SIGKILLed at step `at` (then `before_resume(killed run)`);
+    then resumed there with --resume. Returns the uninterrupted run's process and the two run
+    directories, to compare."""
+    reference, killed_run = root / "reference", root / "killed"
+    done = run_lmforge(*args, "--out", str(reference), *flags(*overrides))
+    killed = run_lmforge(*args, "--out", str(killed_run), *flags(*overrides, f"debug.inject=sigkill@{at}"),
+                         check=False)
+    assert killed.returncode == -9, killed.stderr
+    before_resume(killed_run)
+    run_lmforge(*args, "--out", str(killed_run), "--resume")
+    return done, reference, killed_run

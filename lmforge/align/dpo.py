@@ -430,21 +430,9 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
     PREFERENCE_GUARD_DEFAULTS), and cfg.model must be the
     checkpoint's. With `resume`, a run directory that holds a complete checkpoint continues from
     its newest one (its base must be `checkpoint`); otherwise the run starts afresh."""
-    from lmforge.align.commands import check_recorded_base, policy_base
-    from lmforge.checkpoint import read_config
-    from lmforge.config import parse_duration
-    from lmforge.finetune.cli import keep_base_architecture
-    from lmforge.train.checkpoint import CheckpointManager
+    from lmforge.finetune.stages import DPO, run_stage
 
-    run_dir = Path(run_dir)
-    base = policy_base(checkpoint)
-    keep_base_architecture(cfg, read_config(base.checkpoint), base.checkpoint, "dpo")
-    resume_from = CheckpointManager(run_dir, 1).latest() if resume else None
-    if resume_from is not None:
-        check_recorded_base(run_dir, base, str(checkpoint))
-    budget = (parse_duration(cfg.train.time_budget, "train.time_budget")
-              if cfg.train.time_budget and resume_from is None else None)
-    return dpo(cfg, base, run_dir, resume_from=resume_from, time_budget_s=budget)
+    return run_stage(DPO, cfg, checkpoint, run_dir, resume)
 
 
 __all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "PREFERENCE_GUARD_DEFAULTS", "PairsRun", "PreferenceLoss",

@@ -561,26 +561,12 @@ def run_grpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume
     """GRPO from `checkpoint` into `run_dir` on the tasks of cfg.grpo.tasks (the lifecycle's
     entry point; `lmforge grpo` adds its defaults and flags). The model and tokenizer sections must
     be the checkpoint's; `resume` continues the run's newest checkpoint from the same base."""
-    from lmforge.finetune.lora import base_reference
-    from lmforge.finetune.sft import read_base_record
-    from lmforge.train.checkpoint import resolve_resume
+    from lmforge.finetune.stages import GRPO, run_stage
 
-    base = base_reference(checkpoint)
-    keep_base_model(cfg, base.checkpoint)
-    resume_from = resolve_resume(Path(run_dir), True) if resume else None
-    if resume_from is not None and read_base_record(Path(run_dir)).sha256 != base.sha256:
-        raise UserError(f"{checkpoint} is not the base the run in {run_dir} started from")
-    return grpo(cfg, base, resolve_tasks(cfg.grpo.tasks, cfg.grpo.reward_model), run_dir, resume_from)
+    return run_stage(GRPO, cfg, checkpoint, run_dir, resume)
 
-
-def keep_base_model(cfg: RunConfig, base_dir: Path) -> None:
-    """GRPO trains the base's architecture: a model section that differs is refused."""
-    from lmforge.checkpoint import read_config
-    from lmforge.finetune.cli import keep_base_architecture
-
-    keep_base_architecture(cfg, read_config(base_dir), base_dir, "grpo")
 
 
 __all__ = ["CHAT_TASKS", "GRPOObjective", "GRPO_GUARD_DEFAULTS", "GRPO_TRAIN_DEFAULTS", "Rollouts",
-           "format_ok", "group_advantages", "grpo", "grpo_token_loss", "keep_base_model", "kl_k3",
+           "format_ok", "group_advantages", "grpo", "grpo_token_loss", "kl_k3",
            "load_reference", "load_scorer", "resolve_tasks", "run_grpo", "token_logprobs"]

@@ -33,8 +33,9 @@ class LifecycleConfig:
         answers for the transcripts (RUN/logs/chat.json), and how many per task.
     pretrain_share / sft_share / align_share: how the time left after the data stages, minus the
         measured (or estimated) cost of the stages that are not trained, is split among the
-        training stages still to run; a stage's share is renormalised over the stages left, so a
-        stage that ends early (or one that is skipped) leaves its time to the next.
+        training stages of the run; a stage that ends early leaves its time to the ones after it
+        in the same invocation, while one finished by an earlier invocation counts as having taken
+        its share (a stage redone alone gets its share, not the whole budget).
     min_stage_s: the least time any training stage gets (a too small --time-budget is refused).
     sft_overrides / align_overrides: `section.field=value` items applied to the SFT / alignment
         stage's config only (e.g. "train.lr=1e-3"), on top of that stage's own defaults.

@@ -9,7 +9,8 @@ directory of the run (layout.py), so each is still runnable alone:
     export  lmforge export hf / lmforge export gguf of the final model -> RUN/export/
 
 The training stages (sft, align) get their seconds from Context.stage_budget_s and continue an
-interrupted attempt from its newest checkpoint, as pre-training does.
+interrupted attempt from its newest checkpoint, as pre-training does, with what is left of their
+share (budget_stage).
 """
 
 from __future__ import annotations
@@ -36,13 +37,9 @@ GGUF_DTYPE = "f16"  # half the size of f32; llama.cpp's logits stay within its t
 # The functions the align and export stages call, by choice (other modules of lmforge own them).
 ALIGN_TRAINERS = {"dpo": ("lmforge.align.dpo", "run_dpo"), "grpo": ("lmforge.align.grpo", "run_grpo")}
 GGUF_EXPORTER = ("lmforge.interop.gguf", "export_gguf")
-# The train.* and guard.* defaults each fine-tuning stage starts from: the same its own command
-# (`lmforge sft / dpo / grpo`) starts from, so a stage of the lifecycle trains as the command does.
-STAGE_DEFAULTS = {
-    "sft": ("lmforge.finetune.sft", "SFT_TRAIN_DEFAULTS", "SFT_GUARD_DEFAULTS"),
-    "dpo": ("lmforge.align.dpo", "DPO_TRAIN_DEFAULTS", "PREFERENCE_GUARD_DEFAULTS"),
-    "grpo": ("lmforge.align.grpo", "GRPO_TRAIN_DEFAULTS", "GRPO_GUARD_DEFAULTS"),
-}
+# The fine-tuning stages of the lifecycle start from the train.* and guard.* defaults of their own
+# command (`lmforge sft / dpo / grpo`, rows of lmforge/finetune/stages.py), so they train as it does.
+STAGE_DEFAULTS = ("sft", "dpo", "grpo")
 
 
 def _function(module: str, name: str):
@@ -114,12 +111,14 @@ def checkpoint_fingerprint(run_dir: Path) -> str | None:
 
 
 def stage_config(cfg: RunConfig, kind: str, field: str) -> RunConfig:
-    """The run's config with a fine-tuning stage's train and guard defaults (STAGE_DEFAULTS[kind])
-    and its overrides (`run.<field>`, e.g. run.sft_overrides)."""
-    module, train_defaults, guard_defaults = STAGE_DEFAULTS[kind]
+    """The run's config with a fine-tuning stage's train and guard defaults (its command's, `kind`
+    of STAGE_DEFAULTS) and its overrides (`run.<field>`, e.g. run.sft_overrides)."""
+    from lmforge.finetune.stages import STAGES, resolve
+
+    row = STAGES[kind]
     stage = copy.deepcopy(cfg)
-    stage.guard = dataclasses.replace(stage.guard, **_function(module, guard_defaults))
-    stage.train = dataclasses.replace(stage.train, **_function(module, train_defaults), time_budget="")
+    stage.guard = dataclasses.replace(stage.guard, **resolve(row.guard_defaults))
+    stage.train = dataclasses.replace(stage.train, **resolve(row.train_defaults), time_budget="")
     try:
         for item in getattr(cfg.run, field):
             apply_override(stage, item)
@@ -150,6 +149,21 @@ def _resume_or_clear(ctx: Context, run_dir: Path) -> Path | None:
     return resume_from
 
 
+def budget_stage(ctx: Context, name: str, cfg: RunConfig, resume_from: Path | None) -> float | None:
+    """Set training stage `name`'s seconds (Context.stage_budget_s) as cfg.train.time_budget. A
+    continued stage goes on to the max_steps and warmup its checkpoint was sized to (its learning
+    rate curve goes on where it was), re-sized by the loop to the seconds left of its share."""
+    from lmforge.checkpoint import read_config
+
+    if resume_from is not None:
+        saved = read_config(resume_from).train
+        cfg.train.max_steps, cfg.train.warmup_steps = saved.max_steps, saved.warmup_steps
+    seconds = ctx.stage_budget_s(name)
+    if seconds is not None:
+        cfg.train.time_budget = f"{seconds:.0f}s"
+    return seconds
+
+
 def _stopped(result: Any) -> None:
     if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
         raise Interrupted(result.signal or signal.SIGINT, saved=True)
@@ -177,10 +191,7 @@ def run_sft(ctx: Context) -> None:
     cfg = sft_stage_config(ctx.cfg)
     resume_from = _resume_or_clear(ctx, ctx.layout.sft)
     data = sft_data(cfg.sft, cfg.train.seed)  # first: the seconds it takes come off the budget
-    # A resumed run keeps the step count its checkpoint was sized to (as `lmforge sft --resume`).
-    seconds = ctx.stage_budget_s("sft") if resume_from is None else None
-    if seconds is not None:
-        cfg.train.time_budget = f"{seconds:.0f}s"
+    seconds = budget_stage(ctx, "sft", cfg, resume_from)
     result = sft(cfg, base_reference(pretrained(ctx)), data, ctx.layout.sft, resume_from=resume_from,
                  time_budget_s=seconds)
     _stopped(result)
@@ -212,10 +223,9 @@ def run_align(ctx: Context) -> None:
         return
     train = _function(*ALIGN_TRAINERS[method])  # run_dpo / run_grpo(cfg, checkpoint, run_dir, resume)
     cfg = align_stage_config(ctx.cfg)
-    resume = _resume_or_clear(ctx, ctx.layout.align) is not None
-    seconds = ctx.stage_budget_s("align") if not resume else None
-    if seconds is not None:
-        cfg.train.time_budget = f"{seconds:.0f}s"
+    resume_from = _resume_or_clear(ctx, ctx.layout.align)
+    budget_stage(ctx, "align", cfg, resume_from)
+    resume = resume_from is not None
     sft_model = latest_checkpoint(ctx.layout.sft)
     if sft_model is None:
         raise UserError(f"no complete checkpoint under {ctx.layout.sft}: run the sft stage first")

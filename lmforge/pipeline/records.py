@@ -12,7 +12,10 @@ stage and everything downstream of it, and nothing upstream.
                          "attempts": 1}, ...}}
 
 Records are written atomically when a stage starts ("running") and when it completes, so a killed
-run leaves at worst a "running" record, which is never mistaken for a finished stage.
+run leaves at worst a "running" record, which is never mistaken for a finished stage. A stage that
+stopped on a signal or an error adds the seconds it ran to its record's `spent_s`, which an attempt
+on the same inputs carries on (the budget split takes them off the stage's share); a stage killed
+outright (SIGKILL) cannot count that attempt.
 """
 
 from __future__ import annotations
@@ -66,7 +69,19 @@ class StageRecords:
             "inputs": inputs,
             "started_at": now(),
             "attempts": previous.get("attempts", 0) + 1 if same_inputs else 1,
+            "spent_s": self.spent_s(name) if same_inputs else 0.0,
         }
+        self._save()
+
+    def spent_s(self, name: str) -> float:
+        """Seconds the earlier attempts of an unfinished stage ran (0 for a finished one)."""
+        record = self.stages.get(name) or {}
+        return float(record.get("spent_s", 0.0)) if record.get("status") == "running" else 0.0
+
+    def stopped(self, name: str, seconds: float) -> None:
+        """The attempt of `name` that started last ended unfinished after `seconds`."""
+        record = self.stages[name]
+        record["spent_s"] = round(record.get("spent_s", 0.0) + seconds, 3)
         self._save()
 
     def completed(self, name: str, outputs: str, seconds: float) -> None:

@@ -8,10 +8,11 @@ command again skips every stage whose inputs are unchanged and whose outputs are
 an interrupted stage (data shards and training checkpoints are resumable on their own), and reruns a
 changed stage and everything after it. A rerun never loses a finished stage's outputs: a stage
 redone on changed inputs first moves what its last attempt left to RUN/previous/STAGE-TIMESTAMP/
-(with that attempt's record and config). `--until STAGE` runs the stages up to STAGE only.
+(with that attempt's record and config), where it replaces the stage's older entry. `--until STAGE` runs the stages up to STAGE only.
 
 The time budget covers the whole invocation and is split as stage.py describes: the training
-stages share what the others leave, by `run.*_share`. It is checked before anything is touched: a
+stages share what the others leave, by `run.*_share`; a stage redone or continued alone gets its
+share, not the time of the stages finished before. It is checked before anything is touched: a
 budget too small for the stages left is refused with the smallest that works.
 """
 
@@ -136,13 +137,11 @@ def _run_pretrain(ctx: Context) -> None:
         # Other inputs' outputs were moved aside by the driver; these are an earlier attempt's on
         # the same inputs that never reached a checkpoint.
         _clear_training_outputs(layout)
-    cfg = ctx.cfg  # pre-training never changes its config: no copy needed
-    seconds = ctx.stage_budget_s("pretrain")
-    if seconds is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, time_budget=f"{seconds:.0f}s"))
+    cfg = dataclasses.replace(ctx.cfg, train=dataclasses.replace(ctx.cfg.train))  # run.py's own copy
+    seconds = posttrain.budget_stage(ctx, "pretrain", cfg, resume_from)
     if resume_from is not None:
         print(f"  resuming pre-training from {resume_from.name}", flush=True)
-    result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from)
+    result = pretrain(cfg, layout.data, layout.root, resume_from=resume_from, time_budget_s=seconds)
     if result.stopped_by_signal:  # checkpointed; the stage stays unfinished and resumes next time
         raise Interrupted(result.signal or signal.SIGINT, saved=True)
 
@@ -265,7 +264,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
     # Everything that can refuse the run is checked before the first write.
     planned = _plan(ctx, records, stages)
     posttrain.check_available(cfg, [stage.name for stage in stages])
-    ctx.estimates = {name: _estimate_s(ctx, name, records) for name in planned}
+    ctx.selected, ctx.planned = [stage.name for stage in stages], planned
+    ctx.estimates = {name: _estimate_s(ctx, name, records) for name in ctx.selected}
     _check_budget(ctx, planned, up_front=True)
 
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -305,10 +305,17 @@ def run_pipeline(cfg: RunConfig, out: str | Path, budget_s: float | None,
                 say(f"{head} inputs changed: the previous outputs are kept in {kept}")
         unfinished = ctx.same_inputs and record.get("status") == "running"
         say(f"{head} running" + (" (continuing an unfinished attempt)" if unfinished else ""))
+        if unfinished:  # its earlier attempts' seconds come off its share of the budget
+            ctx.spent[stage.name] = records.spent_s(stage.name)
         records.started(stage.name, digest, inputs)
         start = time.monotonic()
-        stage.run(ctx)
+        try:
+            stage.run(ctx)
+        except BaseException:
+            records.stopped(stage.name, time.monotonic() - start)
+            raise
         seconds = time.monotonic() - start
+        ctx.estimates[stage.name] = seconds
         outputs = stage.fingerprint(ctx)
         if outputs is None:  # pragma: no cover - a stage that returned without its outputs is a bug
             raise RuntimeError(f"stage {stage.name} finished without writing its outputs")
@@ -402,7 +409,8 @@ def _check_budget(ctx: Context, left: list[str], up_front: bool) -> None:
 
 
 def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) -> Path | None:
-    """Move what `stage` left on other inputs to RUN/previous/STAGE-STAMP/; None if nothing."""
+    """Move what `stage` left on other inputs to RUN/previous/STAGE-STAMP/ (replacing the stage's
+    older entry there); None if nothing."""
     layout = ctx.layout
     found = [p for p in stage.outputs(layout) if p.exists()]
     if not found:
@@ -423,7 +431,24 @@ def _keep_previous(ctx: Context, stage: Stage, record: dict[str, Any] | None) ->
         "stage": stage.name, "moved_at": ctx.stamp,
         "why": f"lmforge run redid {stage.name} on changed inputs",
         "record": record or {}, "paths": [str(p.relative_to(layout.root)) for p in found]})
+    # One previous attempt per stage: older ones would pile up (a checkpoint each) on every change.
+    for older in _previous_of(layout.previous, stage.name):
+        if older != kept:
+            shutil.rmtree(older)
     return kept
+
+
+def _previous_of(previous: Path, stage: str) -> list[Path]:
+    """The RUN/previous/ entries that hold stage `stage`'s outputs (by their previous.json)."""
+    found = []
+    for entry in sorted(previous.iterdir()):
+        note = entry / PREVIOUS_NOTE
+        try:
+            if json.loads(note.read_text(encoding="utf-8")).get("stage") == stage:
+                found.append(entry)
+        except (OSError, ValueError):  # not an entry this driver wrote: left alone
+            continue
+    return found
 
 
 def _upstream(records: StageRecords, name: str) -> dict[str, Any]:

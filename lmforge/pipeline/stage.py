@@ -7,7 +7,14 @@ keeps their cost free, as last measured in RUN/stages.json or, before it was eve
 estimate in `FIXED_COST_S`. What is left is split among the training stages still to run
 (pre-training, SFT, alignment) in proportion to their `run.*_share`, each at least `run.min_stage_s`.
 A training stage sizes its steps to its seconds from the throughput it measures (train.time_budget),
-so a stage that ends early leaves its time to the stages after it.
+so a stage that ends early leaves its time to the stages after it in the same invocation.
+
+A stage's seconds do not depend on what an earlier invocation already finished: a stage that this
+invocation skips (finished before, unchanged) is charged what the run gives it - a training stage
+its nominal share of the budget, any other stage its measured seconds - so that alignment redone
+alone after a change gets its share, not the whole budget that pre-training and SFT no longer need.
+A stage continued after an interruption gets its share minus the seconds its earlier attempts spent
+(RUN/stages.json keeps them as `spent_s`).
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ class Context:
     stamp: str = ""  # UTC time of this invocation, names the RUN/previous/ entries it makes
     old_config: str | None = None  # RUN/config.toml as this invocation found it
     left: list[str] = field(default_factory=list)  # planned stages not finished yet, running one first
-    estimates: dict[str, float] = field(default_factory=dict)  # least seconds of each planned stage
+    # Least seconds of each stage (a stage that ran in this invocation: what it took).
+    estimates: dict[str, float] = field(default_factory=dict)
+    selected: list[str] = field(default_factory=list)  # every stage of this invocation, in order
+    planned: list[str] = field(default_factory=list)  # those it runs (the others are finished)
+    spent: dict[str, float] = field(default_factory=dict)  # seconds earlier attempts of a continued stage took
 
     def remaining_s(self) -> float | None:
         if self.budget_s is None:
@@ -55,15 +66,27 @@ class Context:
 
     def stage_budget_s(self, name: str) -> float | None:
         """Seconds training stage `name` may take now: its share of what is left after the
-        untrained stages still to run, among the training stages still to run (None: no budget)."""
+        untrained stages still to run and the stages this invocation skips, among the training
+        stages still to run, less what its earlier attempts spent (None: no budget)."""
         remaining = self.remaining_s()
         if remaining is None:
             return None
         fixed = sum(self.estimates.get(n, 0.0) for n in self.left if not self.trains(n) and n != name)
+        charged = sum(self.nominal_s(n) if self.trains(n) else self.estimates.get(n, 0.0)
+                      for n in self.selected if n not in self.planned)
+        charged += sum(seconds for n, seconds in self.spent.items() if n != name)
         shares = {n: self.cfg.run.share(n) for n in self.left if self.trains(n)}
         shares.setdefault(name, self.cfg.run.share(name))
-        seconds = (remaining - fixed) * shares[name] / sum(shares.values())
-        return max(seconds, self.cfg.run.min_stage_s)
+        seconds = (remaining - fixed - charged) * shares[name] / sum(shares.values())
+        return max(seconds - self.spent.get(name, 0.0), self.cfg.run.min_stage_s)
+
+    def nominal_s(self, name: str) -> float:
+        """Training stage `name`'s share of the budget less every untrained stage's seconds, as a
+        run of all the selected stages in one invocation, each ending on time, would give it."""
+        assert self.budget_s is not None
+        untrained = sum(self.estimates.get(n, 0.0) for n in self.selected if not self.trains(n))
+        shares = sum(self.cfg.run.share(n) for n in self.selected if self.trains(n))
+        return (self.budget_s - untrained) * self.cfg.run.share(name) / shares
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lmforge.cli import (
-    add_config_args,
+    add_run_args,
     config_from_args,
     finite_float,
     nonnegative_int,
@@ -22,14 +22,9 @@ from lmforge.errors import Interrupted, UserError
 def pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="SHARDS_DIR",
                         help="token shards made by `lmforge data prepare` (with manifest.json, tokenizer/)")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR",
-                        help="run directory: metrics.jsonl, checkpoints/, tb/")
-    add_config_args(parser)
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                        help="continue from RUN_DIR's newest complete checkpoint, or from CKPT")
-    parser.add_argument("--time-budget", metavar="DURATION",
-                        help="finish within this wall-clock time, e.g. 15m: max_steps is sized from "
-                             "the throughput measured in the first steps (sets train.time_budget)")
+    add_run_args(parser, "run directory: metrics.jsonl, checkpoints/, tb/",
+                 time_budget_help="finish within this wall-clock time, e.g. 15m: max_steps is sized "
+                                  "from the throughput measured in the first steps (sets train.time_budget)")
     parser.add_argument("--auto-size", action="store_true",
                         help="with --time-budget: also pick the model size so that tokens ~ 20 x "
                              "parameters fit the budget (see `lmforge plan`)")

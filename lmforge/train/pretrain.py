@@ -191,8 +191,10 @@ def _flops_per_token(cfg: RunConfig) -> float:
 
 
 def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_from: Path | None = None,
-             par: Any = None, clock: Callable[[], float] = time.perf_counter) -> TrainResult:
-    """Train `cfg` on the shards in `data_dir`, writing metrics and checkpoints into `run_dir`."""
+             par: Any = None, clock: Callable[[], float] = time.perf_counter,
+             time_budget_s: float | None = None) -> TrainResult:
+    """Train `cfg` on the shards in `data_dir`, writing metrics and checkpoints into `run_dir`.
+    `time_budget_s` (the lifecycle's split) overrides train.time_budget, on a resumed run too."""
     from lmforge.distributed import init_parallel
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -201,8 +203,8 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume_f
     par = par or init_parallel(cfg)
     try:
         # A resumed run already holds the max_steps its budget was sized to.
-        budget = None
-        if cfg.train.time_budget and resume_from is None:
+        budget = time_budget_s
+        if budget is None and cfg.train.time_budget and resume_from is None:
             budget = parse_duration(cfg.train.time_budget, "train.time_budget")
         trainer = Trainer(cfg, data_dir, run_dir, par, resume_from=resume_from, time_budget_s=budget,
                           clock=clock)
