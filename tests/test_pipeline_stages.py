@@ -398,3 +398,69 @@ def test_a_continued_stage_gets_its_share_less_what_its_earlier_attempts_spent(b
     stop_in.clear()
     use.clear()
     assert run() == pytest.approx({"sft": 300.0 - 75.0, "align": 200.0})
+
+
+def test_evaluation_stops_starting_tasks_when_the_later_stages_need_the_rest_of_the_budget(tmp_path, monkeypatch):
+    """Each task runs on every model before the next one starts; once the run's end less the later
+    stages' estimates (and the driver's reserve) is reached, the tasks left are skipped for all
+    models alike and listed. Evaluation is a stand-in that takes 100 s of a fake clock a call."""
+    from types import SimpleNamespace
+
+    import lmforge.eval.cli as eval_cli
+    import lmforge.eval.runner as eval_runner
+    from lmforge.pipeline import posttrain
+    from lmforge.pipeline import stage as stage_module
+
+    clock = FakeClock()
+    fake_time = SimpleNamespace(monotonic=clock.monotonic)
+    monkeypatch.setattr(posttrain, "time", fake_time)
+    monkeypatch.setattr(stage_module, "time", fake_time)
+    root = tmp_path / "run"
+    labels = ("base", "sft", "aligned")
+    monkeypatch.setattr(posttrain, "stage_models",
+                        lambda ctx: {label: root / label / "step_1" for label in labels})
+    monkeypatch.setattr(eval_cli, "load_for_eval", lambda checkpoint: (checkpoint.parent.name, None))
+    calls: list[tuple[str, str]] = []
+
+    def evaluate(model, tokenizer, tasks, options):
+        (task,) = tasks
+        calls.append((task, model))
+        clock.now += 100.0
+        return {"results": {task: {"acc": 0.5, "items": 4}}, "core": None}
+
+    monkeypatch.setattr(eval_runner, "evaluate", evaluate)
+    tasks = ["chat", "bpb", "arc_easy", "piqa", "boolq"]
+    cfg = load_config(preset="tiny", overrides=[f"run.eval_tasks={','.join(tasks)}", "run.eval_limit=4"])
+    later = {"chat": 20.0, "export": 15.0, "report": 25.0}
+    ctx = Context(cfg, RunLayout(root), budget_s=1000.0, started=clock.now, progress=False,
+                  left=["eval", *later], estimates={"eval": 150.0, **later})
+    root.mkdir()
+
+    posttrain.run_eval(ctx)
+    # The deadline is 1000 - 60 - reserve s away: tasks start at 0, 300, 600 and 900 s, the fifth
+    # would start at 1200 s.
+    assert 900 < 1000 - sum(later.values()) - DRIVER_RESERVE_S < 1200
+    assert calls == [(task, label) for task in tasks[:4] for label in labels]
+    saved = json.loads((root / "eval" / "results.json").read_text())
+    assert saved["skipped"] == ["boolq"]
+    assert all(list(saved["models"][label]["results"]) == tasks[:4] for label in labels)
+    assert saved["models"]["base"]["core"]["tasks"].keys() == {"arc_easy", "piqa"}
+
+
+def test_evaluation_without_a_budget_runs_every_task(tmp_path, monkeypatch):
+    import lmforge.eval.cli as eval_cli
+    import lmforge.eval.runner as eval_runner
+    from lmforge.pipeline import posttrain
+
+    root = tmp_path / "run"
+    root.mkdir()
+    monkeypatch.setattr(posttrain, "stage_models", lambda ctx: {"base": root / "base" / "step_1"})
+    monkeypatch.setattr(eval_cli, "load_for_eval", lambda checkpoint: (None, None))
+    monkeypatch.setattr(eval_runner, "evaluate",
+                        lambda model, tok, tasks, options: {"results": {tasks[0]: {"bpb": 2.0}}})
+    cfg = load_config(preset="tiny", overrides=["run.eval_tasks=chat,bpb"])
+    ctx = Context(cfg, RunLayout(root), budget_s=None, started=time.monotonic(), progress=False,
+                  left=["eval", "report"])
+    posttrain.run_eval(ctx)
+    saved = json.loads((root / "eval" / "results.json").read_text())
+    assert saved["skipped"] == [] and list(saved["models"]["base"]["results"]) == ["chat", "bpb"]

@@ -203,7 +203,7 @@ def add_lifecycle(run: Path) -> Path:
                 "core": {"centered": (acc - 0.25) / 0.75, "tasks": {"arc_easy": (acc - 0.25) / 0.75}}}
 
     atomic_write_json(run / "eval" / "results.json", {
-        "tasks": ["bpb", "arc_easy"], "limit": 100,
+        "tasks": ["bpb", "arc_easy", "piqa"], "limit": 100, "skipped": ["piqa"],
         "models": {"base": results(0.30, 1.9), "sft": results(0.35, 2.0), "aligned": results(0.40, 2.1)}})
     atomic_write_json(run / "logs" / "chat.json", {"checkpoint": "align/checkpoints/step_00000030", "transcripts": [
         {"task": "arithmetic", "messages": [{"role": "user", "content": "What is 2 + 3?"},
@@ -227,6 +227,7 @@ def test_lifecycle_sections_show_curves_the_evaluation_table_and_transcripts(tmp
     assert "| arc_easy | acc | 0.250 | 0.300 | 0.350 | 0.400 | 0.436 |" in md
     assert "| bpb | bpb | - | 1.900 | 2.000 | 2.100 | - |" in md
     assert f"| CORE (centred mean) | centred acc | 0 | {0.05 / 0.75:.3f} |" in md
+    assert "Not evaluated, the time budget being spent before they started: piqa." in md
     assert "| held-out chat questions answered right (transcripts) | 1 of 1 |" in md
     assert "user: What is 2 + 3?" in md and "arithmetic (right)" in md
     assert "| model.gguf | 2.7 MB |" in md

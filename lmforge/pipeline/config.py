@@ -25,7 +25,9 @@ class LifecycleConfig:
         prompt every step, several times the CPU cost for the same minutes (docs/guide/run.md).
     export: formats written to RUN/export/ from the final model: "hf" (a transformers
         directory) and "gguf" (llama.cpp, f16).
-    eval_tasks: `lmforge eval` task names or groups, run on the base, SFT and aligned models.
+    eval_tasks: `lmforge eval` task names or groups, run on the base, SFT and aligned models, in
+        this order, task by task: those not started when the budget's end (less the later
+        stages) is reached are skipped and listed (chat first: the numbers the stage is for).
     eval_limit: items per task (the first N; 0 means all): sized so that three models fit the
         eval stage's minutes on two CPU cores. All items are tens of thousands (hours on a CPU,
         far beyond the time the budget keeps for evaluation until it has measured it once).
@@ -43,7 +45,7 @@ class LifecycleConfig:
 
     align: str = "dpo"
     export: list[str] = field(default_factory=lambda: list(EXPORT_CHOICES))
-    eval_tasks: list[str] = field(default_factory=lambda: ["bpb", "chat", "core"])
+    eval_tasks: list[str] = field(default_factory=lambda: ["chat", "bpb", "core"])
     eval_limit: int = 100
     chat_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "letters", "shakespeare", "bible"])
     chat_questions: int = 3

@@ -4,7 +4,7 @@ directory of the run (layout.py), so each is still runnable alone:
 
     sft     lmforge sft --checkpoint RUN/checkpoints/... --data builtin:chat --out RUN/sft
     align   lmforge dpo (or grpo) --checkpoint RUN/sft --out RUN/align
-    eval    lmforge eval --checkpoint CKPT --tasks bpb,chat,core --limit N   (base, SFT, aligned)
+    eval    lmforge eval --checkpoint CKPT --tasks chat,bpb,core --limit N   (base, SFT, aligned)
     chat    held-out builtin:chat questions answered by the final model -> RUN/logs/chat.json
     export  lmforge export hf / lmforge export gguf of the final model -> RUN/export/
 
@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from lmforge.config import RunConfig, apply_override
 from lmforge.errors import ConfigError, Interrupted, UserError
 from lmforge.hashing import file_sha256
 from lmforge.pipeline.records import inputs_hash
-from lmforge.pipeline.stage import Context
+from lmforge.pipeline.stage import DRIVER_RESERVE_S, Context
 
 EXPORT_NOTE = "export.json"  # in RUN/export: which checkpoint was exported, and the files
 GGUF_FILE = "model.gguf"
@@ -254,23 +255,49 @@ def eval_tasks(spec: list[str]) -> list[str]:
 
 
 def run_eval(ctx: Context) -> None:
+    """Evaluate the base, SFT and aligned models task by task (every model on a task before the
+    next task), within the seconds the budget leaves after the stages still to come: a task not
+    started when they are spent is skipped for all models and listed in the results, so the
+    models stay comparable on every task that ran and a loaded machine does not overrun the run."""
     from lmforge.eval.cli import load_for_eval
-    from lmforge.eval.runner import EvalOptions, evaluate
+    from lmforge.eval.runner import EvalOptions, core_score, evaluate
 
     tasks = eval_tasks(ctx.cfg.run.eval_tasks)
     options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
                           bpb_data=ctx.layout.data)
+    deadline = eval_deadline(ctx)
+    loaded = {label: load_for_eval(checkpoint) for label, checkpoint in stage_models(ctx).items()}
+    results: dict[str, dict[str, Any]] = {label: {} for label in loaded}
+    skipped: list[str] = []
+    for task in tasks:
+        if deadline is not None and time.monotonic() >= deadline:
+            skipped.append(task)
+            continue
+        for label, (model, tokenizer) in loaded.items():
+            results[label][task] = evaluate(model, tokenizer, [task], options)["results"][task]
+    if skipped:
+        print(f"  eval: the time budget was spent; skipped {', '.join(skipped)} "
+              "(a larger --time-budget or a smaller run.eval_limit keeps them)", flush=True)
     models: dict[str, Any] = {}
     for label, checkpoint in stage_models(ctx).items():
-        model, tokenizer = load_for_eval(checkpoint)
-        results = evaluate(model, tokenizer, tasks, options) if tasks else {"results": {}, "core": None}
-        models[label] = {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)), **results}
-        core = results.get("core")
+        core = core_score(results[label])
+        models[label] = {"checkpoint": str(checkpoint.relative_to(ctx.layout.root)),
+                         "results": results[label], "core": core}
         print(f"  eval {label}: " + ", ".join(
-            _headline(name, m) for name, m in results["results"].items())
+            _headline(name, m) for name, m in results[label].items())
             + (f", CORE {core['centered']:.3f}" if core else ""), flush=True)
     atomic_write_json(ctx.layout.eval_results, {
-        "tasks": tasks, "limit": ctx.cfg.run.eval_limit, "models": models})
+        "tasks": tasks, "limit": ctx.cfg.run.eval_limit, "skipped": skipped, "models": models})
+
+
+def eval_deadline(ctx: Context) -> float | None:
+    """time.monotonic() by which evaluation starts its last task: the run's end less the last
+    measured (or estimated) seconds of the stages after it. None without a budget."""
+    remaining = ctx.remaining_s()
+    if remaining is None:
+        return None
+    later = sum(ctx.estimates.get(name, 0.0) for name in ctx.left if name != "eval")
+    return time.monotonic() + remaining - later - DRIVER_RESERVE_S
 
 
 def _headline(name: str, metrics: dict[str, Any]) -> str:

@@ -113,6 +113,9 @@ def evaluation_blocks(results: dict[str, Any]) -> list[Block]:
                   + "); a tiny CPU model is expected near chance on these benchmarks."),
         Table(headers, rows),
     ]
+    if results.get("skipped"):
+        blocks.append(Paragraph("Not evaluated, the time budget being spent before they started: "
+                                + ", ".join(results["skipped"]) + "."))
     return blocks
 
 
