@@ -282,7 +282,7 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
                 top_p: Sequence[float], uniform: Sequence[float], ranked: bool) -> torch.Tensor:
     """`sample_rows` for rows of one kind: `ranked` sorts them and applies their filters."""
     device, vocab = logits.device, logits.shape[-1]
-    scaled = logits.float() / torch.tensor(temperature, device=device)[:, None]
+    scaled = logits.float() * torch.tensor([1 / t for t in temperature], device=device)[:, None]  # a new tensor
     order = None
     if ranked:
         scaled, order = torch.sort(scaled, dim=-1, descending=True)
@@ -293,12 +293,13 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
         # a row without top-p never drops one, whatever the rounding of its cumulative sum.
         reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
         scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
-    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    # The unnormalised CDF: the uniform number scales to its total instead (no division).
+    cdf = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
     total = cdf[:, -1:]
-    target = torch.tensor(uniform, device=device, dtype=cdf.dtype)[:, None] * total
-    index = torch.searchsorted(cdf, target, right=True)
-    # Never past the last token of non-zero probability, should rounding put the target at the total.
-    index = torch.minimum(index, (cdf < total).sum(dim=-1, keepdim=True))
+    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding: the first entry above
+    # the target then always follows a token of non-zero probability.
+    u = torch.tensor(uniform, device=device, dtype=cdf.dtype).clamp_(max=1 - 2**-23)
+    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp_(max=vocab - 1)  # NaN rows
     if order is not None:
         index = order.gather(1, index)
     return torch.where(torch.isfinite(total), index, -1)[:, 0]
@@ -812,14 +813,18 @@ class Engine:
         rows by one argmax, sampled rows by `sample_rows` with one uniform number from each row's
         own generator), then hand out the text. One host transfer of the tokens per step."""
         logits = logits[:, :self.tokenizer.vocab_size].float()
-        tokens = logits.argmax(dim=-1)
         drawn = [i for i, s in enumerate(seqs) if not s.forced and s.request.params.temperature > 0]
+        tokens = logits.argmax(dim=-1) if len(drawn) < len(seqs) else None
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            tokens[drawn] = sample_rows(logits[drawn], [p.temperature for p in params],
-                                        [p.top_k or 0 for p in params],
-                                        [1.0 if p.top_p is None else p.top_p for p in params],
-                                        [seqs[i].rng.random() for i in drawn])
+            sampled = sample_rows(logits if tokens is None else logits[drawn], [p.temperature for p in params],
+                                  [p.top_k or 0 for p in params],
+                                  [1.0 if p.top_p is None else p.top_p for p in params],
+                                  [seqs[i].rng.random() for i in drawn])
+            if tokens is None:
+                tokens = sampled
+            else:
+                tokens[drawn] = sampled
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []
