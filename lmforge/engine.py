@@ -168,21 +168,22 @@ class RaggedKVCache:
 
 
 class _DecodeView:
-    """A `RaggedKVCache` as the engine's compiled decode step sees it: every shape static.
+    """A `RaggedKVCache` as the engine's compiled decode step sees it: static shapes but one.
 
-    One new token per row at `positions` (B, 1); rows 0..B of the cache, each read over the
-    cache's full length with a mask (query b sees keys 0..positions[b]), so neither the batch's
-    lengths nor its longest row ever change a shape and one graph per batch size serves every
-    step. `pos` is 0: the context check has nothing to do, a row never passes max_seq_len."""
+    One new token per row at `positions` (B, 1); rows 0..B of the cache, each read over the first
+    `keys` positions (the mask's last size) with the mask (B, 1, 1, keys) hiding what lies past
+    its own position. The batch size never varies inside a graph (one graph per batch size
+    bucket); `keys` is the one dynamic size, so a short batch attends over its own length, not the
+    cache's (attention over the whole cache made a compiled 16-row step slower than eager), and
+    one graph serves every length. `pos` is 0: the context check has nothing to do, a row never
+    passes max_seq_len."""
 
     ragged = True
     pos = 0
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        self.k, self.v, self._positions = k, v, positions
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k, self.v, self._positions, self._mask = k, v, positions, mask
         self.rows = torch.arange(positions.shape[0], device=positions.device)
-        keys = torch.arange(k.shape[2], device=positions.device)
-        self._mask = (keys[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, max_len)
 
     def positions(self, n: int) -> torch.Tensor:
         return self._positions
@@ -197,17 +198,27 @@ class _DecodeView:
         index = (torch.tensor(layer, device=k.device), self.rows, self._positions[:, 0])
         self.k.index_put_(index, k[:, :, 0].to(self.k.dtype))
         self.v.index_put_(index, v[:, :, 0].to(self.v.dtype))
-        B = self.rows.shape[0]
-        return self.k[layer, :B].transpose(1, 2), self.v[layer, :B].transpose(1, 2)
+        B, keys = self.rows.shape[0], self._mask.shape[-1]
+        return self.k[layer, :B, :keys].transpose(1, 2), self.v[layer, :B, :keys].transpose(1, 2)
 
     def advance(self, n: int) -> None:
         pass  # the engine advances the RaggedKVCache itself
 
 
 def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
-    """Logits (B, vocab) of one new token per row (tokens, positions: (B, 1)), cache rows 0..B."""
-    return model(tokens, _DecodeView(k, v, positions), last_only=True)[:, -1]
+                   positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per row (tokens, positions: (B, 1)), cache rows 0..B,
+    keys 0..mask.shape[-1]."""
+    return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+
+
+def _key_length(longest: int, max_len: int) -> int:
+    """The keys a compiled step attends over: past the longest row's new token, rounded up to a
+    multiple of KEY_BUCKET (fewer distinct shapes), at most the context."""
+    return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
+
+
+KEY_BUCKET = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,8 +498,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 # The engine: continuous batching of many requests over one ragged KV cache
 
 # The largest batch the compiled decode step serves by default: on the tiny preset on CPU it
-# was 1.9x the eager step at batch 1, 1.1-1.4x at 4, and no faster at 16 (see Engine).
-COMPILE_MAX_BATCH = 4
+# was 1.9x the eager step at batch 1, 1.1-1.4x at 4, and 1.3x at 16 once it attended over the
+# batch's own key length rather than the whole cache (benchmarks/RESULTS.md).
+COMPILE_MAX_BATCH = 16
 
 # Every chat control token ends an answer: <|end|> (the turn's end) and <|endoftext|> (the
 # document's), and a role token, which means the model began the next turn itself. None of them
@@ -606,15 +618,16 @@ class Engine:
     Each request's prompt is prefilled once (new requests together, as one right-padded batch)
     and fanned out to its `n` rows; then every step feeds each running row its last token in one
     batched forward over a `RaggedKVCache` and samples the next one with that request's own rules
-    and generator. Requests join at any step when rows are free and leave as soon as they finish,
+    and generator (all rows drawn at once, `sample_rows`). Requests join at any step when rows are free and leave as soon as they finish,
     so a long answer never holds up short ones (continuous batching).
 
     `submit` is thread-safe. `start()` runs the steps on a background thread (the server);
     without it, `generate` steps in the caller's thread (tests, benchmarks, scripts).
 
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
-    `_DecodeView` of the cache, static shapes, the batch padded to a power of two): on CPU about
-    2x the eager step at batch 1, where a small model's step is mostly per-operation overhead.
+    `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
+    row rounded up to a multiple of 64): on CPU about 2-3x the eager step at batch 1, where a
+    small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
     says how long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU.
@@ -632,11 +645,13 @@ class Engine:
                          if all(t in specials for t in TOOL_TOKENS) else None)
         param = next(model.parameters())
         self.device = param.device
-        self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len, param.device,
+        # One position more than the context, never written: a compiled step's key slice then
+        # never spans the whole cache, which torch.compile would otherwise specialise a graph on.
+        self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len + 1, param.device,
                                    compute_dtype(param.device.type, param.dtype))
         # The compiled decode step: one graph per batch size bucket (1, 2, 4, ... up to
-        # `compile_max_batch`), each compiled on first use; larger batches run eagerly, where
-        # the matrix products dominate and attending over the full length would cost more.
+        # `compile_max_batch`), each compiled on first use, the key length dynamic inside it;
+        # larger batches run eagerly, where the matrix products dominate.
         self.compile_max_batch = min(compile_max_batch, max_batch) if compile else 0
         self._compiled = (torch.compile(_decode_logits, dynamic=False, options=_compile_options(self.device))
                           if compile else None)
@@ -729,17 +744,21 @@ class Engine:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
         tokens = torch.tensor(pending + pad, device=self.device)[:, None]
-        positions = torch.tensor(self.cache.host_lengths[:n] + pad, device=self.device)[:, None]
-        logits = self._run_compiled(tokens, positions)[:n]
+        lengths = self.cache.host_lengths[:n]
+        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        logits = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))[:n]
         self.cache.advance(1)
         return logits
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int) -> torch.Tensor:
         start = time.perf_counter()
-        logits = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions)
+        mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
+        # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        logits = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask)
         if tokens.shape[0] not in self._compiled_buckets:  # this call compiled it
             self._compiled_buckets.add(tokens.shape[0])
             self.compile_seconds += time.perf_counter() - start
@@ -755,7 +774,7 @@ class Engine:
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
             # Two tensors, not one twice: dynamo guards on aliasing, and the steps never alias.
             tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
-            self._run_compiled(tokens, positions)
+            self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len))
         return self.compile_seconds - before
 
     def _admit(self) -> None:

@@ -440,7 +440,7 @@ def serve_args(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a free slot; more get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the decode step of up to 4 rows (default: on CPU; tens of "
+                        help="compile the decode step of up to 16 rows (default: on CPU; tens of "
                              "seconds at startup the first time, a few once cached)")
 
 

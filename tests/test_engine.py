@@ -35,12 +35,12 @@ def tok():
     return train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400, workers=1)
 
 
-def tiny_model(tok, arch: str = "llama") -> Transformer:
+def tiny_model(tok, arch: str = "llama", max_seq_len: int = 48) -> Transformer:
     # A large init spread makes the logits peaked: greedy picks are far from ties, so the
     # comparisons across batch shapes test the engine, not float rounding.
     cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", f"model.arch={arch}",
                                  "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                                 "model.n_kv_heads=2", "model.max_seq_len=48", "model.init_std=0.3"])
+                                 "model.n_kv_heads=2", f"model.max_seq_len={max_seq_len}", "model.init_std=0.3"])
     torch.manual_seed(0)
     return Transformer(cfg.model).eval()
 
@@ -287,3 +287,21 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
             pass
     for i, (prompt, request) in enumerate(zip(PROMPTS, requests, strict=False)):
         assert request.result()[0].token_ids == alone(model, tok, prompt, 6 + 5 * i)
+
+
+@pytest.mark.slow
+def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
+    # A 160-token context: the compiled step attends over 64, 128, then 160 keys as the rows
+    # grow, in one graph per batch size (the key length is dynamic), and must give the tokens of
+    # the eager engine, which attends over exactly the filled prefix.
+    model = tiny_model(tok, max_seq_len=160)
+    prompts = [list(range(300, 360)), PROMPTS[1], PROMPTS[2]]  # 60, 9 and 1 tokens
+    params = SamplingParams(max_tokens=120, temperature=0)
+    plain, engine = Engine(model, tok, max_batch=4), Engine(model, tok, max_batch=4, compile=True)
+    plain.stop_ids = engine.stop_ids = set()  # every row runs to max_tokens or the context
+    eager = [c[0].token_ids for c in plain.generate(prompts, params)]
+    assert len(prompts[0]) + len(eager[0]) == 160  # the longest row reached the context's end
+    engine.warm_up()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = [c[0].token_ids for c in engine.generate(prompts, params)]
+    assert compiled == eager
