@@ -11,7 +11,7 @@ with continuous batching, stop tokens and strings, streaming text and an optiona
 are the minimal decode loop under it: one `KVCache`, every row at one position, no text. They
 stay as the tensor-level API (comparisons with transformers' `generate`, which has the same
 shape) and as the independent truth the engine's tests check it against; `generate(compile=True)`
-compiles `model.forward` with a dynamic cache length instead of the engine's static buckets.
+compiles `model.forward` with a dynamic cache length instead of the engine's batch buckets.
 The model (lmforge/model.py) is the network alone: its forward accepts a cache object, nothing more.
 
 Rules of `generate_text`:
