@@ -11,7 +11,7 @@ with continuous batching, stop tokens and strings, streaming text and an optiona
 are the minimal decode loop under it: one `KVCache`, every row at one position, no text. They
 stay as the tensor-level API (comparisons with transformers' `generate`, which has the same
 shape) and as the independent truth the engine's tests check it against; `generate(compile=True)`
-compiles `model.forward` with a dynamic cache length instead of the engine's static buckets.
+compiles `model.forward` with a dynamic cache length instead of the engine's batch buckets.
 The model (lmforge/model.py) is the network alone: its forward accepts a cache object, nothing more.
 
 Rules of `generate_text`:
@@ -33,6 +33,7 @@ from __future__ import annotations
 import codecs
 import math
 import queue
+import random
 import threading
 import time
 import weakref
@@ -167,21 +168,22 @@ class RaggedKVCache:
 
 
 class _DecodeView:
-    """A `RaggedKVCache` as the engine's compiled decode step sees it: every shape static.
+    """A `RaggedKVCache` as the engine's compiled decode step sees it: static shapes but one.
 
-    One new token per row at `positions` (B, 1); rows 0..B of the cache, each read over the
-    cache's full length with a mask (query b sees keys 0..positions[b]), so neither the batch's
-    lengths nor its longest row ever change a shape and one graph per batch size serves every
-    step. `pos` is 0: the context check has nothing to do, a row never passes max_seq_len."""
+    One new token per row at `positions` (B, 1); rows 0..B of the cache, each read over the first
+    `keys` positions (the mask's last size) with the mask (B, 1, 1, keys) hiding what lies past
+    its own position. The batch size never varies inside a graph (one graph per batch size
+    bucket); `keys` is the one dynamic size, so a short batch attends over its own length, not the
+    cache's (attention over the whole cache made a compiled 16-row step slower than eager), and
+    one graph serves every length. `pos` is 0: the context check has nothing to do, a row never
+    passes max_seq_len."""
 
     ragged = True
     pos = 0
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        self.k, self.v, self._positions = k, v, positions
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k, self.v, self._positions, self._mask = k, v, positions, mask
         self.rows = torch.arange(positions.shape[0], device=positions.device)
-        keys = torch.arange(k.shape[2], device=positions.device)
-        self._mask = (keys[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, max_len)
 
     def positions(self, n: int) -> torch.Tensor:
         return self._positions
@@ -196,17 +198,27 @@ class _DecodeView:
         index = (torch.tensor(layer, device=k.device), self.rows, self._positions[:, 0])
         self.k.index_put_(index, k[:, :, 0].to(self.k.dtype))
         self.v.index_put_(index, v[:, :, 0].to(self.v.dtype))
-        B = self.rows.shape[0]
-        return self.k[layer, :B].transpose(1, 2), self.v[layer, :B].transpose(1, 2)
+        B, keys = self.rows.shape[0], self._mask.shape[-1]
+        return self.k[layer, :B, :keys].transpose(1, 2), self.v[layer, :B, :keys].transpose(1, 2)
 
     def advance(self, n: int) -> None:
         pass  # the engine advances the RaggedKVCache itself
 
 
 def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
-    """Logits (B, vocab) of one new token per row (tokens, positions: (B, 1)), cache rows 0..B."""
-    return model(tokens, _DecodeView(k, v, positions), last_only=True)[:, -1]
+                   positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per row (tokens, positions: (B, 1)), cache rows 0..B,
+    keys 0..mask.shape[-1]."""
+    return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+
+
+def _key_length(longest: int, max_len: int) -> int:
+    """The keys a compiled step attends over: past the longest row's new token, rounded up to a
+    multiple of KEY_BUCKET (fewer distinct shapes), at most the context."""
+    return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
+
+
+KEY_BUCKET = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,8 +256,64 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     except RuntimeError as e:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
         if torch.isfinite(probs).all():
             raise
-        raise UserError("the model produced non-finite logits (NaN or inf), so no token can be "
-                        "sampled: its activations overflow in this dtype, or its weights are broken") from e
+        raise UserError(NON_FINITE) from e
+
+
+NON_FINITE = ("the model produced non-finite logits (NaN or inf), so no token can be sampled: its "
+              "activations overflow in this dtype, or its weights are broken")
+
+
+def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
+                top_p: Sequence[float], uniform: Sequence[float]) -> torch.Tensor:
+    """Sample one token per row of logits (B, vocab) -> (B,), each row with its own rules, in
+    batched passes: the engine's sampler. Row b is drawn from the softmax at `temperature[b]`
+    (> 0), restricted to its `top_k[b]` best (0: all) and then to the smallest set whose
+    probability reaches `top_p[b]` (1: all), by inverting its CDF at `uniform[b]` in [0, 1).
+
+    The randomness is the caller's one number per row, so a row's token depends on its logits,
+    rules and number only, never on the other rows of the batch (each request keeps its own
+    seeded generator; a multinomial call per row cost ~40% of a rollout's time). Rows with a
+    filter invert the CDF in ranked order, rows without one in id order (no sort), each kind in
+    one pass of its own, so that too is the row's own business. A row whose logits are not
+    finite gets -1."""
+    vocab = logits.shape[-1]
+    ranked = [0 < k < vocab or p < 1 for k, p in zip(top_k, top_p, strict=True)]
+    if all(ranked) or not any(ranked):
+        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=any(ranked))
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for kind in (False, True):
+        rows = [b for b, r in enumerate(ranked) if r == kind]
+        out[rows] = _invert_cdf(logits[rows], *([seq[b] for b in rows]
+                                                for seq in (temperature, top_k, top_p, uniform)),
+                                ranked=kind)
+    return out
+
+
+def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
+                top_p: Sequence[float], uniform: Sequence[float], ranked: bool) -> torch.Tensor:
+    """`sample_rows` for rows of one kind: `ranked` sorts them and applies their filters."""
+    device, vocab = logits.device, logits.shape[-1]
+    scaled = logits.float() * torch.tensor([1 / t for t in temperature], device=device)[:, None]  # a new tensor
+    order = None
+    if ranked:
+        scaled, order = torch.sort(scaled, dim=-1, descending=True)
+        keep = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        scaled = scaled.masked_fill(torch.arange(vocab, device=device) >= keep[:, None], float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the best always stays);
+        # a row without top-p never drops one, whatever the rounding of its cumulative sum.
+        reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
+        scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
+    # The unnormalised CDF: the uniform number scales to its total instead (no division).
+    cdf = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding: the first entry above
+    # the target then always follows a token of non-zero probability.
+    u = torch.tensor(uniform, device=device, dtype=cdf.dtype).clamp_(max=1 - 2**-23)
+    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp_(max=vocab - 1)  # NaN rows
+    if order is not None:
+        index = order.gather(1, index)
+    return torch.where(torch.isfinite(total), index, -1)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,8 +498,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 # The engine: continuous batching of many requests over one ragged KV cache
 
 # The largest batch the compiled decode step serves by default: on the tiny preset on CPU it
-# was 1.9x the eager step at batch 1, 1.1-1.4x at 4, and no faster at 16 (see Engine).
-COMPILE_MAX_BATCH = 4
+# was 1.9x the eager step at batch 1, 1.1-1.4x at 4, and 1.3x at 16 once it attended over the
+# batch's own key length rather than the whole cache (benchmarks/RESULTS.md).
+COMPILE_MAX_BATCH = 16
 
 # Every chat control token ends an answer: <|end|> (the turn's end) and <|endoftext|> (the
 # document's), and a role token, which means the model began the next turn itself. None of them
@@ -526,14 +595,12 @@ class _Sequence:
     """One row of the running batch: a request's sample `index`, its text so far and the token
     waiting to be fed to the model."""
 
-    def __init__(self, request: Request, index: int, device: torch.device) -> None:
+    def __init__(self, request: Request, index: int) -> None:
         self.request, self.index = request, index
         seed = request.params.seed
-        self.generator = torch.Generator(device=device)
-        if seed is None:
-            self.generator.seed()
-        else:  # the n samples of one seed differ from each other, reproducibly
-            self.generator.manual_seed(seed + index)
+        # The row's own generator: one uniform number per sampled token (see `sample_rows`), on
+        # the host, so it costs no device op; the n samples of one seed differ, reproducibly.
+        self.rng = random.Random(None if seed is None else seed + index)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self.emitted = 0  # characters of `text` already sent
@@ -551,15 +618,16 @@ class Engine:
     Each request's prompt is prefilled once (new requests together, as one right-padded batch)
     and fanned out to its `n` rows; then every step feeds each running row its last token in one
     batched forward over a `RaggedKVCache` and samples the next one with that request's own rules
-    and generator. Requests join at any step when rows are free and leave as soon as they finish,
+    and generator (all rows drawn at once, `sample_rows`). Requests join at any step when rows are free and leave as soon as they finish,
     so a long answer never holds up short ones (continuous batching).
 
     `submit` is thread-safe. `start()` runs the steps on a background thread (the server);
     without it, `generate` steps in the caller's thread (tests, benchmarks, scripts).
 
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
-    `_DecodeView` of the cache, static shapes, the batch padded to a power of two): on CPU about
-    2x the eager step at batch 1, where a small model's step is mostly per-operation overhead.
+    `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
+    row rounded up to a multiple of 64): on CPU about 2-3x the eager step at batch 1, where a
+    small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
     says how long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU.
@@ -577,11 +645,13 @@ class Engine:
                          if all(t in specials for t in TOOL_TOKENS) else None)
         param = next(model.parameters())
         self.device = param.device
-        self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len, param.device,
+        # One position more than the context, never written: a compiled step's key slice then
+        # never spans the whole cache, which torch.compile would otherwise specialise a graph on.
+        self.cache = RaggedKVCache(self.cfg, max_batch, self.cfg.max_seq_len + 1, param.device,
                                    compute_dtype(param.device.type, param.dtype))
         # The compiled decode step: one graph per batch size bucket (1, 2, 4, ... up to
-        # `compile_max_batch`), each compiled on first use; larger batches run eagerly, where
-        # the matrix products dominate and attending over the full length would cost more.
+        # `compile_max_batch`), each compiled on first use, the key length dynamic inside it;
+        # larger batches run eagerly, where the matrix products dominate.
         self.compile_max_batch = min(compile_max_batch, max_batch) if compile else 0
         self._compiled = (torch.compile(_decode_logits, dynamic=False, options=_compile_options(self.device))
                           if compile else None)
@@ -674,17 +744,21 @@ class Engine:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
         tokens = torch.tensor(pending + pad, device=self.device)[:, None]
-        positions = torch.tensor(self.cache.host_lengths[:n] + pad, device=self.device)[:, None]
-        logits = self._run_compiled(tokens, positions)[:n]
+        lengths = self.cache.host_lengths[:n]
+        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        logits = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))[:n]
         self.cache.advance(1)
         return logits
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int) -> torch.Tensor:
         start = time.perf_counter()
-        logits = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions)
+        mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
+        # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+        logits = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask)
         if tokens.shape[0] not in self._compiled_buckets:  # this call compiled it
             self._compiled_buckets.add(tokens.shape[0])
             self.compile_seconds += time.perf_counter() - start
@@ -700,7 +774,7 @@ class Engine:
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
             # Two tensors, not one twice: dynamo guards on aliasing, and the steps never alias.
             tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
-            self._run_compiled(tokens, positions)
+            self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len))
         return self.compile_seconds - before
 
     def _admit(self) -> None:
@@ -728,13 +802,13 @@ class Engine:
         logits = self.model.head(self.model.norm(last))
         for row, length in zip(range(lo, hi), lengths, strict=True):
             self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
-        first = [_Sequence(r, 0, self.device) for r in admitted]
+        first = [_Sequence(r, 0) for r in admitted]
         self.rows += first
         copies: list[tuple[_Sequence, int]] = []  # (sample, index of its prompt's logits)
         for i, r in enumerate(admitted):
             for index in range(1, r.params.n):
                 self.cache.copy_row(lo + i, len(self.rows))
-                self.rows.append(_Sequence(r, index, self.device))
+                self.rows.append(_Sequence(r, index))
                 copies.append((self.rows[-1], i))
         self._sample(first + [s for s, _ in copies], torch.cat([logits, logits[[i for _, i in copies]]]))
 
@@ -754,27 +828,47 @@ class Engine:
     # ---- sampling and text
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Pick each row's next token with its own request's rules, then hand out the text."""
-        limit = self.tokenizer.vocab_size
-        logits = logits[:, :limit].float()
-        greedy = logits.argmax(dim=-1).tolist()  # one op for every greedy row
-        log_probs = None
-        if any(s.request.params.logprobs for s in seqs):
-            log_probs = torch.log_softmax(logits, dim=-1)
+        """Pick every row's next token with its own request's rules in one batched draw (greedy
+        rows by one argmax, sampled rows by `sample_rows` with one uniform number from each row's
+        own generator), then hand out the text. One host transfer of the tokens per step."""
+        logits = logits[:, :self.tokenizer.vocab_size].float()
+        drawn = [i for i, s in enumerate(seqs) if not s.forced and s.request.params.temperature > 0]
+        tokens = logits.argmax(dim=-1) if len(drawn) < len(seqs) else None
+        if drawn:
+            params = [seqs[i].request.params for i in drawn]
+            sampled = sample_rows(logits if tokens is None else logits[drawn], [p.temperature for p in params],
+                                  [p.top_k or 0 for p in params],
+                                  [1.0 if p.top_p is None else p.top_p for p in params],
+                                  [seqs[i].rng.random() for i in drawn])
+            if tokens is None:
+                tokens = sampled
+            else:
+                tokens[drawn] = sampled
+        wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
+        logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
+                                                                    for i in wanted]) if wanted else []
+        chosen = tokens.tolist()
+        if -1 in chosen:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
+            raise UserError(NON_FINITE)
+        found = dict(zip(wanted, logprobs, strict=True))
         for i, seq in enumerate(seqs):
-            p = seq.request.params
             if seq.forced:  # a calculator result: written for the model, not sampled
                 self._advance(seq, seq.forced.pop(0), None)
-                continue
-            token = greedy[i] if p.temperature <= 0 else int(sample_next(
-                logits[i:i + 1], p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
-            logprob = None
-            if p.logprobs and log_probs is not None:
-                top = torch.topk(log_probs[i], p.top_logprobs) if p.top_logprobs else None
-                logprob = TokenLogprob(token, float(log_probs[i, token]),
-                                       list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                                       if top is not None else [])
-            self._advance(seq, token, logprob)
+            else:
+                self._advance(seq, chosen[i], found.get(i))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
+        """Each row's chosen token's log-probability (temperature 1) and its `tops[i]` best,
+        batched: one log-softmax, one gather, one top-k for all the rows."""
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
+        width = max(tops)
+        best = torch.topk(log_probs, width) if width else None
+        values = best.values.tolist() if best is not None else []
+        indices = best.indices.tolist() if best is not None else []
+        return [TokenLogprob(int(t), lp, list(zip(indices[i][:k], values[i][:k], strict=True)) if k else [])
+                for i, (t, lp, k) in enumerate(zip(tokens.tolist(), chosen, tops, strict=True))]
 
     def _calculator(self, seq: _Sequence, token: int) -> None:
         """`<|tool|>expression<|/tool|>` in a sequence: its value (or "error") becomes the next
@@ -844,4 +938,4 @@ def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16,
 __all__ = ["STOP_TOKENS", "TOOL_TOKENS", "Completion", "Engine", "Event", "Generation", "KVCache",
            "RaggedKVCache", "Request", "SamplingParams", "TokenLogprob", "check_sampling", "generate",
            "generate_text", "load_engine", "prompt_ids",
-           "sample_next", "stream"]
+           "sample_next", "sample_rows", "stream"]

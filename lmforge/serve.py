@@ -25,6 +25,7 @@ import hmac
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,8 +347,13 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_queue: i
                           "finish_reason": None} for i in range(parsed.params.n)])
         running, generated = parsed.params.n, 0
         offsets = [0] * parsed.params.n
+        backlog: deque = deque()  # events taken off the queue, not yet sent
         while running:
-            event = await events.get()
+            if not backlog:
+                backlog.append(await events.get())
+                while not events.empty():
+                    backlog.append(events.get_nowait())
+            event = _coalesce(backlog)
             if isinstance(event, BaseException):
                 raise event
             running -= event.finish_reason is not None
@@ -403,6 +409,22 @@ class Guard:
             await JSONResponse(error.body(), error.status)(scope, receive, send)
 
 
+def _coalesce(backlog: deque) -> Any:
+    """The first waiting event joined with the events of the same sequence right behind it: when
+    the server falls behind the engine (many clients on few cores), one chunk then carries
+    several tokens instead of one chunk each that the server and its client would serialise and
+    parse (OpenAI's own streams do the same). Stops at an error or another sequence's event."""
+    from lmforge.engine import Event
+
+    event = backlog.popleft()
+    while (isinstance(event, Event) and event.finish_reason is None and backlog
+           and isinstance(backlog[0], Event) and backlog[0].index == event.index):
+        nxt = backlog.popleft()
+        event = Event(event.index, event.text + nxt.text, event.token_ids + nxt.token_ids,
+                      event.logprobs + nxt.logprobs, nxt.finish_reason)
+    return event
+
+
 async def _guarded(chunks: AsyncIterator[str], done: Callable[[], None]) -> AsyncIterator[str]:
     """The chunks of a stream; `done` runs however it ends (finished, failed or the client
     disconnected, which cancels this generator)."""
@@ -440,7 +462,7 @@ def serve_args(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a free slot; more get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the decode step of up to 4 rows (default: on CPU; tens of "
+                        help="compile the decode step of up to 16 rows (default: on CPU; tens of "
                              "seconds at startup the first time, a few once cached)")
 
 

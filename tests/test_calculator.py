@@ -37,7 +37,7 @@ def test_the_engine_forces_the_result_after_a_tool_call():
     tok = train_tokenizer(["just some text to train on 12*7"], vocab_size=300, workers=1)
     engine = Engine(tiny_model(tok), tok)
     request = engine.submit([1], SamplingParams(max_tokens=50, temperature=0))
-    seq = _Sequence(request, 0, torch.device("cpu"))
+    seq = _Sequence(request, 0)
     open_id, close_id = (tok.special_tokens[t] for t in TOOL_TOKENS)
     wanted = [open_id, *b"12*7", close_id] + [ord("x")] * 3  # what the "model" would pick
     for token in wanted:
@@ -45,7 +45,7 @@ def test_the_engine_forces_the_result_after_a_tool_call():
         logits[0, token] = 10.0
         engine._sample([seq], logits)
     assert seq.text == "<|tool|>12*7<|/tool|>84x"  # two forced tokens (84) replaced two picks
-    refused = _Sequence(request, 0, torch.device("cpu"))
+    refused = _Sequence(request, 0)
     for token in [open_id, *b"abs(1)", close_id, ord("x")]:
         logits = torch.full((1, tok.vocab_size), -10.0)
         logits[0, token] = 10.0

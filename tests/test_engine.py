@@ -6,6 +6,7 @@ streamed text, and a stop string found in the unstopped text."""
 
 from __future__ import annotations
 
+import math
 import sysconfig
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.engine import STOP_TOKENS, Engine, RaggedKVCache, SamplingParams, _Sequence, generate
+from lmforge.engine import (
+    STOP_TOKENS,
+    Engine,
+    RaggedKVCache,
+    SamplingParams,
+    _Sequence,
+    generate,
+    sample_rows,
+)
 from lmforge.model import Transformer
 from lmforge.tokenizer import train_tokenizer
 
@@ -26,12 +35,12 @@ def tok():
     return train_tokenizer([(stdlib / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400, workers=1)
 
 
-def tiny_model(tok, arch: str = "llama") -> Transformer:
+def tiny_model(tok, arch: str = "llama", max_seq_len: int = 48) -> Transformer:
     # A large init spread makes the logits peaked: greedy picks are far from ties, so the
     # comparisons across batch shapes test the engine, not float rounding.
     cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", f"model.arch={arch}",
                                  "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
-                                 "model.n_kv_heads=2", "model.max_seq_len=48", "model.init_std=0.3"])
+                                 "model.n_kv_heads=2", f"model.max_seq_len={max_seq_len}", "model.init_std=0.3"])
     torch.manual_seed(0)
     return Transformer(cfg.model).eval()
 
@@ -118,6 +127,71 @@ def test_n_samples_share_the_prefill_and_seeds_reproduce(tok, model):
     assert greedy[0].token_ids == greedy[1].token_ids == alone(model, tok, PROMPTS[0], 8)
 
 
+def filtered_distribution(logits: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
+    """The distribution a sampler must draw from, worked out plainly (exact softmax in float64,
+    a ranked list, the nucleus by its definition): the independent truth for `sample_rows`."""
+    scaled = [x / temperature for x in logits]
+    ranked = sorted(range(len(logits)), key=lambda i: -scaled[i])
+    kept = ranked[:top_k] if top_k else ranked
+    top = max(scaled)
+    weights = {i: math.exp(scaled[i] - top) for i in kept}
+    total = sum(weights.values())
+    nucleus, mass = [], 0.0
+    for i in kept:  # the smallest prefix whose probability reaches top_p
+        if mass >= top_p:
+            break
+        nucleus.append(i)
+        mass += weights[i] / total
+    z = sum(weights[i] for i in nucleus)
+    return [weights[i] / z if i in nucleus else 0.0 for i in range(len(logits))]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.8),
+                                                       (0.9, 5, 0.6)])
+def test_batched_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(1)) * 2
+    truth = filtered_distribution(logits.tolist(), temperature, top_k, top_p)
+    n = 4000  # evenly spaced uniforms: token i is drawn a fraction of times within 1/n of p_i
+    tokens = sample_rows(logits.expand(n, -1), [temperature] * n, [top_k] * n, [top_p] * n,
+                         [(j + 0.5) / n for j in range(n)])
+    counts = torch.bincount(tokens, minlength=12) / n
+    assert counts.tolist() == pytest.approx(truth, abs=2 / n)
+
+
+def test_batched_sampler_rows_do_not_depend_on_each_other():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 50, generator=g) * 3
+    rules = [(1.0, 0, 1.0), (0.5, 3, 1.0), (1.5, 0, 0.7), (1.0, 10, 0.9), (0.8, 0, 1.0), (2.0, 49, 0.95)]
+    uniform = torch.rand(6, generator=g).tolist()
+    batched = sample_rows(logits, *zip(*rules, strict=True), uniform)
+    for b, (t, k, p) in enumerate(rules):
+        assert int(sample_rows(logits[b:b + 1], [t], [k], [p], [uniform[b]])[0]) == int(batched[b])
+        assert truth_allows(logits[b].tolist(), t, k, p, int(batched[b]))
+    broken = logits.clone()
+    broken[2, 7] = float("nan")
+    assert sample_rows(broken, *zip(*rules, strict=True), uniform).tolist()[2] == -1
+
+
+def truth_allows(logits: list[float], temperature: float, top_k: int, top_p: float, token: int) -> bool:
+    return filtered_distribution(logits, temperature, top_k, top_p)[token] > 0
+
+
+def test_a_seeded_request_samples_the_same_in_any_batch(tok, model):
+    # A sampled request's tokens depend on its own seed only: alone, or in a batch with other
+    # sampled requests of other rules that join and leave around it.
+    mine = SamplingParams(max_tokens=10, temperature=1.0, top_k=40, top_p=0.95, seed=11)
+    engine = Engine(model, tok, max_batch=8)
+    (lone,), = engine.generate([PROMPTS[2]], mine)
+    others = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.5 + i, seed=i, n=2) for i in range(3)]
+    requests = [engine.submit(p, o) for p, o in zip(PROMPTS[:3], others, strict=False)]
+    engine.step()
+    request = engine.submit(PROMPTS[2], mine)  # joins the running batch
+    while engine.step():
+        pass
+    assert request.result()[0].token_ids == lone.token_ids
+    assert all(len(c.token_ids) > 0 for r in requests for c in r.result())
+
+
 def test_logprobs_are_the_models(tok, model):
     params = SamplingParams(max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
     (completion,), = Engine(model, tok).generate([PROMPTS[3]], params)
@@ -135,7 +209,7 @@ def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[st
     """Stream `text` one byte token at a time through the engine's text path; the pieces sent
     and the finish reason. Byte-level BPE: ids 0..255 are the single bytes."""
     request = engine.submit([1], SamplingParams(max_tokens=1000, stop=stop))
-    seq = _Sequence(request, 0, torch.device("cpu"))
+    seq = _Sequence(request, 0)
     for byte in text.encode():
         engine._advance(seq, byte, None)
         if seq.finished:
@@ -213,3 +287,21 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
             pass
     for i, (prompt, request) in enumerate(zip(PROMPTS, requests, strict=False)):
         assert request.result()[0].token_ids == alone(model, tok, prompt, 6 + 5 * i)
+
+
+@pytest.mark.slow
+def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
+    # A 160-token context: the compiled step attends over 64, 128, then 160 keys as the rows
+    # grow, in one graph per batch size (the key length is dynamic), and must give the tokens of
+    # the eager engine, which attends over exactly the filled prefix.
+    model = tiny_model(tok, max_seq_len=160)
+    prompts = [list(range(300, 360)), PROMPTS[1], PROMPTS[2]]  # 60, 9 and 1 tokens
+    params = SamplingParams(max_tokens=120, temperature=0)
+    plain, engine = Engine(model, tok, max_batch=4), Engine(model, tok, max_batch=4, compile=True)
+    plain.stop_ids = engine.stop_ids = set()  # every row runs to max_tokens or the context
+    eager = [c[0].token_ids for c in plain.generate(prompts, params)]
+    assert len(prompts[0]) + len(eager[0]) == 160  # the longest row reached the context's end
+    engine.warm_up()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = [c[0].token_ids for c in engine.generate(prompts, params)]
+    assert compiled == eager

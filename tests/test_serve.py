@@ -278,3 +278,18 @@ def test_the_page_chats_streams_and_stops_in_a_browser(server, tmp_path):
         finally:
             browser.close()
     assert drained(server)
+
+
+def test_waiting_events_of_one_sequence_stream_as_one_chunk():
+    from collections import deque
+
+    from lmforge.engine import Event
+    from lmforge.serve import _coalesce
+
+    error = RuntimeError("boom")
+    backlog = deque([Event(0, "a", [1], []), Event(0, "b", [2], []), Event(1, "x", [9], []),
+                     Event(1, "y", [8], [], "stop"), Event(1, "z", [7], []), error])
+    merged = [_coalesce(backlog) for _ in range(4)]
+    assert [(e.index, e.text, e.token_ids, e.finish_reason) for e in merged[:3]] == [
+        (0, "ab", [1, 2], None), (1, "xy", [9, 8], "stop"), (1, "z", [7], None)]
+    assert merged[3] is error and not backlog
