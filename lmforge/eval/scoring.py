@@ -6,7 +6,8 @@ own tokens; an empty context becomes the end-of-text token. A sequence longer th
 window keeps its last `max_seq_len + 1` tokens, as the harness does.
 
 What makes it fast: the choices of a question share their context, so the context runs once, its
-keys and values are kept in a KV cache, and only the choices run after it (copies of that cache).
+keys and values are kept in a KV cache, and only the choices run after it (copies of that cache,
+the continuations of contexts of any length in one pass).
 A one-token continuation (MMLU's " A") needs no second pass at all: the context's last logits
 score it. `batch_size` contexts run in one pass (right-padded), longest first, so the first batch
 shows the memory peak.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.engine import KVCache
+from lmforge.engine import KVCache, RaggedKVCache
 from lmforge.model import Transformer
 
 
@@ -85,12 +86,14 @@ def score_requests(
 
 def _score_batch(model: Transformer, batch: list[tuple[list[int], list[int]]],
                  fitted: list[tuple[list[int], list[int]]]) -> list[tuple[int, Score]]:
-    """The batch's contexts in one pass, then each context length's continuations in one pass.
+    """The batch's contexts in one pass, then all their continuations in as few passes as the
+    continuations' lengths allow, whatever their contexts' lengths.
 
     Contexts are right-padded: attention is causal, so padding after a context changes nothing
-    before it, and its cached keys/values up to the context's own length are exact. The
-    continuations resume from a copy of their context's cache at that length, so a pass takes
-    the continuations of contexts of one length.
+    before it, and its cached keys/values up to the context's own length are exact. Each
+    continuation row then resumes from a copy of its context's keys/values in a ragged cache (its
+    own position and mask, lmforge.engine.RaggedKVCache), so contexts of different lengths share a
+    pass: a pass per context length made ARC's batches dozens of tiny passes.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -102,59 +105,86 @@ def _score_batch(model: Transformer, batch: list[tuple[list[int], list[int]]],
     hidden = model.hidden_states(contexts, cache)
     last = hidden[torch.arange(len(batch), device=device), torch.tensor(lengths, device=device) - 1]
     first = F.log_softmax(model.head(model.norm(last)).float(), dim=-1)  # predicts token 1
+    rows = [(index, g) for g, (_, members) in enumerate(batch) for index in members]
     out = []
-    for length in sorted(set(lengths), reverse=True):
-        owners = [g for g, n in enumerate(lengths) if n == length]
-        indices = [i for g in owners for i in batch[g][1]]
-        continuations = [fitted[i][1] for i in indices]
-        row_owner = [g for g in owners for _ in batch[g][1]]
-        rest = _continue(model, cache, length, row_owner, continuations)
-        for r, (index, cont) in enumerate(zip(indices, continuations, strict=True)):
-            logp = first[row_owner[r]].unsqueeze(0)
-            if rest[r] is not None:
-                logp = torch.cat([logp, rest[r]])
-            target = torch.tensor(cont, device=device)
-            total = logp.gather(1, target[:, None]).sum().item()
-            out.append((index, Score(total, bool((logp.argmax(-1) == target).all()))))
+    for chunk in _passes(rows, fitted, lengths, model.cfg.max_seq_len):
+        owners = [g for _, g in chunk]
+        continuations = [fitted[index][1] for index, _ in chunk]
+        totals, greedy = _chunk_scores(model, cache, first, lengths, owners, continuations)
+        out.extend((index, Score(total, ok)) for (index, _), total, ok in zip(chunk, totals, greedy, strict=True))
     return out
 
 
-def _continue(model: Transformer, cache: KVCache, length: int, row_owner: list[int],
-              continuations: list[list[int]]) -> list[torch.Tensor | None]:
-    """Per row, the log-probabilities after each continuation token but the last (tokens - 1,
-    vocab), each row resuming from its context's cached keys/values (None for one-token rows).
+def _passes(rows: list[tuple[int, int]], fitted: list[tuple[list[int], list[int]]], lengths: list[int],
+            window: int) -> list[list[tuple[int, int]]]:
+    """(request, context) rows cut into passes: one-token continuations together (no pass of the
+    model), the others longest first, a pass ending where a row's continuation is under 3/4 of the
+    pass's longest (padded positions cost as much as real ones; HellaSwag's endings differ
+    several-fold) or where the pass would outgrow the model's window (its longest context plus its
+    longest continuation)."""
+    def size(index: int) -> int:
+        return len(fitted[index][1]) - 1  # tokens a continuation feeds to the model
 
-    Rows are sorted by length and cut into passes whose padding stays small: continuations of
-    one question can differ several-fold in length (HellaSwag's endings), and padded positions
-    cost as much as real ones.
-    """
-    out: list[torch.Tensor | None] = [None] * len(continuations)
-    order = sorted((r for r, c in enumerate(continuations) if len(c) > 1),
-                   key=lambda r: -len(continuations[r]))
-    chunk: list[int] = []
-    for r in order + [-1]:  # -1 flushes the last chunk
-        if chunk and (r < 0 or len(continuations[r]) - 1 < 0.75 * (len(continuations[chunk[0]]) - 1)):
-            rows = [continuations[i] for i in chunk]
-            logp = _continue_pass(model, cache, length, [row_owner[i] for i in chunk], rows)
-            for k, i in enumerate(chunk):
-                out[i] = logp[k, :len(continuations[i]) - 1]
-            chunk = []
-        chunk.append(r)
-    return out
+    single = [row for row in rows if size(row[0]) == 0]
+    multi = sorted((row for row in rows if size(row[0]) > 0), key=lambda row: -size(row[0]))
+    passes = [single] if single else []
+    chunk: list[tuple[int, int]] = []
+    for row in multi:
+        if chunk:
+            longest = size(chunk[0][0])
+            context = max(lengths[row[1]], *(lengths[g] for _, g in chunk))
+            if size(row[0]) < 0.75 * longest or context + longest > window:
+                passes.append(chunk)
+                chunk = []
+        chunk.append(row)
+    return passes + ([chunk] if chunk else [])
 
 
-def _continue_pass(model: Transformer, cache: KVCache, length: int, row_owner: list[int],
-                   continuations: list[list[int]]) -> torch.Tensor:
-    """One forward pass of right-padded continuations (minus their last token) after copies of
-    their contexts' caches: log-probabilities (rows, longest - 1, vocab)."""
+def _chunk_scores(model: Transformer, cache: KVCache, first: torch.Tensor, lengths: list[int],
+                  owners: list[int], continuations: list[list[int]]) -> tuple[list[float], list[bool]]:
+    """Summed log-probability and greedy match of each continuation of one pass: its first token
+    from its context's last logits (`first`), the rest from one forward pass of the continuations
+    (minus their last token) after copies of their contexts' keys/values."""
+    device = first.device
+    owner = torch.tensor(owners, device=device)
     longest = max(len(c) for c in continuations)
-    device = cache.k.device
-    owner = torch.tensor(row_owner, device=device)
-    rows = KVCache(model.cfg, len(continuations), length + longest - 1, device, cache.k.dtype)
-    rows.k[:, :, :, :length] = cache.k[:, owner, :, :length]
-    rows.v[:, :, :, :length] = cache.v[:, owner, :, :length]
-    rows.pos = length
-    inputs = torch.zeros(len(continuations), longest - 1, dtype=torch.long, device=device)
+    targets = torch.zeros(len(continuations), longest, dtype=torch.long, device=device)
     for r, cont in enumerate(continuations):
-        inputs[r, :len(cont) - 1] = torch.tensor(cont[:-1], device=device)
-    return F.log_softmax(model(inputs, cache=rows).float(), dim=-1)
+        targets[r, :len(cont)] = torch.tensor(cont, device=device)
+    lens = torch.tensor([len(c) for c in continuations], device=device)
+    valid = torch.arange(longest, device=device)[None, :] < lens[:, None]
+    logits = first[owner].unsqueeze(1)  # (rows, 1, vocab) log-probabilities: predict token 0
+    # Sums in float64: a long continuation of a random model sums to hundreds of nats, where
+    # float32's spacing (6e-5 at 700) is near the tolerance the harness comparison allows.
+    picked = logits.gather(2, targets[:, :1, None]).squeeze(2).squeeze(1).double()
+    greedy = logits.argmax(-1).squeeze(1) == targets[:, 0]
+    if longest > 1:
+        # Only the real (not padded) positions go through the head: on a small model the head is
+        # a large part of the pass, and padding is a large part of a pass of ragged endings.
+        real = valid[:, 1:]
+        hidden = _continue_pass(model, cache, [lengths[g] for g in owners], owner, targets[:, :-1])
+        rest = model.head(model.norm(hidden[real])).float()  # (real tokens, vocab)
+        target = targets[:, 1:][real]
+        token_logp = rest.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(rest, dim=-1)
+        row = torch.arange(len(continuations), device=device)[:, None].expand_as(real)[real]
+        picked = picked.index_add(0, row, token_logp.double())
+        wrong = torch.zeros(len(continuations), dtype=torch.long, device=device).index_add(
+            0, row, (rest.argmax(-1) != target).long())
+        greedy &= wrong == 0
+    return picked.tolist(), greedy.tolist()
+
+
+def _continue_pass(model: Transformer, cache: KVCache, lengths: list[int], owner: torch.Tensor,
+                   inputs: torch.Tensor) -> torch.Tensor:
+    """One forward pass of right-padded continuation tokens `inputs` (rows, T), row r resuming
+    after its context (`lengths[r]` tokens of cache row owner[r]): hidden states (rows, T, d)
+    before the final norm. Padding runs after a row's tokens, which never see it."""
+    longest = max(lengths)
+    rows = RaggedKVCache(model.cfg, len(lengths), longest + inputs.shape[1], cache.k.device, cache.k.dtype)
+    # KVCache rows are (layer, row, head, position, dim), ragged ones (layer, row, position, head, dim).
+    rows.k[:, :, :longest] = cache.k[:, owner, :, :longest].transpose(2, 3)
+    rows.v[:, :, :longest] = cache.v[:, owner, :, :longest].transpose(2, 3)
+    rows.lengths.copy_(torch.tensor(lengths, device=owner.device))
+    rows.host_lengths = list(lengths)
+    rows.use_rows(0, len(lengths))
+    return model.hidden_states(inputs, rows)
