@@ -138,9 +138,10 @@ def _answer_logprob(model, tok, prompt, answer) -> torch.Tensor:
     return logprobs[positions, ids[0, positions + 1]].sum()
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "sigmoid_norm"])
-def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
-    cfg = load_config(overrides=[*MODEL, "train.batch_size=3", f"dpo.loss={loss}", "dpo.beta=0.3"])
+@pytest.mark.parametrize("loss,nll_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid_norm", 0.0), ("sigmoid", 0.7)])
+def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss, nll_weight):
+    cfg = load_config(overrides=[*MODEL, "train.batch_size=3", f"dpo.loss={loss}", "dpo.beta=0.3",
+                                 f"dpo.nll_weight={nll_weight}"])
     tok = load_tokenizer(base / "tokenizer")
     pairs = [Pair([{"role": "user", "content": p["prompt"]}], [{"role": "assistant", "content": p["chosen"]}],
                   [{"role": "assistant", "content": p["rejected"]}]) for p in PAIRS[:3]]
@@ -157,7 +158,7 @@ def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
     batch = objective.next_batch()
     ours = objective.loss(policy, batch)
 
-    expected = []
+    expected, chosen_logprob, chosen_tokens = [], 0.0, 0
     for i in batch_order(objective):
         p = PAIRS[i]
         prompt = [{"role": "user", "content": p["prompt"]}]
@@ -167,7 +168,11 @@ def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
             ratio = {side: r / (len(tok.encode(p[side])) + 1) for side, r in ratio.items()}
         margin = ratio["chosen"] - ratio["rejected"]
         expected.append((margin - 1 / (2 * 0.3)) ** 2 if loss == "ipo" else -F.logsigmoid(0.3 * margin))
-    assert ours.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+        chosen_logprob += _answer_logprob(policy, tok, prompt, p["chosen"]).item()
+        chosen_tokens += len(tok.encode(p["chosen"])) + 1  # the answer and its <|end|>
+    # RPO's term: the chosen answers' negative log-likelihood per token, over the whole batch.
+    nll = -chosen_logprob / chosen_tokens
+    assert ours.item() == pytest.approx(torch.stack(expected).mean().item() + nll_weight * nll, rel=1e-4)
 
 
 def batch_order(objective: DPOObjective) -> list[int]:
