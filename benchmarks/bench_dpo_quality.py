@@ -29,8 +29,8 @@ import torch
 TASKS = ("arithmetic", "letters", "identity", "shakespeare", "bible", "docstrings")
 
 
-def held_out(path: str | Path, n: int, max_new_tokens: int) -> dict[str, dict[str, bool]]:
-    """Per task, {question key: answered right} for the checkpoint at `path`."""
+def held_out(path: str | Path, n: dict[str, int], max_new_tokens: int) -> dict[str, dict[str, bool]]:
+    """Per task, {question key: answered right} for the checkpoint at `path` (n[task] questions)."""
     from lmforge.checkpoint import load_model, resolve_checkpoint
     from lmforge.tasks import make_tasks
     from lmforge.tasks.common import split_of
@@ -44,7 +44,7 @@ def held_out(path: str | Path, n: int, max_new_tokens: int) -> dict[str, dict[st
     for name in TASKS:
         task = tasks[name]
         pool = task.pool()
-        size = n if pool is None else min(n, sum(split_of(task.split_family or name, e.key) == "test" for e in pool))
+        size = n[name] if pool is None else min(n[name], sum(split_of(task.split_family or name, e.key) == "test" for e in pool))
         score = score_task(model, tokenizer, task, n=size, max_new_tokens=max_new_tokens)
         out[name] = {e.key: task.check(e, a) for e, a in score.answers}
     return out
@@ -62,7 +62,7 @@ def row(name: str, result: dict[str, dict[str, bool]], before: dict[str, dict[st
     return f"| {name} | {' | '.join(cells)} | {right}/{total} ({right / total:.1%}){change} |"
 
 
-def accuracy_table(models: list[str], runs: list[str], n: int, max_new_tokens: int) -> None:
+def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_new_tokens: int) -> None:
     from lmforge.train.checkpoint import CheckpointManager
 
     print(f"| model | {' | '.join(TASKS)} | total | vs first: gained, lost, change +- se |\n"
@@ -106,11 +106,14 @@ def main() -> None:
     parser.add_argument("--curve", action="append", default=[], metavar="RUN_DIR",
                         help="print this run's curve (repeatable)")
     parser.add_argument("--n", type=int, default=200, help="test questions per task (at most)")
+    parser.add_argument("--n-task", action="append", default=[], metavar="TASK=N",
+                        help="another number of questions for one task (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    n = {task: args.n for task in TASKS} | {k: int(v) for k, v in (s.split("=") for s in args.n_task)}
     if args.model or args.checkpoints:
-        accuracy_table(args.model, args.checkpoints, args.n, args.max_new_tokens)
+        accuracy_table(args.model, args.checkpoints, n, args.max_new_tokens)
     for run in args.curve:
         curve(Path(run))
 

@@ -4,6 +4,7 @@ builtin:prefs pairs (right vs wrong, deterministic), and bad input as one line, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,11 +22,11 @@ from lmforge.align.config import DpoConfig
 from lmforge.align.dpo import DPOObjective, preference_loss, reference_logprobs
 from lmforge.align.head_logprobs import token_nll
 from lmforge.align.pairs import Pair, render_pairs
-from lmforge.align.prefs import make_prefs
+from lmforge.align.prefs import make_prefs, verifiable_mixture
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
 from lmforge.distributed import init_parallel
-from lmforge.errors import UserError
+from lmforge.errors import ConfigError, UserError
 from lmforge.model import Transformer
 from lmforge.tasks.common import Example, Task
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -188,10 +189,11 @@ def batch_order(objective: DPOObjective) -> list[int]:
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file)]
     reference = tmp_path / "reference"
-    done = _lmforge(*args, "--out", str(reference), *_sets(*RUN))
+    plain = "dpo.nll_weight=0"  # plain DPO: step 1's loss is then log 2 exactly
+    done = _lmforge(*args, "--out", str(reference), *_sets(*RUN, plain))
     assert "training and" in done.stdout
     killed_run = tmp_path / "killed"
-    killed = _lmforge(*args, "--out", str(killed_run), *_sets(*RUN, "debug.inject=sigkill@7"), check=False)
+    killed = _lmforge(*args, "--out", str(killed_run), *_sets(*RUN, plain, "debug.inject=sigkill@7"), check=False)
     assert killed.returncode == -9
     cache = killed_run / "reference_logps.safetensors"
     written = cache.stat().st_mtime_ns
@@ -268,7 +270,8 @@ class _EndsWithVowel(Task):
 
 def test_builtin_prefs_pair_right_with_wrong_answers_deterministically(base):
     tok = load_tokenizer(base / "tokenizer")
-    cfg = DpoConfig(prefs_prompts=12, prefs_val_prompts=4, prefs_samples=6, prefs_max_tokens=8, prefs_pairs=2)
+    cfg = DpoConfig(prefs_prompts=12, prefs_val_prompts=4, prefs_samples=6, prefs_max_tokens=8, prefs_pairs=2,
+                    prefs_tasks=["vowel"])
     task = _EndsWithVowel()
     made = [make_prefs(lmforge.load_model(base), tok, cfg, seed=3, tasks={"vowel": task}) for _ in range(2)]
     assert made[0] == made[1]  # the same seed, the same pairs
@@ -285,6 +288,38 @@ def test_builtin_prefs_pair_right_with_wrong_answers_deterministically(base):
     assert prompts == 12 and pairs == len(data.train) and all_right + all_wrong + too_long < prompts
     other = make_prefs(lmforge.load_model(base), tok, cfg, seed=4, tasks={"vowel": task})
     assert other.train != data.train
+
+
+class _Unchecked(_EndsWithVowel):
+    name = "unchecked"
+    verifiable = False
+
+
+def test_prefs_tasks_set_the_prompt_shares(base):
+    tasks = {"vowel": _EndsWithVowel(), "other": _EndsWithVowel(), "unchecked": _Unchecked()}
+    assert verifiable_mixture(tasks, ["vowel:3", "other"]) == {"vowel": 0.75, "other": 0.25}
+    assert set(verifiable_mixture(tasks)) == {"vowel", "other"}  # builtin:chat's shares, checked tasks only
+    for bad in (["unchecked"], ["nope:2"]):
+        with pytest.raises(UserError, match="not a verifiable task"):
+            verifiable_mixture(tasks, bad)
+    for bad in ("vowel:0", "vowel:x"):
+        with pytest.raises(ConfigError, match="TASK:WEIGHT"):
+            DpoConfig(prefs_tasks=[bad]).validate()
+    tok = load_tokenizer(base / "tokenizer")
+    cfg = DpoConfig(prefs_prompts=8, prefs_val_prompts=0, prefs_samples=4, prefs_max_tokens=6,
+                    prefs_tasks=["other"])
+    asked = []
+
+    class Counting(_EndsWithVowel):
+        def generate(self, split: str, seed: int, n: int) -> list[Example]:
+            asked.append((self.name, n))
+            return super().generate(split, seed, n)
+
+    counting = {"vowel": Counting(), "other": Counting()}
+    counting["other"].name = "other"
+    with contextlib.suppress(UserError):  # a random model may find no pair; the prompts are what counts
+        make_prefs(lmforge.load_model(base), tok, cfg, seed=0, tasks=counting)
+    assert asked == [("other", 8)]
 
 
 # --------------------------------------------------------------------------------------------
