@@ -1,16 +1,26 @@
 """Held-out accuracy on the verifiable built-in tasks of chat checkpoints (e.g. the SFT model and
-its DPO run), each greedy answer checked by its task's `check` (lmforge.tasks.score.score_task),
-and the training curve of an alignment run from its metrics.jsonl.
+its DPO or GRPO run), each greedy answer checked by its task's `check`
+(lmforge.tasks.score.score_task); the same along a run's checkpoints; and the training curve of an
+alignment run from its metrics.jsonl.
 
     python benchmarks/bench_dpo_quality.py --model sft=/work/bases/sft --model dpo=/tmp/dpo --curve /tmp/dpo
+    python benchmarks/bench_dpo_quality.py --model sft=/work/bases/life/sft --checkpoints /tmp/dpo
 
-Not a test: numbers for benchmarks/RESULTS.md ("DPO and reward models on the tiny model").
+A task with a finite test pool (letters, identity) is scored on its distinct questions, at most
+`--n` (the eval's `--limit` would repeat them). Against the first `--model`, every later model and
+checkpoint gets a paired comparison on the same questions: how many went wrong -> right and right
+-> wrong, and the change in the number right with its standard error, sqrt(b + c) for b and c
+flips (McNemar): a rise counts when it exceeds about two of them.
+
+Not a test: numbers for benchmarks/RESULTS.md ("DPO and reward models on the tiny model" and
+"Alignment that raises held-out accuracy").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -19,25 +29,55 @@ import torch
 TASKS = ("arithmetic", "letters", "identity", "shakespeare", "bible", "docstrings")
 
 
-def accuracy_table(models: list[str], n: int, max_new_tokens: int) -> None:
+def held_out(path: str | Path, n: dict[str, int], max_new_tokens: int) -> dict[str, dict[str, bool]]:
+    """Per task, {question key: answered right} for the checkpoint at `path` (n[task] questions)."""
     from lmforge.checkpoint import load_model, resolve_checkpoint
     from lmforge.tasks import make_tasks
+    from lmforge.tasks.common import split_of
     from lmforge.tasks.score import score_task
     from lmforge.tokenizer import load_tokenizer
 
     tasks = make_tasks()
-    print(f"| model | {' | '.join(TASKS)} | mean |\n|---|{'---|' * (len(TASKS) + 1)}")
+    model = load_model(path)
+    tokenizer = load_tokenizer(resolve_checkpoint(path) / "tokenizer")
+    out = {}
+    for name in TASKS:
+        task = tasks[name]
+        pool = task.pool()
+        size = n[name] if pool is None else min(n[name], sum(split_of(task.split_family or name, e.key) == "test" for e in pool))
+        score = score_task(model, tokenizer, task, n=size, max_new_tokens=max_new_tokens)
+        out[name] = {e.key: task.check(e, a) for e, a in score.answers}
+    return out
+
+
+def row(name: str, result: dict[str, dict[str, bool]], before: dict[str, dict[str, bool]] | None) -> str:
+    """A table row: right/total per task, their total, and the paired change against `before`."""
+    cells = [f"{sum(r.values())}/{len(r)}" for r in result.values()]
+    right, total = sum(sum(r.values()) for r in result.values()), sum(len(r) for r in result.values())
+    change = ""
+    if before is not None:
+        gained = sum(v and not before[t][k] for t, r in result.items() for k, v in r.items())
+        lost = sum(before[t][k] and not v for t, r in result.items() for k, v in r.items())
+        change = f" | +{gained} -{lost}: {gained - lost:+d} +- {math.sqrt(gained + lost):.1f}"
+    return f"| {name} | {' | '.join(cells)} | {right}/{total} ({right / total:.1%}){change} |"
+
+
+def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_new_tokens: int) -> None:
+    from lmforge.train.checkpoint import CheckpointManager
+
+    print(f"| model | {' | '.join(TASKS)} | total | vs first: gained, lost, change +- se |\n"
+          f"|---|{'---|' * (len(TASKS) + 2)}")
+    first = None
     for spec in models:
         name, path = spec.split("=", 1)
         start = time.perf_counter()
-        model = load_model(path)
-        tokenizer = load_tokenizer(resolve_checkpoint(path) / "tokenizer")
-        scores = [score_task(model, tokenizer, tasks[t], n=n, max_new_tokens=max_new_tokens) for t in TASKS]
-        cells = " | ".join(f"{s.correct}/{s.total}" for s in scores)
-        mean = sum(s.accuracy for s in scores) / len(scores)
-        total = sum(s.correct for s in scores), sum(s.total for s in scores)
-        print(f"| {name} | {cells} | {mean:.1%} ({total[0]}/{total[1]}) |"
-              f"  <!-- {time.perf_counter() - start:.0f}s -->", flush=True)
+        result = held_out(path, n, max_new_tokens)
+        print(row(name, result, first) + f"  <!-- {time.perf_counter() - start:.0f}s -->", flush=True)
+        first = first or result
+    for run in runs:
+        for step, checkpoint in CheckpointManager(Path(run), 1).complete():
+            print(row(f"{Path(run).name} step {step}", held_out(checkpoint, n, max_new_tokens), first),
+                  flush=True)
 
 
 def curve(run_dir: Path) -> None:
@@ -59,15 +99,21 @@ def curve(run_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME=CKPT",
-                        help="a chat checkpoint or run directory to score (repeatable)")
+                        help="a chat checkpoint or run directory to score (repeatable; the first is "
+                             "the baseline of the paired comparison)")
+    parser.add_argument("--checkpoints", action="append", default=[], metavar="RUN_DIR",
+                        help="score every complete checkpoint of this run (repeatable)")
     parser.add_argument("--curve", action="append", default=[], metavar="RUN_DIR",
                         help="print this run's curve (repeatable)")
-    parser.add_argument("--n", type=int, default=100, help="test questions per task")
+    parser.add_argument("--n", type=int, default=200, help="test questions per task (at most)")
+    parser.add_argument("--n-task", action="append", default=[], metavar="TASK=N",
+                        help="another number of questions for one task (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.model:
-        accuracy_table(args.model, args.n, args.max_new_tokens)
+    n = {task: args.n for task in TASKS} | {k: int(v) for k, v in (s.split("=") for s in args.n_task)}
+    if args.model or args.checkpoints:
+        accuracy_table(args.model, args.checkpoints, n, args.max_new_tokens)
     for run in args.curve:
         curve(Path(run))
 

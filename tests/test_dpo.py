@@ -4,6 +4,7 @@ builtin:prefs pairs (right vs wrong, deterministic), and bad input as one line, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -20,11 +21,11 @@ from lmforge.align.config import DpoConfig
 from lmforge.align.dpo import DPOObjective, preference_loss, reference_logprobs
 from lmforge.align.head_logprobs import token_nll
 from lmforge.align.pairs import Pair, render_pairs
-from lmforge.align.prefs import make_prefs
+from lmforge.align.prefs import make_prefs, verifiable_mixture
 from lmforge.checkpoint import save_model
 from lmforge.config import load_config
 from lmforge.distributed import init_parallel
-from lmforge.errors import UserError
+from lmforge.errors import ConfigError, UserError
 from lmforge.model import Transformer
 from lmforge.tasks.common import Example, Task
 from lmforge.tokenizer import load_tokenizer, train_tokenizer
@@ -124,9 +125,10 @@ def _answer_logprob(model, tok, prompt, answer) -> torch.Tensor:
     return logprobs[positions, ids[0, positions + 1]].sum()
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "sigmoid_norm"])
-def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
-    cfg = load_config(overrides=[*MODEL, "train.batch_size=3", f"dpo.loss={loss}", "dpo.beta=0.3"])
+@pytest.mark.parametrize("loss,nll_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid_norm", 0.0), ("sigmoid", 0.7)])
+def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss, nll_weight):
+    cfg = load_config(overrides=[*MODEL, "train.batch_size=3", f"dpo.loss={loss}", "dpo.beta=0.3",
+                                 f"dpo.nll_weight={nll_weight}"])
     tok = load_tokenizer(base / "tokenizer")
     pairs = [Pair([{"role": "user", "content": p["prompt"]}], [{"role": "assistant", "content": p["chosen"]}],
                   [{"role": "assistant", "content": p["rejected"]}]) for p in PAIRS[:3]]
@@ -143,7 +145,7 @@ def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
     batch = objective.next_batch()
     ours = objective.loss(policy, batch)
 
-    expected = []
+    expected, chosen_logprob, chosen_tokens = [], 0.0, 0
     for i in batch_order(objective):
         p = PAIRS[i]
         prompt = [{"role": "user", "content": p["prompt"]}]
@@ -153,7 +155,11 @@ def test_dpo_loss_equals_a_direct_computation_from_token_logprobs(base, loss):
             ratio = {side: r / (len(tok.encode(p[side])) + 1) for side, r in ratio.items()}
         margin = ratio["chosen"] - ratio["rejected"]
         expected.append((margin - 1 / (2 * 0.3)) ** 2 if loss == "ipo" else -F.logsigmoid(0.3 * margin))
-    assert ours.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+        chosen_logprob += _answer_logprob(policy, tok, prompt, p["chosen"]).item()
+        chosen_tokens += len(tok.encode(p["chosen"])) + 1  # the answer and its <|end|>
+    # RPO's term: the chosen answers' negative log-likelihood per token, over the whole batch.
+    nll = -chosen_logprob / chosen_tokens
+    assert ours.item() == pytest.approx(torch.stack(expected).mean().item() + nll_weight * nll, rel=1e-4)
 
 
 def batch_order(objective: DPOObjective) -> list[int]:
@@ -168,12 +174,14 @@ def batch_order(objective: DPOObjective) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp_path):
     args = ["dpo", "--checkpoint", str(base), "--data", str(pairs_file)]
+    # Plain DPO (dpo.nll_weight=0): step 1's loss is then log 2 exactly.
     written: dict[str, int] = {}
 
     def cache_time(run: Path) -> None:
         written["ns"] = (run / "reference_logps.safetensors").stat().st_mtime_ns
 
-    done, reference, killed_run = kill_and_resume(args, RUN, tmp_path, before_resume=cache_time)
+    done, reference, killed_run = kill_and_resume(args, [*RUN, "dpo.nll_weight=0"], tmp_path,
+                                                before_resume=cache_time)
     assert "training and" in done.stdout
     # The resumed run read the reference, never recomputed it.
     assert (killed_run / "reference_logps.safetensors").stat().st_mtime_ns == written["ns"]
@@ -201,7 +209,7 @@ def test_sigkill_and_resume_reproduce_an_uninterrupted_run(base, pairs_file, tmp
 def test_lora_dpo_leaves_an_adapter_checkpoint(base, pairs_file, tmp_path):
     run = tmp_path / "run"
     _lmforge("dpo", "--checkpoint", str(base), "--data", str(pairs_file), "--out", str(run),
-             *_sets(*RUN, "train.max_steps=4", "lora.rank=2", "dpo.loss=ipo"))
+             *_sets(*RUN, "train.max_steps=4", "lora.rank=2", "dpo.loss=ipo", "dpo.nll_weight=0"))
     assert (run / "checkpoints" / "step_00000004" / "lora.safetensors").is_file()
     first = next(r for r in read_metrics(run) if r.get("step") == 1 and "loss" in r)
     assert first["loss"] == pytest.approx((0 - 1 / (2 * 0.1)) ** 2, rel=1e-4)  # IPO at policy == reference
@@ -248,7 +256,8 @@ class _EndsWithVowel(Task):
 
 def test_builtin_prefs_pair_right_with_wrong_answers_deterministically(base):
     tok = load_tokenizer(base / "tokenizer")
-    cfg = DpoConfig(prefs_prompts=12, prefs_val_prompts=4, prefs_samples=6, prefs_max_tokens=8, prefs_pairs=2)
+    cfg = DpoConfig(prefs_prompts=12, prefs_val_prompts=4, prefs_samples=6, prefs_max_tokens=8, prefs_pairs=2,
+                    prefs_tasks=["vowel"])
     task = _EndsWithVowel()
     made = [make_prefs(lmforge.load_model(base), tok, cfg, seed=3, tasks={"vowel": task}) for _ in range(2)]
     assert made[0] == made[1]  # the same seed, the same pairs
@@ -265,6 +274,38 @@ def test_builtin_prefs_pair_right_with_wrong_answers_deterministically(base):
     assert prompts == 12 and pairs == len(data.train) and all_right + all_wrong + too_long < prompts
     other = make_prefs(lmforge.load_model(base), tok, cfg, seed=4, tasks={"vowel": task})
     assert other.train != data.train
+
+
+class _Unchecked(_EndsWithVowel):
+    name = "unchecked"
+    verifiable = False
+
+
+def test_prefs_tasks_set_the_prompt_shares(base):
+    tasks = {"vowel": _EndsWithVowel(), "other": _EndsWithVowel(), "unchecked": _Unchecked()}
+    assert verifiable_mixture(tasks, ["vowel:3", "other"]) == {"vowel": 0.75, "other": 0.25}
+    assert set(verifiable_mixture(tasks)) == {"vowel", "other"}  # builtin:chat's shares, checked tasks only
+    for bad in (["unchecked"], ["nope:2"]):
+        with pytest.raises(UserError, match="not a verifiable task"):
+            verifiable_mixture(tasks, bad)
+    for bad in ("vowel:0", "vowel:x"):
+        with pytest.raises(ConfigError, match="TASK:WEIGHT"):
+            DpoConfig(prefs_tasks=[bad]).validate()
+    tok = load_tokenizer(base / "tokenizer")
+    cfg = DpoConfig(prefs_prompts=8, prefs_val_prompts=0, prefs_samples=4, prefs_max_tokens=6,
+                    prefs_tasks=["other"])
+    asked = []
+
+    class Counting(_EndsWithVowel):
+        def generate(self, split: str, seed: int, n: int) -> list[Example]:
+            asked.append((self.name, n))
+            return super().generate(split, seed, n)
+
+    counting = {"vowel": Counting(), "other": Counting()}
+    counting["other"].name = "other"
+    with contextlib.suppress(UserError):  # a random model may find no pair; the prompts are what counts
+        make_prefs(lmforge.load_model(base), tok, cfg, seed=0, tasks=counting)
+    assert asked == [("other", 8)]
 
 
 # --------------------------------------------------------------------------------------------

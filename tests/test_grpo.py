@@ -356,6 +356,19 @@ def test_tasks_resolve_to_the_verifiable_ones():
         resolve_tasks(["arithmetic", "chitchat"])
 
 
+def test_task_weights_set_the_share_of_the_prompts(base):
+    cfg = _config(base, "grpo.tasks=arithmetic:1,letters:3", "grpo.prompts_per_step=8")
+    tasks = resolve_tasks(cfg.grpo.tasks)
+    assert list(tasks) == ["arithmetic", "letters"]
+    objective = GRPOObjective(cfg, tasks, load_tokenizer(base / "tokenizer"), init_parallel(cfg))
+    drawn = [e.task for index in range(200) for e in objective._prompts(index)[0]]
+    # 1,600 draws of a 1:3 mixture: letters' share is 0.75 +- 0.011 (one binomial sd).
+    assert abs(drawn.count("letters") / len(drawn) - 0.75) < 0.05
+    for bad in ("letters:0", "letters:x", "letters:-1"):
+        with pytest.raises(UserError, match="TASK:WEIGHT"):
+            resolve_tasks([bad])
+
+
 BAD = {
     "no verifier": (["--tasks", "chitchat"], [], "chitchat has no verifier"),
     "unknown task": (["--tasks", "arithmetic,poetry"], [], "unknown task 'poetry'"),

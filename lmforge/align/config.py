@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from lmforge.errors import ConfigError
 
 DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm")
+# builtin:prefs' default prompt mix. builtin:chat's own shares spend 45% of the prompts on
+# arithmetic, which a fine-tuned model mostly gets right every time (no pair), and 23% on the
+# corpus tasks, which it mostly gets wrong every time; this mix found 155 pairs in 256 prompts on
+# the tiny SFT model against builtin:chat's 25 in 129 (benchmarks/RESULTS.md).
+PREFS_TASKS = ("letters:0.6", "identity:0.15", "arithmetic:0.25")
 
 
 @dataclass
@@ -21,8 +26,17 @@ class DpoConfig:
         answer token: no pull towards longer or shorter answers; wants a larger beta, ~1-2).
     beta: strength of the pull towards the reference model (larger: stay closer).
     label_smoothing: assumed share of flipped labels (conservative DPO), "sigmoid" losses only.
+    nll_weight: weight of a language-model loss on the chosen answers (their negative
+        log-likelihood per token) added to the preference loss (RPO, Pang et al. 2024): DPO alone
+        may push both answers down, the chosen ones too, until the model's answers fall apart;
+        this term keeps the right answers likely. 0: plain DPO. (Measured on the tiny SFT model it
+        halved the held-out accuracy lost to over-fitting; benchmarks/RESULTS.md.)
     val_fraction: share of a file's pairs held out (by content hash) for the held-out metrics.
     prefs_prompts / prefs_val_prompts: builtin:prefs prompts drawn from the train / test split.
+    prefs_tasks: which verifiable tasks give those prompts, each `TASK` or `TASK:WEIGHT` (shares
+        normalised); empty: builtin:chat's own shares. Only prompts the model sometimes gets right
+        and sometimes wrong give pairs, so the shares should favour the tasks with room to improve
+        (the default, PREFS_TASKS: the tiny SFT model's letters and identity, and some arithmetic).
     prefs_samples: answers sampled per prompt (at prefs_temperature, at most prefs_max_tokens).
     prefs_greedy: also the greedy answer (temperature 0), paired first: its mistakes are the
         model's most likely ones.
@@ -33,9 +47,11 @@ class DpoConfig:
     loss: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    nll_weight: float = 1.0
     val_fraction: float = 0.05
     prefs_prompts: int = 512
     prefs_val_prompts: int = 64
+    prefs_tasks: list[str] = field(default_factory=lambda: list(PREFS_TASKS))
     prefs_samples: int = 8
     prefs_temperature: float = 1.0
     prefs_max_tokens: int = 128
@@ -53,6 +69,8 @@ class DpoConfig:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.label_smoothing and self.loss == "ipo":
             raise ConfigError("dpo.label_smoothing applies to the sigmoid losses, not dpo.loss=\"ipo\"")
+        if self.nll_weight < 0:
+            raise ConfigError(f"dpo.nll_weight={self.nll_weight} must be >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"dpo.val_fraction={self.val_fraction} must be in [0, 1)")
         for name in ("prefs_prompts", "prefs_samples", "prefs_max_tokens", "prefs_pairs"):
@@ -61,6 +79,14 @@ class DpoConfig:
         if self.prefs_samples < 2:
             raise ConfigError(f"dpo.prefs_samples={self.prefs_samples} must be >= 2 to find a right "
                               "and a wrong answer")
+        for item in self.prefs_tasks:
+            name, _, weight = item.partition(":")
+            try:
+                ok = bool(name) and (not weight or float(weight) > 0)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"dpo.prefs_tasks: {item!r} is not TASK or TASK:WEIGHT with a weight > 0")
         if self.prefs_val_prompts < 0:
             raise ConfigError(f"dpo.prefs_val_prompts={self.prefs_val_prompts} must be >= 0")
         if not self.prefs_temperature > 0:
@@ -95,7 +121,9 @@ class GrpoConfig:
         or "chat" (the default) for every verifiable one, each in its builtin:chat share: the
         tasks SFT taught, so whichever of them the model half-masters gives groups with signal
         (a tiny model's arithmetic may be all wrong while its letter counting is not); groups
-        with no signal cost their samples but no gradient.
+        with no signal cost their samples but no gradient. Each item is `TASK` or `TASK:WEIGHT`:
+        the weights set the tasks' shares of the prompts (a task without one keeps its
+        builtin:chat share), e.g. to favour the tasks the model gets right only sometimes.
     group_size: answers sampled per prompt; advantages are relative to the group.
     prompts_per_step: prompts per rollout batch (all ranks together; a multiple of the ranks).
     max_new_tokens: longest answer, in tokens (the context also ends an answer).

@@ -10,6 +10,11 @@ r(y) = log pi(y|x) - log pi_ref(y|x), summed over the answer's tokens:
     sigmoid_norm   as sigmoid, on r averaged per answer token: a longer answer no longer
                    moves the margin more (DPO's length bias)
 
+With dpo.nll_weight = a > 0, a x the chosen answers' negative log-likelihood per token is added
+(RPO): the preference loss is satisfied as well by pushing both answers down as by pulling the
+chosen one up, and on a small model's own answers the first breaks them (measured in
+benchmarks/RESULTS.md); the language-model term keeps the right answers likely.
+
 beta r(y) is the answer's implicit reward; the metrics log its mean for chosen and rejected
 answers, their margin, and how often the chosen one wins (`reward_accuracy`).
 
@@ -77,7 +82,7 @@ T = TypeVar("T")
 
 @dataclass
 class PreferenceLoss:
-    losses: torch.Tensor  # (pairs,)
+    losses: torch.Tensor  # (pairs,): the preference loss of each pair
     chosen_rewards: torch.Tensor  # (pairs,) beta x log-ratio, detached
     rejected_rewards: torch.Tensor
 
@@ -250,17 +255,21 @@ class DPOObjective(Objective):
         rejected = self.reference[f"{split}_rejected"][index]
         return tuple(t.to(self.device) for t in (x, y, chosen, rejected))
 
-    def _pair_losses(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> PreferenceLoss:
+    def _pair_losses(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[PreferenceLoss, torch.Tensor]:
+        """The preference losses of the batch's pairs, and the chosen answers' mean negative
+        log-likelihood per token (dpo.nll_weight's term)."""
         x, y, reference_chosen, reference_rejected = batch
         logps, tokens = answer_logprobs(model, x, y, **self.loss_options)
         n = x.shape[0] // 2
-        return preference_loss(logps[:n].double(), logps[n:].double(), reference_chosen, reference_rejected,
-                               self.dpo.beta, self.dpo.loss, self.dpo.label_smoothing, tokens[:n], tokens[n:])
+        result = preference_loss(logps[:n].double(), logps[n:].double(), reference_chosen, reference_rejected,
+                                 self.dpo.beta, self.dpo.loss, self.dpo.label_smoothing, tokens[:n], tokens[n:])
+        return result, -logps[:n].sum() / tokens[:n].sum().clamp(min=1)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        result = self._pair_losses(model, batch)
+        result, chosen_nll = self._pair_losses(model, batch)
         self._stats.append(_reward_sums(result))
-        return result.losses.mean().float()
+        loss = result.losses.mean().float()
+        return loss + self.dpo.nll_weight * chosen_nll.float() if self.dpo.nll_weight else loss
 
     def step_metrics(self) -> dict[str, float]:
         """Mean implicit rewards of the latest step's pairs (all ranks; collective)."""
@@ -280,7 +289,7 @@ class DPOObjective(Objective):
         totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         for batch in batches[: self.train.eval_batches][self.rank::self.dp]:
             with autocast():
-                result = self._pair_losses(model, self._tensors([self.val_pairs[i] for i in batch], batch, "val"))
+                result, _ = self._pair_losses(model, self._tensors([self.val_pairs[i] for i in batch], batch, "val"))
             totals += torch.cat([result.losses.sum()[None], _reward_sums(result).to(self.device)])
         model.train(was_training)
         totals = par.all_reduce(totals, "sum")

@@ -146,13 +146,14 @@ def format_ok(text: str, finish_reason: str) -> bool:
 
 
 def resolve_tasks(names: list[str], reward_model: str = "") -> dict[str, Task]:
-    """The tasks `grpo.tasks` names ("chat": every verifiable built-in one). A task with no
-    verifier (chit-chat) gives no reward to learn from unless a reward model scores the answers."""
+    """The tasks `grpo.tasks` names, each `TASK` or `TASK:WEIGHT` ("chat": every verifiable
+    built-in one). A task with no verifier (chit-chat) gives no reward to learn from unless a
+    reward model scores the answers."""
     from lmforge.tasks import make_tasks
 
     known = make_tasks()
     chosen: dict[str, Task] = {}
-    for name in names:
+    for name in task_weights(names):
         if name == CHAT_TASKS:
             chosen.update({n: t for n, t in known.items() if t.verifiable})
         elif name in known:
@@ -168,11 +169,30 @@ def resolve_tasks(names: list[str], reward_model: str = "") -> dict[str, Task]:
     return chosen
 
 
-def _task_weights(tasks: dict[str, Task]) -> list[float]:
-    """Each task's share of the prompts: its share in builtin:chat (equal for others)."""
+def task_weights(names: list[str]) -> dict[str, float | None]:
+    """`grpo.tasks` items -> {name: weight given, or None}."""
+    out: dict[str, float | None] = {}
+    for item in names:
+        name, sep, weight = item.partition(":")
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value = -1.0
+        if value is not None and not value > 0:
+            raise UserError(f"grpo.tasks: {item!r} is not TASK or TASK:WEIGHT with a weight > 0")
+        out[name] = value
+    return out
+
+
+def _task_weights(tasks: dict[str, Task], names: list[str]) -> list[float]:
+    """Each task's share of the prompts: the weight grpo.tasks gives it, else its share in
+    builtin:chat (equal for others). Prompts the policy always or never gets right give
+    zero-signal groups, so weighting the tasks it half-masters puts the samples where the
+    gradient is."""
     from lmforge.tasks import MIXTURE
 
-    return [MIXTURE.get(name, 1.0 / len(tasks)) for name in tasks]
+    given = task_weights(names)
+    return [given.get(name) or MIXTURE.get(name, 1.0 / len(tasks)) for name in tasks]
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +329,7 @@ class GRPOObjective(Objective):
     def _prompts(self, index: int) -> tuple[list[Example], list[int]]:
         """This rank's prompts of rollout batch `index` and each one's sampling seed."""
         rng = random.Random(f"grpo/{self.train.seed}/{index}")
-        names = rng.choices(list(self.tasks), weights=_task_weights(self.tasks), k=self.g.prompts_per_step)
+        names = rng.choices(list(self.tasks), weights=_task_weights(self.tasks, self.g.tasks), k=self.g.prompts_per_step)
         examples: list[Example] = []
         for name in dict.fromkeys(names):  # each task once, in first-drawn order
             examples += self.tasks[name].generate("train", rng.randrange(2**31), names.count(name))
@@ -569,4 +589,4 @@ def run_grpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume
 
 __all__ = ["CHAT_TASKS", "GRPOObjective", "GRPO_GUARD_DEFAULTS", "GRPO_TRAIN_DEFAULTS", "Rollouts",
            "format_ok", "group_advantages", "grpo", "grpo_token_loss", "kl_k3",
-           "load_reference", "load_scorer", "resolve_tasks", "run_grpo", "token_logprobs"]
+           "load_reference", "load_scorer", "resolve_tasks", "run_grpo", "task_weights", "token_logprobs"]

@@ -45,12 +45,22 @@ class PrefsStats:
                 f"{self.all_right} all right, {self.all_wrong} all wrong, {self.too_long} too long")
 
 
-def verifiable_mixture(tasks: dict) -> dict[str, float]:
-    """builtin:chat's task shares, restricted to tasks whose answers can be checked (a task
+def verifiable_mixture(tasks: dict, weights: Sequence[str] = ()) -> dict[str, float]:
+    """The task shares of builtin:prefs' prompts: `weights` (dpo.prefs_tasks, `TASK[:WEIGHT]`), or
+    when empty builtin:chat's shares, restricted to tasks whose answers can be checked (a task
     builtin:chat does not mix gets the share 1 before normalising)."""
     from lmforge.tasks import MIXTURE
 
-    shares = {name: MIXTURE.get(name, 1.0) for name, task in tasks.items() if task.verifiable}
+    if weights:
+        shares = {}
+        for item in weights:
+            name, _, weight = item.partition(":")
+            if name not in tasks or not tasks[name].verifiable:
+                known = ", ".join(n for n, t in tasks.items() if t.verifiable)
+                raise UserError(f"dpo.prefs_tasks: {name!r} is not a verifiable task; the tasks are {known}")
+            shares[name] = float(weight or 1.0)
+    else:
+        shares = {name: MIXTURE.get(name, 1.0) for name, task in tasks.items() if task.verifiable}
     total = sum(shares.values())
     return {name: share / total for name, share in shares.items()}
 
@@ -106,7 +116,7 @@ def make_prefs(model, tokenizer, cfg: DpoConfig, seed: int, tasks: dict | None =
     from lmforge.tasks import builtin_chat, make_tasks
 
     tasks = tasks if tasks is not None else make_tasks()
-    mixture = verifiable_mixture(tasks)
+    mixture = verifiable_mixture(tasks, cfg.prefs_tasks)
     was_training = model.training
     data = PairData()
     for split, n in (("train", cfg.prefs_prompts), ("test", cfg.prefs_val_prompts)):
