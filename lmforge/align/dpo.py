@@ -419,7 +419,8 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
                          write_weights=write_adapters if cfg.lora.rank else None)
         if par.is_main:
             kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"
-            report(f"dpo: {cfg.dpo.loss} loss, beta {cfg.dpo.beta:g}, {kind}: {describe_trainable(model)}")
+            nll = f" + {cfg.dpo.nll_weight:g} x NLL of the chosen answers" if cfg.dpo.nll_weight else ""
+            report(f"dpo: {cfg.dpo.loss} loss{nll}, beta {cfg.dpo.beta:g}, {kind}: {describe_trainable(model)}")
             for line in pairs.describe():
                 report(f"dpo: {line}")
             atomic_write_json(run_dir / BASE_RECORD, base.to_json())
