@@ -105,8 +105,13 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:  # the update is inside self.weight
             return y
-        h = self.dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+        u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        # The scale goes on B (out x r), not on the (tokens x out) activations, in both passes.
+        up = self.lora_B * self.scale
+        if u.dtype != y.dtype:  # a bf16 base under fp32 adapters, without autocast
+            return y + F.linear(u, up).to(y.dtype)
+        # y + u up^T as one product that adds into y (BLAS beta = 1): no separate pass to add.
+        return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), up.t()).view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """(alpha / r) B A in the adapters' dtype (fp32 or wider): what merging adds to W."""
