@@ -231,6 +231,29 @@ def test_equals_peft_before_and_after_merge(tmp_path, overrides):
         assert (model(x) - merged_theirs).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_adapted_layer_equals_its_formula_with_gradients(bias):
+    """LoRALinear (training, no dropout: the one-product path) against y = x W^T + b +
+    (alpha/r) (x A^T) B^T written out here, in value and in the gradients of x, A and B."""
+    g = torch.Generator().manual_seed(7)
+    layer = lora.LoRALinear(torch.nn.Linear(24, 40, bias=bias), rank=3, alpha=5.0, dropout=0.0).train()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(40, 3, generator=g))
+    x = torch.randn(2, 9, 24, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 9, 40, generator=g)
+    params = (x, layer.lora_A, layer.lora_B)
+    got = layer(x)
+    got_grads = torch.autograd.grad(got, params, upstream)
+    want = x @ layer.weight.T + (5.0 / 3) * (x @ layer.lora_A.T) @ layer.lora_B.T
+    if bias:
+        want = want + layer.bias
+    want_grads = torch.autograd.grad(want, params, upstream)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert layer.weight.grad is None  # the base stays frozen
+
+
 def test_adapter_gradients_equal_peft(tmp_path):
     """The training step's side: the masked loss of the SFT objective (head at the counted
     targets only) gives the same gradient of every lora_A / lora_B as peft's model on the same
