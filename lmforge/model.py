@@ -169,7 +169,10 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, self.layer, mask)
+        # The layer index only matters to a cache; without one it is not read, so a compiled
+        # block's code is not specialised per layer (one compilation serves every block).
+        layer = self.layer if cache is not None else -1
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, layer, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
