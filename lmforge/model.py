@@ -124,8 +124,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal with no cache or an empty one; a single new query sees every cached key (no
-        # mask); a chunk appended to a filled cache needs the explicit `mask`.
-        is_causal = mask is None and q.shape[2] > 1
+        # mask); a chunk appended to a filled cache needs the explicit `mask`. Without a cache
+        # the length is not read: in a block compiled for any length (SFT's rows) it is a
+        # symbolic size, and a comparison of it is no bool for SDPA (a graph break).
+        is_causal = mask is None and (cache is None or q.shape[2] > 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
