@@ -15,8 +15,11 @@
 
     python benchmarks/bench_sft.py [--checkpoint /work/bases/tiny] [--rounds 5] [--steps 6]
 
-Tokens are the real (non-padding) tokens of each batch; round r times the batches after round
-r - 1's (all runs of a round the same ones). Not a test: numbers for RESULTS.md.
+Tokens are the real (non-padding) tokens of each batch, per second of wall-clock time and of this
+process's CPU time (medians of the rounds; the ratios on CPU time, which on a shared machine does
+not count the time other jobs hold the core; with more than one thread it sums theirs). Round r
+times the batches after round r - 1's (all runs of a round the same ones). Not a test: numbers
+for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -63,16 +66,17 @@ def sft_batches(tokenizer, context: int, batch_size: int, n: int) -> tuple[list,
     return padded, packed, padding
 
 
-def tokens_per_s(loss_fn, model, batches, steps: int, pad_id: int | None, first: int = 0) -> float:
+def tokens_per_s(loss_fn, model, batches, steps: int, pad_id: int | None, first: int = 0) -> tuple[float, float]:
     """The same loop for every model: forward + masked loss, backward, clip, AdamW on what trains,
-    on batches[first], batches[first + 1], ..."""
+    on batches[first], batches[first + 1], ...; (tokens per wall-clock second, per second of
+    this process's CPU time)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     model.train()
-    tokens, start = 0, 0.0
+    tokens, start, cpu_start = 0, 0.0, 0.0
     for i in range(steps + 1):  # the first step warms up
         if i == 1:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         x, y = batches[(first + i) % len(batches)]
         loss = loss_fn(model, x, y)
         loss.backward()
@@ -81,7 +85,7 @@ def tokens_per_s(loss_fn, model, batches, steps: int, pad_id: int | None, first:
         opt.zero_grad(set_to_none=True)
         if i:
             tokens += int((x != pad_id).sum()) if pad_id is not None else x.numel()
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu_start)
 
 
 def hf_loss(model, x, y):
@@ -166,15 +170,20 @@ def main() -> None:
             "transformers + peft LoRA": (theirs(True), hf_loss, padded),
             "ours full, packed (causal, no mask)": (ours_full, ours_loss, packed)}
     pad = tokenizer.pad_id
-    results: dict[str, list[float]] = {k: [] for k in runs}
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for r in range(args.rounds):  # each round on the next batches (lengths and assistant shares vary)
         for name, (model, loss, batches) in runs.items():
             results[name].append(tokens_per_s(loss, model, batches, args.steps,
                                               pad if batches is padded else None, first=r * (args.steps + 1)))
-    med = {k: statistics.median(v) for k, v in results.items()}
-    print("| run | tokens/s (median of rounds) |\n|---|---:|")
-    for name, value in med.items():
-        print(f"| {name} | {value:,.0f} |")
+    # With one thread the CPU time is the step's own; wall-clock time also counts the time other
+    # jobs on a shared machine hold the core, so the ratios are taken on CPU time.
+    wall = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    med = {k: statistics.median(c for _, c in v) for k, v in results.items()}
+    print("| run | tokens/s, wall clock | tokens/s, CPU time |\n|---|---:|---:|")
+    for name in med:
+        print(f"| {name} | {wall[name]:,.0f} | {med[name]:,.0f} |")
+    print(f"wall clock: full {wall['ours full'] / wall['transformers full']:.2f}x, "
+          f"LoRA {wall['ours LoRA'] / wall['transformers + peft LoRA']:.2f}x; CPU time:")
     print(f"full: ours / transformers = {med['ours full'] / med['transformers full']:.2f}x "
           f"(head at every position {med['ours full, head at every position'] / med['transformers full']:.2f}x); "
           f"LoRA: ours / transformers + peft = {med['ours LoRA'] / med['transformers + peft LoRA']:.2f}x "
