@@ -124,8 +124,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal with no cache or an empty one; a single new query sees every cached key (no
-        # mask); a chunk appended to a filled cache needs the explicit `mask`.
-        is_causal = mask is None and q.shape[2] > 1
+        # mask); a chunk appended to a filled cache needs the explicit `mask`. Without a cache
+        # the length is not read: in a block compiled for any length (SFT's rows) it is a
+        # symbolic size, and a comparison of it is no bool for SDPA (a graph break).
+        is_causal = mask is None and (cache is None or q.shape[2] > 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -169,7 +171,10 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, self.layer, mask)
+        # The layer index only matters to a cache; without one it is not read, so a compiled
+        # block's code is not specialised per layer (one compilation serves every block).
+        layer = self.layer if cache is not None else -1
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, layer, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -240,6 +245,13 @@ class FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
                 grad_w * grad_loss if grad_w is not None else None, None, None, None)
+
+
+def loss_positions(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Indices into the flattened `targets` of those that count (not `ignore_index`): the
+    `positions` for `Transformer.loss`. Compute them where the targets are made (on the host),
+    and moving them to the device costs no synchronisation."""
+    return (targets.reshape(-1) != ignore_index).nonzero().squeeze(1)
 
 
 def fused_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -319,10 +331,11 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100,
                 reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
-                checkpoint_blocks: bool = False) -> torch.Tensor:
+                checkpoint_blocks: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); (B, 1, vocab) when `last_only`; the loss of
         `targets` (see `loss`) when they are given, computed by `head_loss` (a callable with the
-        signature of the method `head_loss`, e.g. a compiled or fused one the trainer holds).
+        signature of the method `head_loss`, e.g. a compiled or fused one the trainer holds),
+        only at `positions` when they are given (see `loss`).
 
         With a `cache`, the T tokens continue the cached sequence at position `cache.pos`.
         `checkpoint_blocks` recomputes each block's activations in backward instead of storing them.
@@ -333,6 +346,9 @@ class Transformer(nn.Module):
         if self.norm is None:
             return h
         if targets is not None:
+            if positions is not None:  # the head only where the loss counts (see `loss`)
+                h = h.flatten(0, 1).index_select(0, positions)
+                targets = targets.flatten().index_select(0, positions)
             return (head_loss or self.head_loss)(h, targets, ignore_index, reduction)
         if last_only:
             h = h[:, -1:]
@@ -388,14 +404,20 @@ class Transformer(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean", head_loss: Callable[..., torch.Tensor] | None = None,
-             checkpoint_blocks: bool = False) -> torch.Tensor:
+             checkpoint_blocks: bool = False, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T).
         `head_loss` and `checkpoint_blocks` as in `forward`.
+
+        `positions` (N,), indices into the flattened (B * T) positions, computes the final norm,
+        the LM head and the loss at those positions only: the mean is then over their targets
+        and "none" returns (N,) losses. With every position whose target is not `ignore_index`
+        (`loss_positions(targets)`) the mean loss and its gradients are those of the whole batch,
+        at the head's cost of the counted tokens alone (SFT counts only the assistant's).
 
         It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
         root's weights there, and a compiled or hooked forward applies to training too."""
         return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction,
-                    head_loss=head_loss, checkpoint_blocks=checkpoint_blocks)
+                    head_loss=head_loss, checkpoint_blocks=checkpoint_blocks, positions=positions)
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", fused: bool = False) -> torch.Tensor:
@@ -405,9 +427,9 @@ class Transformer(nn.Module):
         `fused`, a mean loss that needs gradients goes through `fused_head_loss`."""
         h = self.norm(h)
         if fused and reduction == "mean" and torch.is_grad_enabled():
-            return fused_head_loss(h.flatten(0, 1), self.head_weight(), targets.flatten(), ignore_index)
+            return fused_head_loss(h.reshape(-1, h.shape[-1]), self.head_weight(), targets.reshape(-1), ignore_index)
         logits = self.head(h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=ignore_index, reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 

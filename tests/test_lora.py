@@ -231,6 +231,54 @@ def test_equals_peft_before_and_after_merge(tmp_path, overrides):
         assert (model(x) - merged_theirs).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_adapted_layer_equals_its_formula_with_gradients(bias):
+    """LoRALinear (training, no dropout: the one-product path) against y = x W^T + b +
+    (alpha/r) (x A^T) B^T written out here, in value and in the gradients of x, A and B."""
+    g = torch.Generator().manual_seed(7)
+    layer = lora.LoRALinear(torch.nn.Linear(24, 40, bias=bias), rank=3, alpha=5.0, dropout=0.0).train()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(40, 3, generator=g))
+    x = torch.randn(2, 9, 24, generator=g, requires_grad=True)
+    upstream = torch.randn(2, 9, 40, generator=g)
+    params = (x, layer.lora_A, layer.lora_B)
+    got = layer(x)
+    got_grads = torch.autograd.grad(got, params, upstream)
+    want = x @ layer.weight.T + (5.0 / 3) * (x @ layer.lora_A.T) @ layer.lora_B.T
+    if bias:
+        want = want + layer.bias
+    want_grads = torch.autograd.grad(want, params, upstream)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert layer.weight.grad is None  # the base stays frozen
+
+
+def test_adapter_gradients_equal_peft(tmp_path):
+    """The training step's side: the masked loss of the SFT objective (head at the counted
+    targets only) gives the same gradient of every lora_A / lora_B as peft's model on the same
+    weights with the plain masked cross-entropy."""
+    from lmforge.model import loss_positions
+
+    cfg = config("lora.targets=q,k,v,o,gate,up,down")
+    base = save_model(base_model(cfg), cfg, tmp_path / "base")
+    model = lora.apply_lora(lmforge.load_model(base), cfg.lora).train()
+    randomize_adapters(model)
+    twin = peft_twin(model, cfg, export_hf(base, tmp_path / "hf")).train()
+    x = tokens()
+    y = tokens(seed=4)
+    y[:, :10] = -100  # a prompt
+    model.loss(x, y, positions=loss_positions(y)).backward()
+    logits = twin(x).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    for path, layer in lora.lora_layers(model).items():
+        theirs = twin.base_model.model.model.get_submodule(path)
+        for ours, their in ((layer.lora_A, theirs.lora_A["default"].weight),
+                            (layer.lora_B, theirs.lora_B["default"].weight)):
+            assert ours.grad.abs().max() > 0
+            torch.testing.assert_close(ours.grad, their.grad, atol=1e-6, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # LoRA checkpoints and the commands
 

@@ -19,6 +19,7 @@ from lmforge.model import (
     Transformer,
     apply_rope,
     fused_head_loss,
+    loss_positions,
     rope_tables,
 )
 
@@ -118,6 +119,44 @@ def test_fused_loss_gradients_match_transformers(case):
     for name, p in model.named_parameters():
         ref = hf_params.get(name if name.startswith("lm_head.") else f"model.{name}")
         assert torch.allclose(p.grad, ref.grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "plain-head"])
+@pytest.mark.parametrize("case", ["mha-tied", "gqa-untied"])
+def test_loss_at_positions_equals_the_masked_loss_of_full_logits(case, fused):
+    """`model.loss(..., positions=loss_positions(targets))` (the head at the counted targets
+    only, as SFT trains) gives the masked mean cross-entropy of the full logits, computed
+    directly here, and the same gradients for every parameter; "none" gives each counted
+    target's loss in order."""
+    model = make(**CASES[case]).train()
+    g = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 19), generator=g)
+    targets = torch.randint(0, model.cfg.vocab_size, (3, 19), generator=g)
+    targets[torch.rand(3, 19, generator=g) < 0.5] = -100  # prompts, padding: not counted
+    targets[2] = -100  # a row with nothing to learn
+    counted = targets != -100
+    logits = model(idx)
+    direct = F.cross_entropy(logits[counted], targets[counted])
+    direct_grads = torch.autograd.grad(direct, list(model.parameters()))
+    positions = loss_positions(targets)
+    assert positions.tolist() == [i for i, t in enumerate(targets.flatten().tolist()) if t != -100]
+    rows_seen = []
+
+    def head_loss(h, *args):  # the model's own head loss, recording how many rows reach it
+        rows_seen.append(h.shape[:-1].numel())
+        return model.head_loss(h, *args, fused=fused)
+
+    loss = model.loss(idx, targets, head_loss=head_loss, positions=positions)
+    assert rows_seen == [int(counted.sum())]  # the head ran at the counted targets only
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.allclose(loss, direct, atol=1e-6)
+    for (name, _), got, want in zip(model.named_parameters(), grads, direct_grads):
+        assert torch.allclose(got, want, atol=1e-7, rtol=1e-4), name
+    with torch.no_grad():
+        per_target = model.loss(idx, targets, reduction="none", positions=positions)
+        expected = F.cross_entropy(model(idx)[counted], targets[counted], reduction="none")
+    assert per_target.shape == (int(counted.sum()),)
+    assert torch.allclose(per_target, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])

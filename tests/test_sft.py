@@ -112,13 +112,13 @@ def test_the_loss_counts_assistant_tokens_only(base, tmp_path):
     tok = load_tokenizer(base / "tokenizer")
     conv = CONVERSATIONS[-1]
     objective = SFTObjective(cfg, SftData(train=[conv, conv]), tok, init_parallel(cfg))
-    x, y = objective.next_batch()
+    batch = objective.next_batch()
     model = lmforge.load_model(base)
     ids, mask = render_conversation(tok, conv)
     logits = model(torch.tensor([ids[:-1]]))[0]
     keep = torch.tensor(mask[1:], dtype=torch.bool)
     expected = torch.nn.functional.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep])
-    assert torch.allclose(objective.loss(model, (x, y)), expected, atol=1e-5)
+    assert torch.allclose(objective.loss(model, batch), expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

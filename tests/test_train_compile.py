@@ -37,3 +37,22 @@ def test_stage_without_norm_is_not_compiled():
     stage = _model()
     stage.norm = None
     assert head_loss_for(stage, COMPILED, torch.device("cpu")) is None
+
+
+def test_one_compilation_serves_every_block_across_lengths():
+    """SFT's rows change length every batch: compiled blocks must be compiled once with a static
+    length, once with a dynamic one, and shared by every layer - not once per layer (which ran
+    into dynamo's recompile limit of 8 and fell back to eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=4, n_heads=2, max_seq_len=32))
+    counter = CompileCounter()
+    for block in model.layers.values():
+        block.compile(backend=counter)
+    for length in (9, 13, 21, 30):
+        x = torch.randint(0, 128, (2, length))
+        model.loss(x, x).backward()
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

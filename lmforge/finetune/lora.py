@@ -70,6 +70,40 @@ LORA_META = "lora.json"
 # The adapted layer
 
 
+class _MergedProduct(torch.autograd.Function):
+    """y = x (W + s B A)^T + b for a frozen W (and b), with the gradients of x, A and B.
+
+    Autograd on y = x W^T + s (x A^T) B^T runs five products forward and backward besides the
+    two large ones (x W^T and its input gradient) and adds two (tokens x features) tensors. Here
+    the update is folded into one weight, W + s B A (out x in: a product of rank r, no pass over
+    the tokens), so x meets a single matrix in both directions; only A's and B's own gradients
+    need the low-rank factors:
+
+        grad_x = grad_y (W + s B A)      grad_A = s (grad_y B)^T x      grad_B = s grad_y^T (x A^T)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+        u = F.linear(x, lora_A)  # (..., r): B's gradient needs it
+        # The merged weight is made again in backward rather than kept: a copy of every adapted
+        # weight held until backward would cost as much memory as the frozen base itself.
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        ctx.scale = scale
+        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scale), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scale)
+        grad_A = (g @ lora_B).t().mm(x.reshape(-1, x.shape[-1])).mul_(ctx.scale)
+        grad_B = g.t().mm(u.reshape(-1, u.shape[-1])).mul_(ctx.scale)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trained rank-r update (see the module docstring).
 
@@ -102,11 +136,28 @@ class LoRALinear(nn.Module):
         return self.base_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:  # the update is inside self.weight
-            return y
-        h = self.dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+            return F.linear(x, self.weight, self.bias)
+        if self._one_product(x):
+            return _MergedProduct.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+        y = F.linear(x, self.weight, self.bias)
+        u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        # The scale goes on B (out x r), not on the (tokens x out) activations, in both passes.
+        up = self.lora_B * self.scale
+        if u.dtype != y.dtype:  # a bf16 base under fp32 adapters, without autocast
+            return y + F.linear(u, up).to(y.dtype)
+        # y + u up^T as one product that adds into y (BLAS beta = 1): no separate pass to add.
+        return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), up.t()).view(y.shape)
+
+    def _one_product(self, x: torch.Tensor) -> bool:
+        """Whether `_MergedProduct` computes this forward: the adapters see x itself (no dropout
+        while training), one dtype throughout and no autocast, the base frozen (as apply_lora
+        leaves it). Otherwise the plain two-path form below."""
+        return (not (self.training and isinstance(self.dropout, nn.Dropout))
+                and x.dtype == self.weight.dtype == self.lora_A.dtype
+                and not torch.is_autocast_enabled(x.device.type)
+                and not self.weight.requires_grad
+                and (self.bias is None or not self.bias.requires_grad))
 
     def delta(self) -> torch.Tensor:
         """(alpha / r) B A in the adapters' dtype (fp32 or wider): what merging adds to W."""

@@ -29,8 +29,9 @@ from torch import nn
 from lmforge.atomic import atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
-from lmforge.finetune.data import IGNORE, SftData, bucket_batches, collate, render_examples
+from lmforge.finetune.data import SftData, bucket_batches, collate, render_examples
 from lmforge.finetune.lora import BaseRef
+from lmforge.model import loss_positions
 from lmforge.train.loop import Autocast, Objective, TrainLoop, TrainResult, seed_everything
 
 # What `lmforge sft` starts from before --preset / --config / --set: fine-tuning moves a trained
@@ -98,18 +99,25 @@ class SFTObjective(Objective):
             self._batches = [b for b in batches if len(b) >= self.dp]
         return self._batches
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, positions of the assistant targets) of this rank's next rows."""
         if self.index >= len(self._epoch_batches()):
             self.epoch, self.index, self._batches = self.epoch + 1, 0, None
         batch = self._epoch_batches()[self.index]
         self.index += 1
         self._recent.append(sum(len(self.examples[i][0]) - 1 for i in batch))
-        x, y = collate([self.examples[i] for i in batch[self.rank::self.dp]], self.pad_id)
-        return x.to(self.device), y.to(self.device)
+        return self._on_device([self.examples[i] for i in batch[self.rank::self.dp]])
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return model.loss(x, y, **self.loss_options)  # the mean over targets that are not -100
+    def _on_device(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The positions are found on the host, where the targets are made: no device sync.
+        x, y = collate(examples, self.pad_id)
+        return x.to(self.device), y.to(self.device), loss_positions(y).to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The mean cross-entropy over the assistant targets; the LM head and softmax run at
+        those positions only (about half of builtin:chat's tokens), not over the prompts."""
+        x, y, positions = batch
+        return model.loss(x, y, positions=positions, **self.loss_options)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, par: Any, autocast: Autocast) -> dict[str, float]:
@@ -122,12 +130,10 @@ class SFTObjective(Objective):
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, assistant tokens
         for batch in batches[self.rank::self.dp]:
-            x, y = collate([self.val_examples[i] for i in batch], self.pad_id)
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast():
-                per_token = par.evaluate(model, x, y).double()
-            learned = y != IGNORE
-            totals += torch.stack([per_token[learned].sum(), learned.sum().double()])
+            x, y, positions = self._on_device([self.val_examples[i] for i in batch])
+            with autocast():  # the losses of the assistant targets alone, (N,)
+                per_token = par.evaluate(model, x, y, positions=positions).double()
+            totals += torch.stack([per_token.sum(), per_token.new_tensor(len(positions))])
         model.train(was_training)
         totals = par.all_reduce(totals, "sum")
         return {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
