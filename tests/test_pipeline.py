@@ -163,6 +163,9 @@ def test_run_writes_every_artefact_and_the_report(finished):
     for label in ("base", "sft", "aligned"):
         assert 0.5 < results["models"][label]["results"]["bpb"]["bpb"] < 8.0
         assert 0.0 <= results["models"][label]["results"]["chat"]["acc"] <= 1.0
+    # The base model is asked in text, the fine-tuned ones in the chat format they were trained on.
+    assert [results["models"][label]["results"]["chat"]["format"] for label in ("base", "sft", "aligned")] \
+        == ["base", "chat", "chat"]
     assert results["tasks"] == ["bpb", "chat"]
     # ... the final model answered held-out questions, each checked, and was exported.
     chat = json.loads((run / "logs" / "chat.json").read_text())

@@ -407,6 +407,7 @@ def test_evaluation_stops_starting_tasks_when_the_later_stages_need_the_rest_of_
     from types import SimpleNamespace
 
     import lmforge.eval.cli as eval_cli
+    import lmforge.eval.generation as eval_generation
     import lmforge.eval.runner as eval_runner
     from lmforge.pipeline import posttrain
     from lmforge.pipeline import stage as stage_module
@@ -420,11 +421,15 @@ def test_evaluation_stops_starting_tasks_when_the_later_stages_need_the_rest_of_
     monkeypatch.setattr(posttrain, "stage_models",
                         lambda ctx: {label: root / label / "step_1" for label in labels})
     monkeypatch.setattr(eval_cli, "load_for_eval", lambda checkpoint: (checkpoint.parent.name, None))
+    # `--format auto` as the eval command resolves it: here, chat for every fine-tuned model.
+    monkeypatch.setattr(eval_generation, "resolve_format",
+                        lambda requested, checkpoint, tok: "base" if checkpoint.parent.name == "base" else "chat")
     calls: list[tuple[str, str]] = []
 
     def evaluate(model, tokenizer, tasks, options):
         (task,) = tasks
         calls.append((task, model))
+        assert options.format == ("base" if model == "base" else "chat")
         clock.now += 100.0
         return {"results": {task: {"acc": 0.5, "items": 4}}, "core": None}
 
@@ -449,6 +454,7 @@ def test_evaluation_stops_starting_tasks_when_the_later_stages_need_the_rest_of_
 
 def test_evaluation_without_a_budget_runs_every_task(tmp_path, monkeypatch):
     import lmforge.eval.cli as eval_cli
+    import lmforge.eval.generation as eval_generation
     import lmforge.eval.runner as eval_runner
     from lmforge.pipeline import posttrain
 
@@ -456,6 +462,7 @@ def test_evaluation_without_a_budget_runs_every_task(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setattr(posttrain, "stage_models", lambda ctx: {"base": root / "base" / "step_1"})
     monkeypatch.setattr(eval_cli, "load_for_eval", lambda checkpoint: (None, None))
+    monkeypatch.setattr(eval_generation, "resolve_format", lambda requested, checkpoint, tok: "base")
     monkeypatch.setattr(eval_runner, "evaluate",
                         lambda model, tok, tasks, options: {"results": {tasks[0]: {"bpb": 2.0}}})
     cfg = load_config(preset="tiny", overrides=["run.eval_tasks=chat,bpb"])

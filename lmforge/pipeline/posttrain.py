@@ -260,20 +260,26 @@ def run_eval(ctx: Context) -> None:
     started when they are spent is skipped for all models and listed in the results, so the
     models stay comparable on every task that ran and a loaded machine does not overrun the run."""
     from lmforge.eval.cli import load_for_eval
+    from lmforge.eval.generation import resolve_format
     from lmforge.eval.runner import EvalOptions, core_score, evaluate
 
     tasks = eval_tasks(ctx.cfg.run.eval_tasks)
-    options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
-                          bpb_data=ctx.layout.data)
     deadline = eval_deadline(ctx)
-    loaded = {label: load_for_eval(checkpoint) for label, checkpoint in stage_models(ctx).items()}
+    loaded = {}
+    for label, checkpoint in stage_models(ctx).items():
+        model, tokenizer = load_for_eval(checkpoint)
+        # As `lmforge eval --format auto`: the fine-tuned models answer generation tasks (chat)
+        # in the chat format, the base model gets few-shot text prompts.
+        options = EvalOptions(limit=ctx.cfg.run.eval_limit or None, progress=ctx.progress,
+                              bpb_data=ctx.layout.data, format=resolve_format("auto", checkpoint, tokenizer))
+        loaded[label] = (model, tokenizer, options)
     results: dict[str, dict[str, Any]] = {label: {} for label in loaded}
     skipped: list[str] = []
     for task in tasks:
         if deadline is not None and time.monotonic() >= deadline:
             skipped.append(task)
             continue
-        for label, (model, tokenizer) in loaded.items():
+        for label, (model, tokenizer, options) in loaded.items():
             results[label][task] = evaluate(model, tokenizer, [task], options)["results"][task]
     if skipped:
         print(f"  eval: the time budget was spent; skipped {', '.join(skipped)} "
