@@ -79,7 +79,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 # The environment of `python -m lmforge` subprocesses: this checkout's lmforge, one thread.
-LMFORGE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+LMFORGE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+               "PYTHONUNBUFFERED": "1"}  # a SIGKILLed run has written what it printed
 
 
 def run_lmforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
