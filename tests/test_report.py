@@ -199,7 +199,8 @@ def add_lifecycle(run: Path) -> Path:
 
     def results(acc: float, bpb: float) -> dict:
         return {"checkpoint": "x", "results": {"bpb": {"bpb": bpb, "items": 10},
-                                               "arc_easy": {"acc": acc, "acc_norm": acc - 0.01, "items": 100}},
+                                               "arc_easy": {"acc": acc, "acc_norm": acc - 0.01, "items": 100},
+                                               "chat": {"acc": acc / 2, "tasks": {"arithmetic": acc, "letters": 0.0}}},
                 "core": {"centered": (acc - 0.25) / 0.75, "tasks": {"arc_easy": (acc - 0.25) / 0.75}}}
 
     atomic_write_json(run / "eval" / "results.json", {
@@ -226,6 +227,10 @@ def test_lifecycle_sections_show_curves_the_evaluation_table_and_transcripts(tmp
     assert "| task | metric | chance | base (pre-trained) | SFT | aligned | GPT-3 Small (125M), 0-shot |" in md
     assert "| arc_easy | acc | 0.250 | 0.300 | 0.350 | 0.400 | 0.436 |" in md
     assert "| bpb | bpb | - | 1.900 | 2.000 | 2.100 | - |" in md
+    # The chat task's mean, then each of its generators.
+    assert "| chat | acc | - | 0.150 | 0.175 | 0.200 | - |" in md
+    assert "| chat: arithmetic | acc | - | 0.300 | 0.350 | 0.400 | - |" in md
+    assert "| chat: letters | acc | - | 0.000 | 0.000 | 0.000 | - |" in md
     assert f"| CORE (centred mean) | centred acc | 0 | {0.05 / 0.75:.3f} |" in md
     assert "Not evaluated, the time budget being spent before they started: piqa." in md
     assert "| held-out chat questions answered right (transcripts) | 1 of 1 |" in md

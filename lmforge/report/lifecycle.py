@@ -96,8 +96,11 @@ def evaluation_blocks(results: dict[str, Any]) -> list[Block]:
     labels = list(models)
     references = list(REFERENCES)
     headers = ["task", "metric", "chance", *(MODEL_LABELS.get(m, m) for m in labels), *references]
-    rows = [_task_row(task, metric, models, labels, references)
-            for task, metric in _task_metrics(models)]
+    rows = []
+    for task, metric in _task_metrics(models):
+        rows.append(_task_row(task, metric, models, labels, references))
+        if metric == "acc":
+            rows += _subtask_rows(task, models, labels, references)
     cores = [models[m].get("core") for m in labels]
     if any(cores):
         rows.append(["CORE (centred mean)", "centred acc", "0", *(_num(c and c["centered"]) for c in cores),
@@ -128,6 +131,18 @@ def _task_metrics(models: dict[str, Any]) -> list[tuple[str, str]]:
                 if key in metrics and (task, key) not in pairs:
                     pairs.append((task, key))
     return pairs
+
+
+def _subtask_rows(task: str, models: dict[str, Any], labels: list[str], references: list[str]) -> list[list[str]]:
+    """A task made of several (the `chat` task's generators: arithmetic, letters, ...): a row for
+    each, since their mean hides what fine-tuning taught (arithmetic near 100%, corpus questions
+    near 0)."""
+    parts: dict[str, None] = {}
+    for m in labels:
+        parts.update(dict.fromkeys(models[m].get("results", {}).get(task, {}).get("tasks", {}) or {}))
+    return [[f"{task}: {part}", "acc", "-",
+             *(_num(models[m].get("results", {}).get(task, {}).get("tasks", {}).get(part)) for m in labels),
+             *("-" for _ in references)] for part in parts]
 
 
 def _task_row(task: str, metric: str, models: dict[str, Any], labels: list[str],
