@@ -29,6 +29,7 @@ import torch
 from lmforge.config import load_config
 from lmforge.finetune.lora import apply_lora, describe_trainable, trainable_parameters
 from lmforge.model import Transformer
+from lmforge.train.pretrain import loss_options
 
 MiB = 2**20
 
@@ -40,12 +41,12 @@ def rss_bytes() -> int:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    overrides = [f"lora.rank={args.rank if args.mode == 'lora' else 0}", f"lora.alpha={2 * args.rank}"]
+    overrides = [f"lora.rank={args.rank if args.mode == 'lora' else 0}", f"lora.alpha={2 * args.rank}", *args.set]
     cfg = load_config(preset=args.preset, overrides=overrides)
     torch.manual_seed(0)
     model = apply_lora(Transformer(cfg.model), cfg.lora).train()
-    if hasattr(model, "fused_loss"):  # the CPU training default (train.fused_loss="auto")
-        model.fused_loss = True
+    # The head loss training uses (train.fused_loss="auto": fused on CPU, no (tokens, vocab) logits).
+    options = loss_options(model, cfg.train, torch.device("cpu"))
     params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(0)
@@ -53,7 +54,7 @@ def measure(args: argparse.Namespace) -> dict:
                for _ in range(args.steps)]
     baseline = rss_bytes()
     for batch in batches:
-        loss = model.loss(batch[:, :-1], batch[:, 1:])
+        loss = model.loss(batch[:, :-1], batch[:, 1:], **options)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[],
+                        help="a config override for both modes, e.g. train.activation_checkpointing=true")
     parser.add_argument("--mode", choices=("full", "lora"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -83,7 +86,7 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
         rows[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
     print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, LoRA rank {args.rank} on all 7 "
-          f"projections, fp32 on CPU, {args.steps} steps")
+          f"projections, fp32 on CPU, {args.steps} steps" + "".join(f", {o}" for o in args.set))
     print(f"{'':<6}{'weights':>10}{'grads+AdamW':>13}{'step peak':>11}{'peak RSS':>10}  trainable")
     for mode, r in rows.items():
         print(f"{mode:<6}{r['weights_mib']:>7.0f} MiB{r['grads_adam_mib']:>9.0f} MiB"
