@@ -157,6 +157,14 @@ def test_arithmetic_answers_against_python(tasks):
     assert sum("shares" in e.prompt[0]["content"] or "boxes" in e.prompt[0]["content"] for e in examples) > 20
 
 
+def test_letter_counts_are_spread_so_a_constant_answer_scores_low(tasks):
+    """Counting, not a prior: over the whole pool no count answers half of the count questions,
+    and letters a word lacks (0) are asked too."""
+    counts = [e.answer for e in tasks["letters"].pool() if e.key.startswith("count:")]
+    shares = {a: counts.count(a) / len(counts) for a in set(counts)}
+    assert max(shares.values()) < 0.5 and shares["0"] > 0.1 and sum(int(a) >= 2 for a in counts) / len(counts) > 0.25
+
+
 def test_letter_counts_against_python(tasks):
     for e in tasks["letters"].generate("train", 0, 200):
         q = e.prompt[0]["content"]
