@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.align.pairs import PairData, RenderedPair, Row, load_pairs, render_pairs
-from lmforge.atomic import atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
 from lmforge.finetune.data import IGNORE, bucket_batches, collate
@@ -390,8 +389,8 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
     """Align the base checkpoint on the pairs of cfg.dpo.data, writing metrics and checkpoints
     into `run_dir`. `report` gets the lines a user sees before training."""
     from lmforge.distributed import init_parallel
-    from lmforge.finetune.lora import describe_trainable, write_lora_files
-    from lmforge.finetune.sft import BASE_RECORD, load_base
+    from lmforge.finetune.lora import describe_trainable
+    from lmforge.finetune.sft import load_base, lora_writer, run_recorded
     from lmforge.train.pretrain import batch_geometry
 
     run_dir = Path(run_dir)
@@ -411,23 +410,14 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
         if time_budget_s is not None:  # sampling builtin:prefs and the reference pass count too
             time_budget_s = max(time_budget_s - (clock() - started), SETUP_FLOOR * time_budget_s)
 
-        def write_adapters(state: dict, ckpt_cfg: RunConfig, directory: Path, tok: Path | None) -> None:
-            write_lora_files(model, ckpt_cfg, directory, base, tok)
-
         loop = TrainLoop(objective, model, cfg, run_dir, par, resume_from=resume_from,
                          time_budget_s=time_budget_s, clock=clock, tokenizer_dir=tokenizer_dir,
-                         write_weights=write_adapters if cfg.lora.rank else None)
-        if par.is_main:
-            kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"
-            nll = f" + {cfg.dpo.nll_weight:g} x NLL of the chosen answers" if cfg.dpo.nll_weight else ""
-            report(f"dpo: {cfg.dpo.loss} loss{nll}, beta {cfg.dpo.beta:g}, {kind}: {describe_trainable(model)}")
-            for line in pairs.describe():
-                report(f"dpo: {line}")
-            atomic_write_json(run_dir / BASE_RECORD, base.to_json())
-            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-        result = loop.run()
-        par.barrier()
-        return result
+                         write_weights=lora_writer(model, base, cfg))
+        kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"
+        nll = f" + {cfg.dpo.nll_weight:g} x NLL of the chosen answers" if cfg.dpo.nll_weight else ""
+        return run_recorded(loop, cfg, base, run_dir, par, [
+            f"dpo: {cfg.dpo.loss} loss{nll}, beta {cfg.dpo.beta:g}, {kind}: {describe_trainable(model)}",
+            *(f"dpo: {line}" for line in pairs.describe())], report)
     finally:
         if owns_par:
             par.shutdown()

@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.atomic import atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
 from lmforge.finetune.lora import BaseRef
@@ -532,8 +531,8 @@ def grpo(cfg: RunConfig, base: BaseRef, tasks: dict[str, Task], run_dir: str | P
     """Train the base checkpoint with GRPO on `tasks`, writing metrics and checkpoints into `run_dir`."""
     from lmforge.chat import require_chat_tokens
     from lmforge.distributed import init_parallel
-    from lmforge.finetune.lora import describe_trainable, write_lora_files
-    from lmforge.finetune.sft import BASE_RECORD, load_base
+    from lmforge.finetune.lora import describe_trainable
+    from lmforge.finetune.sft import load_base, lora_writer, run_recorded
     from lmforge.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
@@ -553,25 +552,20 @@ def grpo(cfg: RunConfig, base: BaseRef, tasks: dict[str, Task], run_dir: str | P
         model = load_base(base, cfg)
         objective = GRPOObjective(cfg, tasks, tokenizer, par, load_reference(base, cfg, par.device))
 
-        def write_adapters(state: dict, ckpt_cfg: RunConfig, directory: Path, tok: Path | None) -> None:
-            write_lora_files(model, ckpt_cfg, directory, base, tok)
-
         loop = TrainLoop(objective, model, cfg, run_dir, par, resume_from=resume_from,
                          time_budget_s=time_budget_s, clock=clock, tokenizer_dir=tokenizer_dir,
-                         write_weights=write_adapters if cfg.lora.rank else None)
-        if par.is_main:
-            kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"
-            report(f"grpo: {kind}: {describe_trainable(model)}")
-            report(f"grpo: tasks {', '.join(tasks)}; {cfg.grpo.prompts_per_step} prompts x "
-                   f"{cfg.grpo.group_size} answers per rollout batch, "
-                   f"{cfg.grpo.epochs_per_batch} step(s) each")
-            atomic_write_json(run_dir / BASE_RECORD, base.to_json())
-            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-        if resume_from is None:  # where the curve starts: the base's pass@1
-            loop.metrics.log({"step": 0, **objective.evaluate(loop.model, par, loop.autocast)})
-        result = loop.run()
-        par.barrier()
-        return result
+                         write_weights=lora_writer(model, base, cfg))
+
+        def log_start() -> None:  # where the curve starts: the base's pass@1
+            if resume_from is None:
+                loop.metrics.log({"step": 0, **objective.evaluate(loop.model, par, loop.autocast)})
+
+        kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"
+        return run_recorded(loop, cfg, base, run_dir, par, [
+            f"grpo: {kind}: {describe_trainable(model)}",
+            f"grpo: tasks {', '.join(tasks)}; {cfg.grpo.prompts_per_step} prompts x "
+            f"{cfg.grpo.group_size} answers per rollout batch, {cfg.grpo.epochs_per_batch} step(s) each"],
+            report, before=log_start)
     finally:
         if owns_par:
             par.shutdown()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.align.pairs import RenderedPair, render_answer
-from lmforge.atomic import atomic_write_json, atomic_write_text
+from lmforge.atomic import atomic_write_json
 from lmforge.checkpoint import REWARD_MODEL_FILE
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
@@ -219,7 +219,7 @@ def train_reward_model(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resum
     from lmforge.checkpoint import load_model, write_model_files
     from lmforge.distributed import init_parallel
     from lmforge.finetune.lora import describe_trainable
-    from lmforge.finetune.sft import BASE_RECORD
+    from lmforge.finetune.sft import run_recorded
     from lmforge.train.pretrain import batch_geometry
 
     if cfg.lora.rank:
@@ -246,15 +246,9 @@ def train_reward_model(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resum
         loop = TrainLoop(objective, model, cfg, run_dir, par, resume_from=resume_from,
                          time_budget_s=time_budget_s, clock=clock, tokenizer_dir=tokenizer_dir,
                          write_weights=write_reward_model)
-        if par.is_main:
-            report(f"reward: Bradley-Terry on a score head: {describe_trainable(model)}")
-            for line in pairs.describe():
-                report(f"reward: {line}")
-            atomic_write_json(run_dir / BASE_RECORD, base.to_json())
-            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-        result = loop.run()
-        par.barrier()
-        return result
+        return run_recorded(loop, cfg, base, run_dir, par, [
+            f"reward: Bradley-Terry on a score head: {describe_trainable(model)}",
+            *(f"reward: {line}" for line in pairs.describe())], report)
     finally:
         if owns_par:
             par.shutdown()

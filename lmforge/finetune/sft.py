@@ -165,6 +165,36 @@ def load_base(base: BaseRef, cfg: RunConfig) -> nn.Module:
     return apply_lora(model, cfg.lora).train()
 
 
+def lora_writer(model: nn.Module, base: BaseRef, cfg: RunConfig) -> Callable[..., None] | None:
+    """TrainLoop's `write_weights` for a fine-tuning run: with LoRA a checkpoint holds the adapters
+    alone (and the base's reference); None (the whole model) otherwise."""
+    if not cfg.lora.rank:
+        return None
+    from lmforge.finetune.lora import write_lora_files
+
+    def write_adapters(state: dict, ckpt_cfg: RunConfig, directory: Path, tok: Path | None) -> None:
+        write_lora_files(model, ckpt_cfg, directory, base, tok)
+
+    return write_adapters
+
+
+def run_recorded(loop: TrainLoop, cfg: RunConfig, base: BaseRef, run_dir: Path, par: Any, lines: list[str],
+                 report: Callable[[str], None], before: Callable[[], None] | None = None) -> TrainResult:
+    """Train a fine-tuning stage (SFT, DPO, reward model, GRPO): on the main rank the lines a user
+    sees first, then the base record and the config that --resume and later stages read; `before`
+    (every rank) just before the loop; all ranks meet when it ends."""
+    if par.is_main:
+        for line in lines:
+            report(line)
+        atomic_write_json(run_dir / BASE_RECORD, base.to_json())
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    if before is not None:
+        before()
+    result = loop.run()
+    par.barrier()
+    return result
+
+
 def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resume_from: Path | None = None,
         time_budget_s: float | None = None, par: Any = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -173,7 +203,7 @@ def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resum
     `report` gets the lines a user sees before training (trainable share, data counts)."""
     from lmforge.chat import require_chat_tokens
     from lmforge.distributed import init_parallel
-    from lmforge.finetune.lora import describe_trainable, write_lora_files
+    from lmforge.finetune.lora import describe_trainable
     from lmforge.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
@@ -190,26 +220,19 @@ def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resum
         model = load_base(base, cfg)
         objective = SFTObjective(cfg, data, tokenizer, par)
 
-        def write_adapters(state: dict, ckpt_cfg: RunConfig, directory: Path, tok: Path | None) -> None:
-            write_lora_files(model, ckpt_cfg, directory, base, tok)
-
         loop = TrainLoop(objective, model, cfg, run_dir, par, resume_from=resume_from,
                          time_budget_s=time_budget_s, clock=clock, tokenizer_dir=tokenizer_dir,
-                         write_weights=write_adapters if cfg.lora.rank else None)
-        if par.is_main:
-            kind = f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
-            report(f"sft: {kind}: {describe_trainable(model)}")
-            report(f"sft: {len(data.train)} training and {len(data.val)} held-out conversations; "
-                   f"{objective.stats.describe()}"
-                   + (f"; {data.skipped} malformed records skipped" if data.skipped else ""))
-            atomic_write_json(run_dir / BASE_RECORD, base.to_json())
-            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-        result = loop.run()
-        par.barrier()
-        return result
+                         write_weights=lora_writer(model, base, cfg))
+        kind = f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
+        return run_recorded(loop, cfg, base, run_dir, par, [
+            f"sft: {kind}: {describe_trainable(model)}",
+            f"sft: {len(data.train)} training and {len(data.val)} held-out conversations; "
+            f"{objective.stats.describe()}"
+            + (f"; {data.skipped} malformed records skipped" if data.skipped else "")], report)
     finally:
         if owns_par:
             par.shutdown()
 
 
-__all__ = ["BASE_RECORD", "SFT_GUARD_DEFAULTS", "SFT_TRAIN_DEFAULTS", "SFTObjective", "load_base", "read_base_record", "sft"]
+__all__ = ["BASE_RECORD", "SFT_GUARD_DEFAULTS", "SFT_TRAIN_DEFAULTS", "SFTObjective", "load_base", "lora_writer",
+           "read_base_record", "run_recorded", "sft"]
