@@ -395,6 +395,35 @@ def test_a_bf16_base_trains_its_fp32_adapters_under_autocast():
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_a_bf16_run_holds_the_frozen_base_in_bf16_with_the_same_results(dtype):
+    """prepare_for_training keeps a bf16 run's frozen linear weights in bf16: autocast rounds them
+    to bf16 at every product anyway, so the loss and the adapters' gradients are the same bits as
+    with the fp32 base; embeddings, norms and adapters stay fp32. An fp32 run casts nothing."""
+    import copy
+
+    from lmforge.train.loop import prepare_for_training
+
+    cfg = config(f"train.dtype={dtype}")
+    held = lora_model(cfg).train()
+    plain = copy.deepcopy(held)
+    prepare_for_training(held, cfg.train, torch.device("cpu"))
+    frozen = [layer.weight.dtype for layer in lora.lora_layers(held).values()]
+    assert frozen == [torch.bfloat16 if dtype == "bf16" else torch.float32] * len(frozen)
+    assert {p.dtype for p in lora.trainable_parameters(held).values()} == {torch.float32}
+    assert held.embed_tokens.weight.dtype == held.norm.weight.dtype == torch.float32
+    losses = []
+    for model in (plain, held):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model.loss(tokens(), tokens(4))
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(lora.trainable_parameters(plain).items(), lora.trainable_parameters(held).values(),
+                            strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_sample_reads_a_lora_checkpoint_as_its_merged_model(tmp_path, capsys):
     from lmforge.tokenizer.train import train_tokenizer
 
