@@ -10,6 +10,10 @@ single process uses one, so the ratio mixes that extra compute with each strateg
 communication and scheduling cost; on GPUs with NCCL the same script measures scaling.
 
     python benchmarks/bench_distributed.py [--nproc 2] [--steps 8] [--preset tiny]
+
+With --nproc 1 each strategy still runs under torchrun (one rank, NCCL on a GPU): the cost of
+the wrapper itself against the bare model. "pipeline" and "fsdp+tp" need two ranks or more and
+are skipped there. On CUDA the steps run under bf16 autocast, as `lmforge pretrain` runs them.
 """
 
 from __future__ import annotations
@@ -44,24 +48,30 @@ def worker(args: argparse.Namespace) -> None:
     opt = build_optimizer(model, cfg.train, par.device)
     global_batch = args.batch * par.dp_size
     g = torch.Generator().manual_seed(0)
+    cuda = par.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     times = []
     for _ in range(args.warmup + args.steps):
         tokens = torch.randint(0, cfg.model.vocab_size, (global_batch, args.seq + 1), generator=g)
         per = args.batch
         share = tokens[par.dp_rank * per:(par.dp_rank + 1) * per]
+        share = share.to(par.device)
         start = time.perf_counter()
-        par.forward_backward(model, share[:, :-1], share[:, 1:])
+        with autocast:
+            par.forward_backward(model, share[:, :-1], share[:, 1:])
         par.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         par.barrier()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = sum(times[args.warmup:])
     if par.is_main:
         Path(args.out).write_text(json.dumps({
-            "strategy": par.name, "world_size": par.world_size,
+            "strategy": par.name, "world_size": par.world_size, "device": str(par.device),
             "tokens_per_s": args.steps * global_batch * args.seq / timed}))
-    if par.world_size > 1:
+    if args.parallel != "none":
         par.shutdown()
 
 
@@ -71,7 +81,7 @@ def measure(parallel: str, nproc: int, args: argparse.Namespace) -> dict:
         common = [__file__, "--worker", "--parallel", parallel, "--out", str(out), "--preset", args.preset,
                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                   "--warmup", str(args.warmup)]
-        cmd = [sys.executable, *common] if nproc == 1 else [
+        cmd = [sys.executable, *common] if parallel == "none" else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *common]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_process)}
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
@@ -101,6 +111,9 @@ def main() -> None:
     print(f"{'strategy':<10} {'global batch':>12} {'tokens/s':>10} {'vs 1 process, same global batch':>32}")
     baselines: dict[int, float] = {}
     for strategy in STRATEGIES:
+        if args.nproc < 2 and strategy in ("pipeline", "fsdp+tp"):
+            print(f"{strategy:<10} skipped: needs two processes or more")
+            continue
         # ddp / fsdp split the batch over ranks (global = nproc x batch); pipeline and fsdp+tp
         # (tp over all ranks) share one batch of `batch` sequences.
         global_batch = args.batch * (args.nproc if strategy in ("ddp", "fsdp") else 1)

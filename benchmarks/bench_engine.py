@@ -12,6 +12,7 @@ Tokens/s count generated tokens; rounds alternate and the median counts (see ben
 whose helpers this reuses). Stop tokens are off on both sides so every row runs to the end.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py --preset tiny --threads 1
+    python benchmarks/bench_engine.py --preset gpt2-124m --device cuda --dtype bf16   # both in bf16
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def ragged_prompts(n: int, vocab: int, shortest: int, longest: int) -> list[list
 def hf_batch(theirs, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers on the left-padded batch; each row's new tokens."""
     width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=theirs.device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
@@ -70,20 +71,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch1-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of both models")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(preset=args.preset, overrides=args.overrides)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, 64 + max(args.new_tokens, args.batch1_tokens))
     ours = Transformer(cfg.model).eval()
-    theirs = hf_model(ours).eval()
+    theirs = hf_model(ours).eval().to(args.device, dtype)
+    ours = ours.to(args.device, dtype)
     engine = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts)
     compiled = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True)
     print(f"compiled the Engine's decode step for batches up to {compiled.compile_max_batch} "
           f"in {compiled.warm_up():.1f} s")
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-          f"torch {torch.__version__}, {args.threads} threads")
+          f"torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}")
 
     prompts = ragged_prompts(args.prompts, cfg.model.vocab_size, 8, 64)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0)
@@ -102,7 +107,7 @@ def main() -> None:
     prompt = prompts[0]
     one = SamplingParams(max_tokens=args.batch1_tokens, temperature=0)
     n = args.batch1_tokens
-    idx = torch.tensor([prompt])
+    idx = torch.tensor([prompt], device=args.device)
     reference = hf_generate(theirs, idx, n)[0, len(prompt):].tolist()
     print(f"  batch-1 greedy tokens identical to transformers: "
           f"{engine.generate([prompt], one)[0][0].token_ids == reference} (Engine), "
