@@ -17,17 +17,23 @@ a fused (flash-style) attention kernel and no dropout:
                                             log-sum-exp per head (+ (H + K)h with QK-norm)
     MLP (llama) d + 4F      normed input; gate, silu(gate), up, their product
     MLP (gpt2)  d + 2F      normed input; up, gelu(up)
-plus, per token, the final norm (2d), the logits (V) and the fp32 log-softmax kept by the loss (V,
-always 4 bytes). Without a fused attention kernel add 2 * H * T per token and layer (scores and
-probabilities). Korthikanti's 34 + 5aT/d bytes per element of d is the same count for GPT-3's block
-with dropout masks.
+plus, per token, the final norm (2d) and what the loss keeps of the logits, by how the head runs
+(`loss_head`): "plain" (eager) keeps the logits (V) and the fp32 log-softmax (V, always 4 bytes);
+"compiled" (train.compile: head and cross-entropy one graph) fuses the log-softmax away and keeps
+the logits; "fused" (train.fused_loss, a chunk of tokens at a time) keeps neither. Without a fused
+attention kernel add 2 * H * T per token and layer (scores and probabilities). Korthikanti's
+34 + 5aT/d bytes per element of d is the same count for GPT-3's block with dropout masks.
+
+Measured on an H200 (gpt2-124m, batch 16 x 1024, compiled blocks, bf16): 8.17 GiB peak with the
+compiled head (estimate 8.96), 7.52 GiB with the fused loss (estimate 7.42); the "plain" count
+(12.03) held for neither, benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, RunConfig
 
 BYTES = {"fp32": 4, "bf16": 2}
 
@@ -93,32 +99,60 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     return {"forward": float(forward), "training": float(3 * forward)}
 
 
-def activation_elements_per_token(cfg: ModelConfig, seq_len: int, fused_attention: bool = True) -> int:
-    """Elements kept for backward per token (all layers + final norm + logits), see module doc."""
+def activation_elements_per_token(cfg: ModelConfig, seq_len: int, fused_attention: bool = True,
+                                  logits: bool = True) -> int:
+    """Elements kept for backward per token (all layers + final norm + the logits unless
+    `logits` is False), see module doc."""
     d, F, h = cfg.d_model, cfg.ffn_dim, cfg.head_dim
     H, K = cfg.n_heads, cfg.kv_heads
     attention = d + (H + 2 * K) * h + 2 * H * h + H + ((H + K) * h if cfg.qk_norm else 0)
     if not fused_attention:
         attention += 2 * H * seq_len
     mlp = d + (2 * F if cfg.arch == "gpt2" else 4 * F)
-    return cfg.n_layers * (2 * d + attention + mlp) + 2 * d + cfg.vocab_size
+    return cfg.n_layers * (2 * d + attention + mlp) + 2 * d + (cfg.vocab_size if logits else 0)
+
+
+LOSS_HEADS = ("plain", "compiled", "fused")
+
+
+def loss_head(cfg: RunConfig, device_type: str) -> str:
+    """How a training run on `device_type` computes its loss head (see the module doc)."""
+    if cfg.train.uses_fused_loss(device_type):
+        return "fused"
+    return "compiled" if cfg.train.compile else "plain"
 
 
 def memory_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: str = "fp32",
-                 fused_attention: bool = True) -> dict[str, int]:
+                 fused_attention: bool = True, head: str = "plain") -> dict[str, int]:
     """Training memory in bytes as lmforge trains: `dtype` ("fp32" or "bf16") is the compute
     dtype of the activations (bf16 under autocast); weights, grads and the two AdamW moments are
-    fp32 master copies either way. The loss's log-softmax is fp32 either way (see the module doc).
-    `lmforge model info`, `lmforge plan` and the run report all print this one estimate.
+    fp32 master copies either way. `head` ("plain", "compiled" or "fused") is how the loss keeps
+    the logits (see the module doc); `training_memory` resolves dtype and head from a run config.
     """
+    if head not in LOSS_HEADS:
+        raise ValueError(f"head={head!r}: one of {LOSS_HEADS}")
     n = param_counts(cfg).total
     tokens = batch_size * seq_len
-    activations = tokens * (activation_elements_per_token(cfg, seq_len, fused_attention) * BYTES[dtype]
-                            + cfg.vocab_size * 4)
+    elements = activation_elements_per_token(cfg, seq_len, fused_attention, logits=head != "fused")
+    activations = tokens * (elements * BYTES[dtype] + (cfg.vocab_size * 4 if head == "plain" else 0))
     fp32 = BYTES["fp32"]
     out = {"weights": n * fp32, "grads": n * fp32, "adamw": 2 * n * fp32, "activations": activations}
     out["total"] = sum(out.values())
     return out
+
+
+def memory_mode(cfg: RunConfig, device_type: str) -> str:
+    """What `training_memory` assumes on a device, in words: e.g. "bf16 autocast, compiled loss head"."""
+    dtype = "bf16 autocast" if cfg.train.uses_bf16(device_type) else "fp32"
+    return f"{dtype}, {loss_head(cfg, device_type)} loss head"
+
+
+def training_memory(cfg: RunConfig, batch_size: int, seq_len: int, device_type: str) -> dict[str, int]:
+    """`memory_bytes` of `cfg` trained on `device_type` as the trainer would: its dtype there
+    (train.dtype) and its loss head (train.fused_loss, train.compile). `lmforge model info`,
+    `lmforge plan` and the run report all print this one estimate, for "cpu" and for "cuda"."""
+    dtype = "bf16" if cfg.train.uses_bf16(device_type) else "fp32"
+    return memory_bytes(cfg.model, batch_size, seq_len, dtype, head=loss_head(cfg, device_type))
 
 
 def human(n: float, unit: str = "") -> str:

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from lmforge.cli import add_config_args, config_from_args, positive_int
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, RunConfig
 from lmforge.outputs import add_force_arg
 
 
@@ -101,14 +101,21 @@ def model_info(args: argparse.Namespace) -> int:
     seq = args.seq_len if args.seq_len is not None else (cfg.train.seq_len or cfg.model.max_seq_len)
     if seq > cfg.model.max_seq_len:
         raise UserError(f"--seq-len={seq} exceeds the model's context, model.max_seq_len={cfg.model.max_seq_len}")
-    print(format_model_info(cfg.model, batch, seq))
+    print(format_model_info(cfg, batch, seq))
     return 0
 
 
-def format_model_info(m: ModelConfig, batch: int, seq: int) -> str:
+def format_model_info(cfg: RunConfig, batch: int, seq: int) -> str:
     """A readable table: shape, parameters by group, FLOPs per token, training memory."""
-    from lmforge.accounting import flops_per_token, human, memory_bytes, param_counts
+    from lmforge.accounting import (
+        flops_per_token,
+        human,
+        memory_mode,
+        param_counts,
+        training_memory,
+    )
 
+    m = cfg.model
     counts = param_counts(m).as_dict()
     total = counts["total"]
     kv = "MHA" if m.kv_heads == m.n_heads else ("MQA" if m.kv_heads == 1 else "GQA")
@@ -131,11 +138,12 @@ def format_model_info(m: ModelConfig, batch: int, seq: int) -> str:
         f"FLOPs per token at seq_len {seq}: forward {human(flops['forward'], 'FLOP')}, "
         f"training {human(flops['training'], 'FLOP')} (6N + attention, PaLM accounting)",
         "",
-        f"{f'training memory, batch {batch} x seq {seq}':<38}{'fp32':>12}{'bf16 autocast':>14}",
+        f"{f'training memory, batch {batch} x seq {seq}':<38}{'CPU':>12}{'GPU':>14}",
     ]
-    mem = {dtype: memory_bytes(m, batch, seq, dtype) for dtype in ("fp32", "bf16")}
+    mem = {device: training_memory(cfg, batch, seq, device) for device in ("cpu", "cuda")}
     for key, label in (("weights", "weights"), ("grads", "gradients"), ("adamw", "AdamW state"),
                        ("activations", "activations"), ("total", "total")):
-        lines.append(f"{label:<38}{human(mem['fp32'][key], 'B'):>12}{human(mem['bf16'][key], 'B'):>14}")
-    lines.append("(weights, gradients and AdamW state are fp32 master copies under autocast too)")
+        lines.append(f"{label:<38}{human(mem['cpu'][key], 'B'):>12}{human(mem['cuda'][key], 'B'):>14}")
+    lines.append(f"(CPU: {memory_mode(cfg, 'cpu')}; GPU: {memory_mode(cfg, 'cuda')}; weights, gradients "
+                 "and AdamW state are fp32 master copies under autocast too)")
     return "\n".join(lines)

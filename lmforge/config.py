@@ -468,6 +468,11 @@ class TrainConfig:
         when asked, or by default on GPUs; fp32 otherwise."""
         return self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda")
 
+    def uses_fused_loss(self, device_type: str) -> bool:
+        """`fused_loss` resolved for a device: "auto" means on for CPU, where it was measured to
+        pay (on an H200 it made a gpt2-124m step 17% slower, benchmarks/RESULTS.md)."""
+        return self.fused_loss == "on" or (self.fused_loss == "auto" and device_type == "cpu")
+
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "checkpoint_every", "eval_every", "keep_last",
                      "eval_batches", "eval_limit", "log_every", "sample_tokens"):

@@ -122,8 +122,8 @@ def plan_text(cfg: RunConfig, tokens_per_s: float | None, source: str) -> str:
     seq_len = t.seq_len or m.max_seq_len
     counts = accounting.param_counts(m)
     flops = accounting.flops_per_token(m, seq_len)
-    mem32 = accounting.memory_bytes(m, t.batch_size, seq_len, "fp32")
-    mem16 = accounting.memory_bytes(m, t.batch_size, seq_len, "bf16")
+    cpu = accounting.training_memory(cfg, t.batch_size, seq_len, "cpu")
+    gpu = accounting.training_memory(cfg, t.batch_size, seq_len, "cuda")
     tokens = TOKENS_PER_PARAM * counts.total
     B = lambda n: accounting.human(n, "B")  # noqa: E731
     lines = [
@@ -134,10 +134,11 @@ def plan_text(cfg: RunConfig, tokens_per_s: float | None, source: str) -> str:
         f"head {accounting.human(counts.head)})",
         f"FLOPs per token    {accounting.human(flops['training'], 'FLOP')} training "
         f"({accounting.human(flops['forward'], 'FLOP')} forward) at seq_len {seq_len}",
-        f"memory per device  micro-batch {t.batch_size} x {seq_len}: weights {B(mem32['weights'])}, "
-        f"grads {B(mem32['grads'])}, AdamW {B(mem32['adamw'])}, activations {B(mem32['activations'])} fp32 "
-        f"/ {B(mem16['activations'])} bf16",
-        f"                   total {B(mem32['total'])} (fp32, CPU) / {B(mem16['total'])} (bf16 autocast, GPU)",
+        f"memory per device  micro-batch {t.batch_size} x {seq_len}: weights {B(cpu['weights'])}, "
+        f"grads {B(cpu['grads'])}, AdamW {B(cpu['adamw'])}, activations {B(cpu['activations'])} CPU "
+        f"/ {B(gpu['activations'])} GPU",
+        f"                   total {B(cpu['total'])} (CPU: {accounting.memory_mode(cfg, 'cpu')}) / {B(gpu['total'])} "
+        f"(GPU: {accounting.memory_mode(cfg, 'cuda')})",
         f"Chinchilla tokens  {accounting.human(tokens)} ({TOKENS_PER_PARAM} per parameter) = "
         f"{tokens * flops['training']:.3g} FLOPs",
     ]

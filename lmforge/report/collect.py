@@ -230,7 +230,8 @@ def accounting_blocks(accounting, cfg, metrics: Metrics | None) -> list[Block]:
     counts = accounting.param_counts(cfg.model).as_dict()
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
     flops = accounting.flops_per_token(cfg.model, seq_len)
-    memory = accounting.memory_bytes(cfg.model, cfg.train.batch_size, seq_len)
+    device_type = "cuda" if cfg.train.device == "cuda" else "cpu"  # "auto": the CPU, where runs start
+    memory = accounting.training_memory(cfg, cfg.train.batch_size, seq_len, device_type)
     m = cfg.model
     blocks: list[Block] = [
         Paragraph(f"{m.arch} decoder: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} query / "
@@ -239,7 +240,8 @@ def accounting_blocks(accounting, cfg, metrics: Metrics | None) -> list[Block]:
         Table(["parameters", "count"], [[group, f"{n:,} ({human(n)})"] for group, n in counts.items()]),
         Table(["per token", "FLOPs"], [[f"{kind} (T = {seq_len})", human(v, "FLOP")]
                                        for kind, v in flops.items()]),
-        Table([f"training memory, fp32, batch {cfg.train.batch_size} x {seq_len}", "bytes"],
+        Table([f"training memory ({accounting.memory_mode(cfg, device_type)}), batch {cfg.train.batch_size} x "
+               f"{seq_len}", "bytes"],
               [[part, human(v, "B")] for part, v in memory.items()]),
     ]
     tokens = metrics.last("tokens") if metrics else None

@@ -49,11 +49,6 @@ def batch_geometry(cfg: RunConfig, dp_size: int) -> tuple[int, int, int]:
     return seq_len, t.batch_tokens // per_micro, t.batch_tokens
 
 
-def use_fused_loss(train: TrainConfig, device: torch.device) -> bool:
-    """train.fused_loss resolved: "auto" means on for CPU, where it was measured to pay."""
-    return train.fused_loss == "on" or (train.fused_loss == "auto" and device.type == "cpu")
-
-
 def loss_options(model: nn.Module, train: TrainConfig, device: torch.device) -> dict[str, Any]:
     """What pre-training passes to `model.loss`: the head loss below and, with
     train.activation_checkpointing, checkpoint_blocks."""
@@ -75,7 +70,7 @@ def head_loss_for(model: nn.Module, train: TrainConfig, device: torch.device) ->
     final norm never computes a loss. The model itself is left as it is."""
     if getattr(model, "norm", None) is None:
         return None
-    if use_fused_loss(train, device):
+    if train.uses_fused_loss(device.type):
         return functools.partial(model.head_loss, fused=True)
     if train.compile:
         return torch.compile(model.head_loss)
