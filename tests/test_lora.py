@@ -254,6 +254,34 @@ def test_the_adapted_layer_equals_its_formula_with_gradients(bias):
     assert layer.weight.grad is None  # the base stays frozen
 
 
+@pytest.mark.parametrize("bf16_base", [False, True], ids=["fp32-base", "bf16-base"])
+def test_the_adapted_layer_under_autocast_equals_its_formula_with_gradients(bf16_base):
+    """The two-path form under bf16 autocast (how a GPU trains) against the same formula in
+    float64 on the bf16-rounded operands: the value and the gradients of x, A and B, to bf16's
+    precision. The scale must apply once, and the adapters' gradients arrive in fp32."""
+    g = torch.Generator().manual_seed(8)
+    layer = lora.LoRALinear(torch.nn.Linear(48, 40, bias=True), rank=4, alpha=8.0, dropout=0.0).train()
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(40, 4, generator=g))
+    if bf16_base:
+        layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    x = torch.randn(3, 7, 48, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 7, 40, generator=g)
+    params = (x, layer.lora_A, layer.lora_B)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    got_grads = torch.autograd.grad(got, params, upstream)
+    assert got.dtype == torch.bfloat16 and [t.dtype for t in got_grads] == [torch.float32] * 3
+    x64, A, B = (t.detach().bfloat16().double().requires_grad_() for t in params)
+    W, b = layer.weight.detach().bfloat16().double(), layer.bias.detach().bfloat16().double()
+    want = x64 @ W.T + b + 2.0 * (x64 @ A.T) @ B.T
+    want_grads = torch.autograd.grad(want, (x64, A, B), upstream.double())
+    scale = want.abs().max()
+    assert (got.double() - want).abs().max() <= 0.02 * scale
+    for a, w in zip(got_grads, want_grads):
+        assert (a.double() - w).abs().max() <= 0.02 * w.abs().max()
+
+
 def test_adapter_gradients_equal_peft(tmp_path):
     """The training step's side: the masked loss of the SFT objective (head at the counted
     targets only) gives the same gradient of every lora_A / lora_B as peft's model on the same

@@ -140,14 +140,19 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self._one_product(x):
             return _MergedProduct.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+        if torch.is_autocast_enabled(x.device.type):
+            # x cast once for both products (autocast would cast it for each, and again in the
+            # backward); the adapters' products then run in the autocast dtype like the base's.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            u = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        else:
+            u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
         y = F.linear(x, self.weight, self.bias)
-        u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        # The scale goes on B (out x r), not on the (tokens x out) activations, in both passes.
-        up = self.lora_B * self.scale
         if u.dtype != y.dtype:  # a bf16 base under fp32 adapters, without autocast
-            return y + F.linear(u, up).to(y.dtype)
-        # y + u up^T as one product that adds into y (BLAS beta = 1): no separate pass to add.
-        return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), up.t()).view(y.shape)
+            return y + F.linear(u, self.lora_B * self.scale).to(y.dtype)
+        # y + scale u B^T as one product that adds into y (BLAS beta = 1, alpha = scale): no
+        # separate pass to add, and the scale costs no pass of its own.
+        return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.lora_B.t(), alpha=self.scale).view(y.shape)
 
     def _one_product(self, x: torch.Tensor) -> bool:
         """Whether `_MergedProduct` computes this forward: the adapters see x itself (no dropout
