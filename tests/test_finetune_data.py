@@ -3,6 +3,7 @@ overlong count, and batches whose per-example loss equals the loss of each examp
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -214,3 +215,39 @@ def test_bucketed_batches_cover_every_example_once_with_little_padding(tok):
             for inputs, _ in iter_batches(examples, 4, tok.pad_id, seed=3)]
     runs = [lengths[i : i + 4] for i in range(0, len(lengths), 4)]
     assert sum(pads) == sum(max(run) * len(run) - sum(run) for run in runs)
+
+
+def test_text_source_gives_whole_windows_of_the_shards_with_every_target_counted(tmp_path):
+    """text:SHARDS rows against the shard files read directly: each row is one window of context
+    + 1 tokens at a multiple of the context in the concatenated split, round(w x windows) of them,
+    every target counted (to_row turns none into IGNORE); another tokenizer's shards are refused."""
+    from train_fixtures import make_shards
+
+    from lmforge.data.loader import TokenLoader
+    from lmforge.data.shards import open_shard
+    from lmforge.finetune.data import text_examples, to_row
+    from lmforge.tokenizer import load_tokenizer
+
+    shards = make_shards(tmp_path)
+    data = load_sft_data([f"text:{shards}:0.5"], seed=0)
+    assert data.train == [] and data.text == [Source(f"text:{shards}", 0.5)]
+    tokenizer = load_tokenizer(shards / "tokenizer")
+    context = 16
+    rows = text_examples(data.text[0], "train", context, tokenizer, seed=0)
+    windows = TokenLoader(shards, "train", seq_len=context, batch_size=1).windows_per_epoch
+    assert len(rows) == round(0.5 * windows)
+    every = collections.Counter()  # each window of each shard, read from the files
+    for path in sorted(shards.glob("train_*.bin")):
+        tokens = open_shard(path).tolist()
+        every.update(tuple(tokens[s:s + context + 1]) for s in range(0, len(tokens) - context, context))
+    assert sum(every.values()) == windows
+    taken = collections.Counter(tuple(ids) for ids, _ in rows)
+    assert all(taken[w] <= every[w] for w in taken)  # windows of the files, none twice
+    for ids, mask in rows:
+        assert len(ids) == context + 1 and IGNORE not in to_row(ids, mask)[1]
+    assert len(text_examples(data.text[0], "val", context, tokenizer, seed=0, count=3)) == 3
+    other = train_tokenizer(["something else entirely " * 50], vocab_size=300, workers=1)
+    with pytest.raises(UserError, match="another tokenizer"):
+        text_examples(data.text[0], "train", context, other, seed=0)
+    with pytest.raises(UserError, match="no token shards"):
+        load_sft_data([f"text:{tmp_path / 'nothing'}"])

@@ -139,10 +139,15 @@ class TokenLoader:
     def _rows(self, windows: np.ndarray) -> np.ndarray:
         """This rank's rows of the global batch as an int64 (rows, seq_len + 1) array."""
         share = self.batch_size // self.world_size
-        mine = windows[self.rank * share : (self.rank + 1) * share]
-        shard_of = np.searchsorted(self._first_window, mine, side="right") - 1
-        out = np.empty((len(mine), self.seq_len + 1), dtype=np.int64)
-        for row, (w, s) in enumerate(zip(mine.tolist(), shard_of.tolist())):
+        return self.windows(windows[self.rank * share : (self.rank + 1) * share])
+
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        """Windows of the split by global index (0 .. windows_per_epoch - 1), as an int64
+        (len(indices), seq_len + 1) array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard_of = np.searchsorted(self._first_window, indices, side="right") - 1
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, (w, s) in enumerate(zip(indices.tolist(), shard_of.tolist())):
             start = (w - int(self._first_window[s])) * self.seq_len
             out[row] = self.shards[s][start : start + self.seq_len + 1]
         return out

@@ -12,6 +12,13 @@ Mixtures. `--data SOURCE[:WEIGHT]`, see `SftConfig.data`; `builtin:chat` (and
 Files hold out `val_fraction` of their conversations by content hash (stable however the file is
 ordered or mixed); the built-in sources hold out their test split.
 
+Text. `text:SHARDS[:WEIGHT]` mixes windows of pre-training text (the token shards of `lmforge data
+prepare`, tokenized by the model's own tokenizer) into the training rows, with the loss on every
+token: plain next-token prediction beside the chat turns, so fine-tuning does not make the model
+forget the language it read (`text_examples`). A weight w takes round(w x N) of the split's N
+windows of the context's length; validation adds as many of the val split's windows as
+`val_fraction` of that.
+
 Batches. Each conversation is rendered with the chat format (ids + loss mask) and becomes one row:
 inputs ids[:-1], targets ids[1:] with -100 where the mask is 0. Rows of similar length are
 bucketed into a batch and right-padded (inputs with <|pad|>, targets with -100); causal attention
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
 IGNORE = -100  # target value the loss skips
 BUILTIN_CHAT = "builtin:chat"
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+TEXT_PREFIX = "text:"  # text:SHARDS_DIR: pre-training text windows, see the module doc
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 
@@ -174,6 +182,7 @@ class SftData:
     train: list[Messages] = field(default_factory=list)
     val: list[Messages] = field(default_factory=list)
     skipped: int = 0  # malformed records (only when not strict)
+    text: list[Source] = field(default_factory=list)  # text:SHARDS sources, cut once the context is known
 
 
 def conversation_hash(messages: Messages) -> float:
@@ -198,6 +207,13 @@ def load_sft_data(sources: Sequence[str], seed: int = 0, val_fraction: float = 0
     for spec in sources:
         source = parse_source(spec)
         rng = random.Random(f"{seed}/{spec}")
+        if source.path.startswith(TEXT_PREFIX):
+            shards = Path(source.path[len(TEXT_PREFIX):])
+            if not (shards / "manifest.json").is_file():
+                raise UserError(f"--data {spec}: {shards} holds no token shards (no manifest.json); "
+                                "make them with `lmforge data prepare`")
+            data.text.append(source)
+            continue
         if source.path in (BUILTIN_CHAT, BUILTIN_ARITHMETIC):
             train, val = _builtin(source.path, seed, builtin_examples, val_fraction, tasks)
         else:
@@ -229,6 +245,31 @@ def _builtin(name: str, seed: int, n: int, val_fraction: float,
     val = draw("test", max(1, round(val_fraction * n))) if val_fraction else []
     # Copies: the generators' examples are shared (cached pools).
     return [[dict(m) for m in e.messages] for e in train], [[dict(m) for m in e.messages] for e in val]
+
+
+def text_examples(source: Source, split: str, context: int, tokenizer, seed: int,
+                  count: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) rows of `context` + 1 tokens from a text:SHARDS source's `split`, every
+    target counted: round(weight x windows) of them, or `count`, a seeded choice. The shards must
+    have been tokenized by `tokenizer` (the manifest's content hash)."""
+    import numpy as np
+
+    from lmforge.data.loader import TokenLoader
+
+    shards = Path(source.path[len(TEXT_PREFIX):])
+    manifest = json.loads((shards / "manifest.json").read_text(encoding="utf-8"))
+    made_by = manifest.get("tokenizer", {}).get("hash")
+    if made_by != tokenizer.content_hash:
+        raise UserError(f"--data {source.path}: its shards were tokenized by another tokenizer "
+                        f"({str(made_by)[:19]}) than the model's ({tokenizer.content_hash[:19]})")
+    loader = TokenLoader(shards, split, seq_len=context, batch_size=1, shuffle=False, verify=False)
+    total = loader.windows_per_epoch
+    want = round(source.weight * total) if count is None else count
+    if want == 0:
+        return []
+    rng = np.random.default_rng([seed, len(split)])
+    indices = np.concatenate([rng.permutation(total) for _ in range(-(-want // total))])[:want]
+    return [(row.tolist(), [1] * len(row)) for row in loader.windows(np.sort(indices))]
 
 
 # -- rendering and batches -----------------------------------------------------------------------

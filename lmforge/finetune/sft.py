@@ -29,7 +29,7 @@ from torch import nn
 from lmforge.atomic import atomic_write_json, atomic_write_text
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
-from lmforge.finetune.data import SftData, bucket_batches, collate, render_examples
+from lmforge.finetune.data import SftData, bucket_batches, collate, render_examples, text_examples
 from lmforge.finetune.lora import BaseRef
 from lmforge.model import loss_positions
 from lmforge.train.loop import Autocast, Objective, TrainLoop, TrainResult, seed_everything
@@ -69,6 +69,13 @@ class SFTObjective(Objective):
         context, self.accum, _ = batch_geometry(cfg, par.dp_size)
         self.examples, self.stats = render_examples(tokenizer, data.train, context, cfg.sft.overlong)
         self.val_examples, _ = render_examples(tokenizer, data.val, context, cfg.sft.overlong)
+        self.text_rows = 0
+        for source in data.text:  # pre-training text beside the conversations (text:SHARDS)
+            rows = text_examples(source, "train", context, tokenizer, cfg.train.seed)
+            self.text_rows += len(rows)
+            self.examples += rows
+            self.val_examples += text_examples(source, "val", context, tokenizer, cfg.train.seed,
+                                               count=max(1, round(cfg.sft.val_fraction * len(rows))))
         if len(self.examples) < self.dp:
             raise UserError(f"sft: {len(self.examples)} training conversations fit the context of "
                             f"{context} tokens; need at least {self.dp}")
@@ -228,7 +235,8 @@ def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resum
             f"sft: {kind}: {describe_trainable(model)}",
             f"sft: {len(data.train)} training and {len(data.val)} held-out conversations; "
             f"{objective.stats.describe()}"
-            + (f"; {data.skipped} malformed records skipped" if data.skipped else "")], report)
+            + (f"; {data.skipped} malformed records skipped" if data.skipped else "")
+            + (f"; {objective.text_rows} rows of pre-training text" if data.text else "")], report)
     finally:
         if owns_par:
             par.shutdown()

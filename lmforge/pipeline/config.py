@@ -41,6 +41,9 @@ class LifecycleConfig:
     min_stage_s: the least time any training stage gets (a too small --time-budget is refused).
     sft_overrides / align_overrides: `section.field=value` items applied to the SFT / alignment
         stage's config only (e.g. "train.lr=1e-3"), on top of that stage's own defaults.
+    sft_text: the run's own pre-training shards mixed into the SFT stage's data at this weight
+        (`text:RUN/data:W`, lmforge/finetune/data.py): next-token prediction on plain text beside
+        the chat turns, so that fine-tuning does not erase the language the model read; 0: chat only.
     """
 
     align: str = "dpo"
@@ -54,6 +57,7 @@ class LifecycleConfig:
     align_share: float = 0.15
     min_stage_s: float = 30.0
     sft_overrides: list[str] = field(default_factory=list)
+    sft_text: float = 0.03
     # builtin:prefs samples 9 answers to each prompt before DPO trains: 128 prompts keep that to
     # about a minute on two cores (the `lmforge dpo` default is 512). A tiny SFT model answers most
     # of them right, so few pairs come out (25 in the default run): 20 steps keep its accuracy
@@ -77,6 +81,8 @@ class LifecycleConfig:
         for name in ("pretrain_share", "sft_share", "align_share"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)} must be positive")
+        if not self.sft_text >= 0:
+            raise ConfigError(f"run.sft_text={self.sft_text} must be >= 0 (0: no pre-training text in SFT)")
         if self.min_stage_s <= 0:
             raise ConfigError(f"run.min_stage_s={self.min_stage_s} must be positive")
         for name in ("sft_overrides", "align_overrides"):

@@ -174,14 +174,20 @@ def _stopped(result: Any) -> None:
 # sft
 
 
-def sft_stage_config(cfg: RunConfig) -> RunConfig:
-    return stage_config(cfg, "sft", "sft_overrides")
+def sft_stage_config(ctx: Context) -> RunConfig:
+    """`lmforge sft`'s defaults, run.sft_overrides, and run.sft_text's share of RUN/data."""
+    cfg = stage_config(ctx.cfg, "sft", "sft_overrides")
+    if ctx.cfg.run.sft_text > 0:
+        cfg.sft.data = [*cfg.sft.data, f"text:{ctx.layout.data}:{ctx.cfg.run.sft_text:g}"]
+    return cfg
 
 
 def sft_inputs(ctx: Context) -> Any:
-    stage = sft_stage_config(ctx.cfg)
-    return {"sft": dataclasses.asdict(stage.sft), "lora": dataclasses.asdict(stage.lora),
-            **_train_inputs(ctx, "sft", stage)}
+    stage = sft_stage_config(ctx)
+    sft_section = dataclasses.asdict(stage.sft)
+    # The shards' place is the run's own: a moved run directory is the same stage.
+    sft_section["data"] = [d.replace(str(ctx.layout.data), "RUN/data") for d in stage.sft.data]
+    return {"sft": sft_section, "lora": dataclasses.asdict(stage.lora), **_train_inputs(ctx, "sft", stage)}
 
 
 def run_sft(ctx: Context) -> None:
@@ -189,7 +195,7 @@ def run_sft(ctx: Context) -> None:
     from lmforge.finetune.lora import base_reference
     from lmforge.finetune.sft import sft
 
-    cfg = sft_stage_config(ctx.cfg)
+    cfg = sft_stage_config(ctx)
     resume_from = _resume_or_clear(ctx, ctx.layout.sft)
     data = sft_data(cfg.sft, cfg.train.seed)  # first: the seconds it takes come off the budget
     seconds = budget_stage(ctx, "sft", cfg, resume_from)
