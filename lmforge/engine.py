@@ -201,6 +201,18 @@ class _DecodeView:
         B, keys = self.rows.shape[0], self._mask.shape[-1]
         return self.k[layer, :B, :keys].transpose(1, 2), self.v[layer, :B, :keys].transpose(1, 2)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of the one query per row, q (B, heads, 1, d), over k, v (B, kv_heads, keys, d):
+        plain products and sums that inductor fuses into a few loops over the batch's own keys.
+        SDPA's kernel at one query per row took about twice as long inside the compiled step
+        (benchmarks/RESULTS.md)."""
+        B, heads, _, d = q.shape
+        groups = k.shape[1]  # query head h reads key/value head h // (heads // groups), as SDPA's GQA
+        q = q.reshape(B, groups, heads // groups, 1, d)
+        scores = (q * k[:, :, None]).sum(-1) * d ** -0.5  # (B, groups, heads per group, keys)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return (weights[..., None] * v[:, :, None]).sum(-2).reshape(B, heads, 1, d)
+
     def advance(self, n: int) -> None:
         pass  # the engine advances the RaggedKVCache itself
 
@@ -218,7 +230,7 @@ def _key_length(longest: int, max_len: int) -> int:
     return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
 
 
-KEY_BUCKET = 64
+KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +638,7 @@ class Engine:
 
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
     `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
-    row rounded up to a multiple of 64): on CPU about 2-3x the eager step at batch 1, where a
+    row rounded up to a multiple of 16): on CPU about 2-3x the eager step at batch 1, where a
     small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`

@@ -291,7 +291,7 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
 
 @pytest.mark.slow
 def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
-    # A 160-token context: the compiled step attends over 64, 128, then 160 keys as the rows
+    # A 160-token context: the compiled step attends over 64, 80, ... 160 keys as the rows
     # grow, in one graph per batch size (the key length is dynamic), and must give the tokens of
     # the eager engine, which attends over exactly the filled prefix.
     model = tiny_model(tok, max_seq_len=160)
