@@ -230,6 +230,30 @@ def _key_length(longest: int, max_len: int) -> int:
     return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
 
 
+def _prefill_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Split prompt lengths (ascending) into consecutive [a, b) groups, one right-padded prefill
+    each, with the fewest padded tokens plus PREFILL_FORWARD_COST per forward (exact, by dynamic
+    programming: n is at most the engine's batch). One padded batch of 8..64-token prompts is
+    nearly half padding; four groups cut it to a sixth."""
+    best = [0.0] + [math.inf] * len(lengths)  # best[b]: the cost of prompts 0..b
+    start = [0] * (len(lengths) + 1)
+    for b in range(1, len(lengths) + 1):
+        for a in range(b):
+            cost = best[a] + PREFILL_FORWARD_COST + (b - a) * lengths[b - 1]
+            if cost < best[b]:
+                best[b], start[b] = cost, a
+    groups, b = [], len(lengths)
+    while b:
+        groups.append((start[b], b))
+        b = start[b]
+    return groups[::-1]
+
+
+# What one more prefill forward costs, in padded tokens: a small model's eager forward costs about
+# as much as ~30 tokens of its products on one CPU thread; a larger one's less (then fewer, but
+# never worse, groups than the padding would waste).
+PREFILL_FORWARD_COST = 32
+
 KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
 
@@ -790,7 +814,8 @@ class Engine:
         return self.compile_seconds - before
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit, as one right-padded batch, and fan out."""
+        """Prefill the waiting requests that fit, shortest first, in right-padded groups of
+        similar lengths (`_prefill_groups`), and fan out."""
         admitted: list[Request] = []
         free = self.max_batch - len(self.rows)
         with self._wake:
@@ -801,19 +826,10 @@ class Engine:
                     free -= request.params.n
         if not admitted:
             return
-        lo, hi = len(self.rows), len(self.rows) + len(admitted)
+        admitted.sort(key=lambda r: len(r.prompt_ids))
+        lo = len(self.rows)
         lengths = [len(r.prompt_ids) for r in admitted]
-        idx = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
-        for i, r in enumerate(admitted):
-            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
-        for row in range(lo, hi):
-            self.cache.set_length(row, 0)
-        self.cache.use_rows(lo, hi)
-        h = self.model.hidden_states(idx.to(self.device), self.cache)
-        last = h[torch.arange(len(admitted)), torch.tensor(lengths) - 1]  # each prompt's last token
-        logits = self.model.head(self.model.norm(last))
-        for row, length in zip(range(lo, hi), lengths, strict=True):
-            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        logits = torch.cat([self._prefill(admitted[a:b], lo + a) for a, b in _prefill_groups(lengths)])
         first = [_Sequence(r, 0) for r in admitted]
         self.rows += first
         copies: list[tuple[_Sequence, int]] = []  # (sample, index of its prompt's logits)
@@ -823,6 +839,23 @@ class Engine:
                 self.rows.append(_Sequence(r, index))
                 copies.append((self.rows[-1], i))
         self._sample(first + [s for s, _ in copies], torch.cat([logits, logits[[i for _, i in copies]]]))
+
+    def _prefill(self, requests: list[Request], lo: int) -> torch.Tensor:
+        """One right-padded forward of `requests`' prompts into cache rows lo.. on: the logits
+        (len(requests), vocab) after each prompt's last token."""
+        hi = lo + len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
+        idx = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for i, r in enumerate(requests):
+            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+        for row in range(lo, hi):
+            self.cache.set_length(row, 0)
+        self.cache.use_rows(lo, hi)
+        h = self.model.hidden_states(idx.to(self.device), self.cache)
+        last = h[torch.arange(len(requests)), torch.tensor(lengths) - 1]  # each prompt's last token
+        for row, length in zip(range(lo, hi), lengths, strict=True):
+            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        return self.model.head(self.model.norm(last))
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows; the last row moves into each hole."""
