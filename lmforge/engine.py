@@ -959,11 +959,11 @@ class Engine:
                 self._calculator(seq, token)
         # A stop string ends the text where it starts (it may span tokens: search the whole
         # unsent text, which never holds the start of one, see below).
-        hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0]
+        hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0] if p.stop else []
         if hits:
             seq.text, reason = seq.text[:min(hits)], "stop"
         end = len(seq.text)
-        if reason is None:  # hold back a tail that may be the start of a stop string
+        if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
         event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason)
