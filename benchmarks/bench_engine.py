@@ -6,7 +6,7 @@
   batch-1  one prompt, greedy: the `Engine`, our batch-1 `generate`, and transformers' `generate`
 
 Both runs time the `Engine` eager and with `compile=True` (its decode step compiled for batches
-up to 4; the 16-row batch runs eagerly in both until rows finish).
+up to 16, padded to 1, 2, 4, 8 or 16 rows).
 
 Tokens/s count generated tokens; rounds alternate and the median counts (see bench_model.py,
 whose helpers this reuses). Stop tokens are off on both sides so every row runs to the end.

@@ -201,15 +201,30 @@ class _DecodeView:
         B, keys = self.rows.shape[0], self._mask.shape[-1]
         return self.k[layer, :B, :keys].transpose(1, 2), self.v[layer, :B, :keys].transpose(1, 2)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of the one query per row, q (B, heads, 1, d), over k, v (B, kv_heads, keys, d):
+        plain products and sums that inductor fuses into a few loops over the batch's own keys.
+        SDPA's kernel at one query per row took about twice as long inside the compiled step
+        (benchmarks/RESULTS.md)."""
+        B, heads, _, d = q.shape
+        groups = k.shape[1]  # query head h reads key/value head h // (heads // groups), as SDPA's GQA
+        q = q.reshape(B, groups, heads // groups, 1, d)
+        scores = (q * k[:, :, None]).sum(-1) * d ** -0.5  # (B, groups, heads per group, keys)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return (weights[..., None] * v[:, :, None]).sum(-2).reshape(B, heads, 1, d)
+
     def advance(self, n: int) -> None:
         pass  # the engine advances the RaggedKVCache itself
 
 
 def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                   positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, vocab) of one new token per row (tokens, positions: (B, 1)), cache rows 0..B,
-    keys 0..mask.shape[-1]."""
-    return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+                   positions: torch.Tensor, mask: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
+    0..B, keys 0..mask.shape[-1]; and each row's greedy token among ids < `vocab`, computed here
+    because the compiled argmax is a vectorised loop where eager argmax over 16 rows of 4,096
+    logits took ~0.1 ms, 5% of a 16-row step."""
+    logits = model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+    return logits, logits[:, :vocab].argmax(dim=-1)
 
 
 def _key_length(longest: int, max_len: int) -> int:
@@ -218,7 +233,31 @@ def _key_length(longest: int, max_len: int) -> int:
     return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
 
 
-KEY_BUCKET = 64
+def _prefill_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Split prompt lengths (ascending) into consecutive [a, b) groups, one right-padded prefill
+    each, with the fewest padded tokens plus PREFILL_FORWARD_COST per forward (exact, by dynamic
+    programming: n is at most the engine's batch). One padded batch of 8..64-token prompts is
+    nearly half padding; four groups cut it to a sixth."""
+    best = [0.0] + [math.inf] * len(lengths)  # best[b]: the cost of prompts 0..b
+    start = [0] * (len(lengths) + 1)
+    for b in range(1, len(lengths) + 1):
+        for a in range(b):
+            cost = best[a] + PREFILL_FORWARD_COST + (b - a) * lengths[b - 1]
+            if cost < best[b]:
+                best[b], start[b] = cost, a
+    groups, b = [], len(lengths)
+    while b:
+        groups.append((start[b], b))
+        b = start[b]
+    return groups[::-1]
+
+
+# What one more prefill forward costs, in padded tokens: a small model's eager forward costs about
+# as much as ~30 tokens of its products on one CPU thread; a larger one's less (then fewer, but
+# never worse, groups than the padding would waste).
+PREFILL_FORWARD_COST = 32
+
+KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +665,7 @@ class Engine:
 
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
     `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
-    row rounded up to a multiple of 64): on CPU about 2-3x the eager step at batch 1, where a
+    row rounded up to a multiple of 16): on CPU about 2-3x the eager step at batch 1, where a
     small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
     Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
     each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
@@ -726,43 +765,46 @@ class Engine:
         any work is left."""
         self._drop_finished()
         if self.rows:
-            self._sample(self.rows, self._decode())
+            self._sample(self.rows, *self._decode())
             self._drop_finished()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)
 
-    def _decode(self) -> torch.Tensor:
-        """Feed every running row its pending token: (rows, vocab) logits of the next one."""
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed every running row its pending token: (rows, vocab) logits of the next one, and
+        the compiled step's greedy tokens (None from an eager step)."""
         n = len(self.rows)
         pending = [s.pending for s in self.rows]
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
             tokens = torch.tensor(pending, device=self.device)[:, None]
-            return self.model(tokens, self.cache, last_only=True)[:, -1]
+            return self.model(tokens, self.cache, last_only=True)[:, -1], None
         # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
         tokens = torch.tensor(pending + pad, device=self.device)[:, None]
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
-        logits = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))[:n]
+        logits, greedy = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))
         self.cache.advance(1)
-        return logits
+        return logits[:n], greedy[:n]
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int) -> torch.Tensor:
+    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor,
+                      keys: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
         # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
         torch._dynamo.maybe_mark_dynamic(mask, 3)
-        logits = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask)
+        out = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask,
+                             self.tokenizer.vocab_size)
         if tokens.shape[0] not in self._compiled_buckets:  # this call compiled it
             self._compiled_buckets.add(tokens.shape[0])
             self.compile_seconds += time.perf_counter() - start
-        return logits
+        return out
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -778,7 +820,8 @@ class Engine:
         return self.compile_seconds - before
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit, as one right-padded batch, and fan out."""
+        """Prefill the waiting requests that fit, shortest first, in right-padded groups of
+        similar lengths (`_prefill_groups`), and fan out."""
         admitted: list[Request] = []
         free = self.max_batch - len(self.rows)
         with self._wake:
@@ -789,19 +832,10 @@ class Engine:
                     free -= request.params.n
         if not admitted:
             return
-        lo, hi = len(self.rows), len(self.rows) + len(admitted)
+        admitted.sort(key=lambda r: len(r.prompt_ids))
+        lo = len(self.rows)
         lengths = [len(r.prompt_ids) for r in admitted]
-        idx = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
-        for i, r in enumerate(admitted):
-            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
-        for row in range(lo, hi):
-            self.cache.set_length(row, 0)
-        self.cache.use_rows(lo, hi)
-        h = self.model.hidden_states(idx.to(self.device), self.cache)
-        last = h[torch.arange(len(admitted)), torch.tensor(lengths) - 1]  # each prompt's last token
-        logits = self.model.head(self.model.norm(last))
-        for row, length in zip(range(lo, hi), lengths, strict=True):
-            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        logits = torch.cat([self._prefill(admitted[a:b], lo + a) for a, b in _prefill_groups(lengths)])
         first = [_Sequence(r, 0) for r in admitted]
         self.rows += first
         copies: list[tuple[_Sequence, int]] = []  # (sample, index of its prompt's logits)
@@ -811,6 +845,23 @@ class Engine:
                 self.rows.append(_Sequence(r, index))
                 copies.append((self.rows[-1], i))
         self._sample(first + [s for s, _ in copies], torch.cat([logits, logits[[i for _, i in copies]]]))
+
+    def _prefill(self, requests: list[Request], lo: int) -> torch.Tensor:
+        """One right-padded forward of `requests`' prompts into cache rows lo.. on: the logits
+        (len(requests), vocab) after each prompt's last token."""
+        hi = lo + len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
+        idx = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for i, r in enumerate(requests):
+            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+        for row in range(lo, hi):
+            self.cache.set_length(row, 0)
+        self.cache.use_rows(lo, hi)
+        h = self.model.hidden_states(idx.to(self.device), self.cache)
+        last = h[torch.arange(len(requests)), torch.tensor(lengths) - 1]  # each prompt's last token
+        for row, length in zip(range(lo, hi), lengths, strict=True):
+            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        return self.model.head(self.model.norm(last))
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows; the last row moves into each hole."""
@@ -827,13 +878,16 @@ class Engine:
 
     # ---- sampling and text
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
         """Pick every row's next token with its own request's rules in one batched draw (greedy
-        rows by one argmax, sampled rows by `sample_rows` with one uniform number from each row's
-        own generator), then hand out the text. One host transfer of the tokens per step."""
+        rows by one argmax, or the compiled step's `greedy` tokens; sampled rows by `sample_rows`
+        with one uniform number from each row's own generator), then hand out the text. One host
+        transfer of the tokens per step."""
         logits = logits[:, :self.tokenizer.vocab_size].float()
         drawn = [i for i, s in enumerate(seqs) if not s.forced and s.request.params.temperature > 0]
-        tokens = logits.argmax(dim=-1) if len(drawn) < len(seqs) else None
+        tokens = None
+        if len(drawn) < len(seqs):
+            tokens = logits.argmax(dim=-1) if greedy is None else greedy
         if drawn:
             params = [seqs[i].request.params for i in drawn]
             sampled = sample_rows(logits if tokens is None else logits[drawn], [p.temperature for p in params],
@@ -905,11 +959,11 @@ class Engine:
                 self._calculator(seq, token)
         # A stop string ends the text where it starts (it may span tokens: search the whole
         # unsent text, which never holds the start of one, see below).
-        hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0]
+        hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0] if p.stop else []
         if hits:
             seq.text, reason = seq.text[:min(hits)], "stop"
         end = len(seq.text)
-        if reason is None:  # hold back a tail that may be the start of a stop string
+        if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
         event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason)

@@ -18,7 +18,8 @@ maps hidden states to hidden states.
 
 Generation (the KV cache, sampling, the decode loop) lives in lmforge/engine.py: `forward` takes an
 optional cache object (`pos`, `update(layer, k, v)`, `advance(T)`, and for a ragged batch
-`positions(T)` and `attention_mask(T)`), and that is all the network knows of it.
+`positions(T)` and `attention_mask(T)`, optionally `attend(q, k, v, mask)` in place of SDPA), and
+that is all the network knows of it.
 """
 
 from __future__ import annotations
@@ -128,8 +129,12 @@ class Attention(nn.Module):
         # the length is not read: in a block compiled for any length (SFT's rows) it is a
         # symbolic size, and a comparison of it is no bool for SDPA (a graph break).
         is_causal = mask is None and (cache is None or q.shape[2] > 1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        attend = getattr(cache, "attend", None)  # a cache may bring its own kernel (the engine's decode)
+        if attend is not None:
+            y = attend(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -15,10 +15,12 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.engine import (
+    PREFILL_FORWARD_COST,
     STOP_TOKENS,
     Engine,
     RaggedKVCache,
     SamplingParams,
+    _prefill_groups,
     _Sequence,
     generate,
     sample_rows,
@@ -90,6 +92,26 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tok, model):
     for prompt, (completion,) in zip(PROMPTS, results, strict=True):
         assert completion.token_ids == alone(model, tok, prompt, 12)
         assert completion.finish_reason == ("length" if len(completion.token_ids) == 12 else "stop")
+
+
+def test_prefill_groups_are_the_cheapest_split():
+    # Truth: every way of cutting the sorted lengths into consecutive groups, enumerated.
+    import itertools
+    import random
+
+    def cost(lengths, cuts):
+        bounds = [0, *cuts, len(lengths)]
+        return sum(PREFILL_FORWARD_COST + (b - a) * lengths[b - 1] for a, b in itertools.pairwise(bounds))
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = sorted(rng.randint(1, 200) for _ in range(rng.randint(1, 8)))
+        groups = _prefill_groups(lengths)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a < b for a, b in groups) and all(g[1] == h[0] for g, h in itertools.pairwise(groups))
+        best = min(cost(lengths, cuts) for k in range(len(lengths))
+                   for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert cost(lengths, [a for a, _ in groups[1:]]) == best
 
 
 def test_the_context_ends_a_completion(tok, model):
@@ -291,7 +313,7 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
 
 @pytest.mark.slow
 def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
-    # A 160-token context: the compiled step attends over 64, 128, then 160 keys as the rows
+    # A 160-token context: the compiled step attends over 64, 80, ... 160 keys as the rows
     # grow, in one graph per batch size (the key length is dynamic), and must give the tokens of
     # the eager engine, which attends over exactly the filled prefix.
     model = tiny_model(tok, max_seq_len=160)

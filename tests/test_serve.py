@@ -25,6 +25,7 @@ from chat_fixtures import tiny_chat_checkpoint  # noqa: E402
 
 from lmforge.chat import render_prompt  # noqa: E402
 from lmforge.engine import generate  # noqa: E402
+from lmforge.serve import _Relay  # noqa: E402
 
 KEY = "test-key-123"
 CONTEXT = 4096
@@ -293,3 +294,35 @@ def test_waiting_events_of_one_sequence_stream_as_one_chunk():
     assert [(e.index, e.text, e.token_ids, e.finish_reason) for e in merged[:3]] == [
         (0, "ab", [1, 2], None), (1, "xy", [9, 8], "stop"), (1, "z", [7], None)]
     assert merged[3] is error and not backlog
+
+
+def test_the_relay_delivers_every_event_in_order_from_another_thread():
+    # Truth: what the sending thread sent, per queue. The sender and the loop race on the relay's
+    # one pending wake-up; no event may be lost or reordered, also when sends interleave with drains.
+    import asyncio
+    import threading
+
+    async def run() -> list[list[int]]:
+        relay = _Relay(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in range(3)]
+        senders = [relay.sender(q) for q in queues]
+
+        def engine() -> None:
+            for step in range(2000):
+                for send in senders:
+                    send(step)
+                if step % 7 == 0:
+                    time.sleep(0)  # let the loop drain part way through
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+
+        async def collect() -> list[list[int]]:
+            return [[await q.get() for _ in range(2000)] for q in queues]
+
+        got = await asyncio.wait_for(collect(), timeout=60)  # a lost event fails, not hangs
+        thread.join()
+        assert all(q.empty() for q in queues)
+        return got
+
+    assert asyncio.run(run()) == [list(range(2000))] * 3
