@@ -41,6 +41,11 @@ class DpoConfig:
     prefs_greedy: also the greedy answer (temperature 0), paired first: its mistakes are the
         model's most likely ones.
     prefs_pairs: at most this many (right, wrong) pairs per prompt.
+    eval_examples: with builtin:prefs, test-split questions of prefs_tasks (in their shares)
+        answered greedily at every evaluation: the held-out `pass_at_1` (0: not measured).
+    select_best: the run's result is its checkpoint with the highest pass_at_1 (step 0, the
+        starting model, included), named in RUN_DIR/checkpoints/selected.json and loaded for the
+        run directory; false (or no pass_at_1): the last checkpoint.
     """
 
     data: list[str] = field(default_factory=lambda: ["builtin:prefs"])
@@ -57,6 +62,8 @@ class DpoConfig:
     prefs_max_tokens: int = 128
     prefs_greedy: bool = True
     prefs_pairs: int = 2
+    eval_examples: int = 128
+    select_best: bool = True
 
     def validate(self) -> None:
         if not self.data:
@@ -87,8 +94,9 @@ class DpoConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"dpo.prefs_tasks: {item!r} is not TASK or TASK:WEIGHT with a weight > 0")
-        if self.prefs_val_prompts < 0:
-            raise ConfigError(f"dpo.prefs_val_prompts={self.prefs_val_prompts} must be >= 0")
+        for name in ("prefs_val_prompts", "eval_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dpo.{name}={getattr(self, name)} must be >= 0")
         if not self.prefs_temperature > 0:
             raise ConfigError(f"dpo.prefs_temperature={self.prefs_temperature} must be > 0")
 
@@ -140,6 +148,9 @@ class GrpoConfig:
         the tasks' checkers ("" = the checkers).
     eval_examples: held-out (test split) questions of the greedy pass@1 measured every
         train.eval_every steps, shared out over the tasks.
+    select_best: the run's result is its checkpoint with the highest pass@1 (step 0, the
+        starting model, included), named in RUN_DIR/checkpoints/selected.json and loaded for the
+        run directory; false: the last checkpoint.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["chat"])
@@ -154,6 +165,7 @@ class GrpoConfig:
     kl_coef: float = 0.0
     reward_model: str = ""
     eval_examples: int = 64
+    select_best: bool = True
 
     def validate(self) -> None:
         if not self.tasks:
