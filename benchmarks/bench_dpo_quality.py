@@ -50,6 +50,27 @@ def held_out(path: str | Path, n: dict[str, int], max_new_tokens: int) -> dict[s
     return out
 
 
+def selection_keys(kind: str) -> set[tuple[str, str]]:
+    """(task, key) of the held-out questions a default `lmforge dpo` / `grpo --tasks chat` run
+    selects its checkpoint on (lmforge/align/heldout.py): scored apart, they give a number the
+    selection did not see."""
+    from lmforge.align.dpo import held_out_tasks
+    from lmforge.align.grpo import resolve_tasks
+    from lmforge.align.heldout import held_out_questions
+    from lmforge.config import RunConfig
+
+    if kind == "dpo":
+        held = held_out_tasks(RunConfig(), tokenizer=None)
+        questions = held.questions if held is not None else []
+    else:
+        questions = held_out_questions(resolve_tasks(["chat"]), RunConfig().grpo.eval_examples)
+    return {(e.task, e.key) for e in questions}
+
+
+def without(result: dict[str, dict[str, bool]], keys: set[tuple[str, str]]) -> dict[str, dict[str, bool]]:
+    return {t: {k: v for k, v in r.items() if (t, k) not in keys} for t, r in result.items()}
+
+
 def row(name: str, result: dict[str, dict[str, bool]], before: dict[str, dict[str, bool]] | None) -> str:
     """A table row: right/total per task, their total, and the paired change against `before`."""
     cells = [f"{sum(r.values())}/{len(r)}" for r in result.values()]
@@ -62,8 +83,13 @@ def row(name: str, result: dict[str, dict[str, bool]], before: dict[str, dict[st
     return f"| {name} | {' | '.join(cells)} | {right}/{total} ({right / total:.1%}){change} |"
 
 
-def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_new_tokens: int) -> None:
+def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_new_tokens: int,
+                   exclude: set[tuple[str, str]] = frozenset()) -> None:
     from lmforge.train.checkpoint import CheckpointManager
+
+    def score(path: str | Path) -> dict[str, dict[str, bool]]:
+        # the questions a run chose its checkpoint on (`exclude`) are left out of every row
+        return without(held_out(path, n, max_new_tokens), exclude)
 
     print(f"| model | {' | '.join(TASKS)} | total | vs first: gained, lost, change +- se |\n"
           f"|---|{'---|' * (len(TASKS) + 2)}")
@@ -71,12 +97,12 @@ def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_ne
     for spec in models:
         name, path = spec.split("=", 1)
         start = time.perf_counter()
-        result = held_out(path, n, max_new_tokens)
+        result = score(path)
         print(row(name, result, first) + f"  <!-- {time.perf_counter() - start:.0f}s -->", flush=True)
         first = first or result
     for run in runs:
         for step, checkpoint in CheckpointManager(Path(run), 1).complete():
-            print(row(f"{Path(run).name} step {step}", held_out(checkpoint, n, max_new_tokens), first),
+            print(row(f"{Path(run).name} step {step}", score(checkpoint), first),
                   flush=True)
 
 
@@ -109,11 +135,15 @@ def main() -> None:
     parser.add_argument("--n-task", action="append", default=[], metavar="TASK=N",
                         help="another number of questions for one task (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--exclude-selection", choices=("dpo", "grpo"),
+                        help="leave out the held-out questions a default dpo / grpo run selects its "
+                             "checkpoint on (an unbiased score of the selected checkpoint)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     n = {task: args.n for task in TASKS} | {k: int(v) for k, v in (s.split("=") for s in args.n_task)}
     if args.model or args.checkpoints:
-        accuracy_table(args.model, args.checkpoints, n, args.max_new_tokens)
+        exclude = selection_keys(args.exclude_selection) if args.exclude_selection else set()
+        accuracy_table(args.model, args.checkpoints, n, args.max_new_tokens, exclude)
     for run in args.curve:
         curve(Path(run))
 
