@@ -348,3 +348,43 @@ def test_a_resume_that_changes_the_prefs_settings_is_refused(base, pairs_file, t
     assert "dpo.prefs_prompts: a resumed run keeps the dpo.prefs_* settings" in proc.stderr
     # Other settings may change on a resume: a longer run.
     assert "step 3/3" in _lmforge(*args, "--resume", *_sets("train.max_steps=3")).stdout
+
+
+# held-out pass@1 (the score the run keeps its best checkpoint by)
+
+
+def test_held_out_pass_at_1_counts_the_answers_the_tasks_accept(base):
+    """pass_at_1 asks the engine for greedy answers and counts those each question's task
+    accepts (truth: counted here by hand from the same answers)."""
+    from types import SimpleNamespace
+
+    from lmforge.align.heldout import pass_at_1
+
+    task = _EndsWithVowel()
+    questions = task.generate("test", 0, 5)
+    answers = ["idea", "word", "banana", "sky", "tofu"]  # right, wrong, right, wrong, right
+    asked = []
+
+    class Engine:
+        def generate(self, prompts, params):
+            asked.append((prompts, params.temperature))
+            return [[SimpleNamespace(text=answers[p[0]])] for p in prompts]
+
+    par = init_parallel(load_config(overrides=[]))
+    value = pass_at_1(Engine(), questions, {"vowel": task}, lambda e: [int(e.key[len("test"):])], 8, par)
+    assert value == pytest.approx(sum(task.check(q, a) for q, a in zip(questions, answers, strict=True)) / 5) == 0.6
+    assert asked == [([[0], [1], [2], [3], [4]], 0.0)]  # every question once, greedy
+
+
+def test_dpo_scores_and_selects_by_held_out_tasks_only_with_builtin_prefs():
+    from lmforge.align.dpo import held_out_tasks
+
+    cfg = load_config(overrides=["dpo.prefs_tasks=[\"letters:3\", \"arithmetic:1\"]", "dpo.eval_examples=40"])
+    held = held_out_tasks(cfg, tokenizer=None)
+    assert held is not None
+    assert [e.task for e in held.questions].count("letters") == 30
+    assert [e.task for e in held.questions].count("arithmetic") == 10
+    from lmforge.tasks.common import split_of
+    assert all(split_of(held.tasks[e.task].split_family or e.task, e.key) == "test" for e in held.questions)
+    assert held_out_tasks(load_config(overrides=["dpo.data=[\"pairs.jsonl\"]"]), None) is None
+    assert held_out_tasks(load_config(overrides=["dpo.eval_examples=0"]), None) is None
