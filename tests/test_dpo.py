@@ -5,6 +5,7 @@ builtin:prefs pairs (right vs wrong, deterministic), and bad input as one line, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -388,3 +389,27 @@ def test_dpo_scores_and_selects_by_held_out_tasks_only_with_builtin_prefs():
     assert all(split_of(held.tasks[e.task].split_family or e.task, e.key) == "test" for e in held.questions)
     assert held_out_tasks(load_config(overrides=["dpo.data=[\"pairs.jsonl\"]"]), None) is None
     assert held_out_tasks(load_config(overrides=["dpo.eval_examples=0"]), None) is None
+
+
+def test_strict_prefs_choose_only_answers_right_by_their_working(base):
+    """dpo.prefs_strict: every chosen answer passes check_work (here: ends in 'a' or 'e', a stricter
+    rule than the vowel check), every rejected one fails check; a right answer with wrong working
+    is neither."""
+
+    class Strict(_EndsWithVowel):
+        def check_work(self, example: Example, answer_text: str) -> bool:
+            letters = [c for c in answer_text.lower() if c.isalpha()]
+            return self.check(example, answer_text) and letters[-1] in "ae"
+
+    tok = load_tokenizer(base / "tokenizer")
+    task = Strict()
+    cfg = DpoConfig(prefs_prompts=24, prefs_val_prompts=0, prefs_samples=8, prefs_max_tokens=8,
+                    prefs_tasks=["vowel"], prefs_strict=True)
+    data = make_prefs(lmforge.load_model(base), tok, cfg, seed=3, tasks={"vowel": task})
+    loose = make_prefs(lmforge.load_model(base), tok, dataclasses.replace(cfg, prefs_strict=False), seed=3,
+                       tasks={"vowel": task})
+    assert data.train and len(data.train) < len(loose.train)
+    for pair in data.train:
+        example = Example("vowel", (*pair.prompt, {"role": "assistant", "content": ""}), "", "")
+        assert task.check_work(example, pair.chosen[0]["content"])
+        assert not task.check(example, pair.rejected[0]["content"])
