@@ -48,6 +48,7 @@ from lmforge.config import RunConfig
 from lmforge.errors import UserError
 from lmforge.finetune.data import IGNORE, bucket_batches, collate
 from lmforge.finetune.lora import BaseRef
+from lmforge.tasks.common import Example, Task
 from lmforge.train.loop import (
     Autocast,
     Objective,
@@ -334,8 +335,8 @@ class HeldOutTasks:
     """Test-split task questions whose greedy pass@1 a DPO run measures at each evaluation."""
 
     tokenizer: Any
-    tasks: dict[str, Any]
-    questions: list[Any]
+    tasks: dict[str, Task]
+    questions: list[Example]
 
 
 def held_out_tasks(cfg: RunConfig, tokenizer: Any) -> HeldOutTasks | None:
@@ -487,7 +488,7 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
 
 
 __all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "HeldOutTasks", "PREFERENCE_GUARD_DEFAULTS", "PairsRun",
-           "PreferenceLoss",
-           "REFERENCE_CACHE",
-           "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "held_out_tasks", "main_rank_first",
+           "PreferenceLoss", "REFERENCE_CACHE",
+           "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "held_out_tasks",
+           "main_rank_first",
            "pair_batch", "policy_pairs", "preference_loss", "prepare_pairs", "reference_logprobs", "run_dpo"]
