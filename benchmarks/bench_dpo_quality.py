@@ -107,18 +107,21 @@ def accuracy_table(models: list[str], runs: list[str], n: dict[str, int], max_ne
 
 
 def curve(run_dir: Path) -> None:
-    """Training rows (every log) and evaluation rows of an alignment run, side by side by step."""
+    """Training rows (every log) and evaluation rows of an alignment run, side by side by step
+    (DPO: margins, reward accuracy, val_loss; GRPO: reward_mean; both: held-out pass_at_1)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in rows if "loss" in r and "event" not in r}
-    evals = {r["step"]: r for r in rows if "val_loss" in r}
-    keys = [k for k in ("reward_margin", "reward_accuracy", "accuracy") if any(k in r for r in train.values())]
-    held = [k for k in ("reward_accuracy", "reward_margin", "accuracy") if any(k in r for r in evals.values())]
-    print(f"\n| step | loss | {' | '.join(keys)} | val_loss | {' | '.join('held-out ' + k for k in held)} |")
-    print(f"|---:|---:|{'---:|' * len(keys)}---:|{'---:|' * len(held)}")
+    evals = {r["step"]: r for r in rows if "val_loss" in r or "pass_at_1" in r}
+    keys = [k for k in ("reward_margin", "reward_accuracy", "accuracy", "reward_mean", "kl")
+            if any(k in r for r in train.values())]
+    held = [k for k in ("val_loss", "reward_accuracy", "reward_margin", "accuracy", "pass_at_1")
+            if any(k in r for r in evals.values())]
+    print(f"\n| step | loss | {' | '.join(keys)} | {' | '.join('held-out ' + k for k in held)} |")
+    print(f"|---:|---:|{'---:|' * (len(keys) + len(held))}")
     for step in sorted(evals):
         r, e = train.get(step, {}), evals[step]
         cells = [f"{r.get('loss', float('nan')):.4f}", *(f"{r.get(k, float('nan')):.3f}" for k in keys),
-                 f"{e['val_loss']:.4f}", *(f"{e[k]:.3f}" for k in held)]
+                 *(f"{e.get(k, float('nan')):.3f}" for k in held)]
         print(f"| {step} | {' | '.join(cells)} |")
 
 
