@@ -413,3 +413,16 @@ def test_strict_prefs_choose_only_answers_right_by_their_working(base):
         example = Example("vowel", (*pair.prompt, {"role": "assistant", "content": ""}), "", "")
         assert task.check_work(example, pair.chosen[0]["content"])
         assert not task.check(example, pair.rejected[0]["content"])
+
+
+@pytest.mark.parametrize("epochs,batch_size,expected", [(3.0, 2, 6), (1.5, 2, 3), (2.0, 1, 8), (0.0, 2, None)])
+def test_a_time_budget_may_size_dpo_to_at_most_max_epochs_over_its_pairs(base, epochs, batch_size, expected):
+    """dpo.max_epochs x the optimizer steps of one epoch (4 pairs: 2 batches of 2, or 4 of 1)."""
+    cfg = load_config(overrides=[*MODEL, f"train.batch_size={batch_size}", f"dpo.max_epochs={epochs}"])
+    tok = load_tokenizer(base / "tokenizer")
+    pairs = [Pair([{"role": "user", "content": f"q{i}"}], [{"role": "assistant", "content": "yes"}],
+                  [{"role": "assistant", "content": "no"}]) for i in range(4)]
+    rendered, _ = render_pairs(tok, pairs, 64)
+    reference = {f"train_{side}": torch.zeros(4, dtype=torch.float64) for side in ("chosen", "rejected")}
+    objective = DPOObjective(cfg, rendered, [], reference, tok.pad_id, init_parallel(cfg))
+    assert objective.max_budget_steps == expected

@@ -180,3 +180,36 @@ def test_a_resumed_run_keeps_competing_with_the_best_before_the_stop(tmp_path):
     resumed = _selecting_loop(run, scores, resume_from=CheckpointManager(run, 1).latest())
     resumed.run()
     assert read_selected(run / "checkpoints")["step"] == 2  # 0.5 and 0.4 after the resume lose to 0.6
+
+
+def test_a_time_budget_sizes_a_run_no_longer_than_the_objectives_limit(tmp_path):
+    """A budget worth ~100 steps sizes the run to the objective's max_budget_steps (DPO: its
+    dpo.max_epochs over the pairs); without a limit it takes what the budget allows."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    class Timed(MaskedNextToken):
+        def next_batch(self):
+            clock.now += 1.0  # one second per step
+            return super().next_batch()
+
+    for limit, expected in ((12, 12), (None, None)):
+        clock = Clock()
+        cfg = tiny_config("train.max_steps=8", "train.checkpoint_every=1000", "train.eval_every=1000",
+                          "train.warmup_steps=1")
+        seed_everything(cfg.train.seed)
+        objective = Timed(cfg.model.vocab_size)
+        objective.max_budget_steps = limit
+        loop = TrainLoop(objective, Transformer(cfg.model), cfg, tmp_path / f"run{limit}", init_parallel(cfg),
+                         time_budget_s=100.0, clock=clock)
+        result = loop.run()
+        sized = [r["max_steps"] for r in read_metrics(loop.run_dir) if r.get("event") == "budget"]
+        assert sized, "the budget sized the run (else this test proves nothing)"
+        if expected is None:
+            assert result.step > 80  # what the budget allows
+        else:
+            assert result.step == expected and max(sized) == expected  # not the configured 8, nor ~95

@@ -44,6 +44,10 @@ class DpoConfig:
     prefs_strict: a chosen answer must be right by its working too (Task.check_work: for letters,
         the right spelling and positions), not only in its final answer; an answer right by luck
         is then neither chosen nor rejected.
+    max_epochs: with a time budget, the most passes over the training pairs it may size the run
+        to (0: no limit). A budget sizes the steps to its seconds, which for a few hundred pairs
+        is dozens of epochs, and DPO over-fits its pairs (benchmarks/RESULTS.md); an explicit
+        train.max_steps without a budget is not limited.
     eval_examples: with builtin:prefs, test-split questions of prefs_tasks (in their shares)
         answered greedily at every evaluation: the held-out `pass_at_1` (0: not measured).
     select_best: the run's result is its checkpoint with the highest pass_at_1 (step 0, the
@@ -66,6 +70,7 @@ class DpoConfig:
     prefs_greedy: bool = True
     prefs_pairs: int = 2
     prefs_strict: bool = False
+    max_epochs: float = 3.0
     eval_examples: int = 128
     select_best: bool = True
 
@@ -98,7 +103,7 @@ class DpoConfig:
                 ok = False
             if not ok:
                 raise ConfigError(f"dpo.prefs_tasks: {item!r} is not TASK or TASK:WEIGHT with a weight > 0")
-        for name in ("prefs_val_prompts", "eval_examples"):
+        for name in ("prefs_val_prompts", "eval_examples", "max_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"dpo.{name}={getattr(self, name)} must be >= 0")
         if not self.prefs_temperature > 0:

@@ -33,6 +33,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -225,6 +226,8 @@ class DPOObjective(Objective):
         self.model: nn.Module | None = None
         self._engine: Any = None
         self.select_by = "pass_at_1" if held_out is not None and cfg.dpo.select_best else None
+        if cfg.dpo.max_epochs:
+            self.max_budget_steps = max(1, math.ceil(cfg.dpo.max_epochs * len(self._epoch_batches()) / self.accum))
 
     @property
     def tokens_per_step(self) -> int:  # type: ignore[override]

@@ -97,6 +97,9 @@ class Objective:
     accum: int = 1
     #: training FLOPs per token, for MFU in the metrics (0: not logged)
     flops_per_token: float = 0.0
+    #: the most steps a time budget may size the run to (None: as many as fit): a fine-tuning
+    #: objective's epochs over a fixed dataset, which a budget on a fast machine would multiply
+    max_budget_steps: int | None = None
     #: a metric of `evaluate` (higher is better, e.g. held-out "pass_at_1") by which the run's result
     #: is chosen: measured at step 0 too, every new best is checkpointed and named in
     #: RUN_DIR/checkpoints/selected.json, which loading the run directory follows (None: the last)
@@ -472,6 +475,8 @@ class TrainLoop:
             seconds_per_step *= 1 + cfg.eval_batches / (3 * self.objective.accum) / cfg.eval_every
         remaining = self.time_budget_s - self._reserve_s() - (self.clock() - self.t_start)
         steps = self.step + max(1, int(remaining / seconds_per_step))
+        if self.objective.max_budget_steps is not None:  # more would only repeat its data
+            steps = min(steps, max(self.objective.max_budget_steps, self.step + 1))
         # Each rank reads its own clock: take the smallest count so all stop at the same step.
         steps = -int(self.par.all_reduce(torch.tensor(-steps, dtype=torch.float64), "max"))
         if self.step > cfg.warmup_steps:
