@@ -39,6 +39,9 @@ COMPLETE_MARKER = "COMPLETE"
 REWARD_MODEL_FILE = "reward_model.json"
 # Files only a training checkpoint has; with them, a missing COMPLETE marker means "unfinished".
 TRAINING_FILES = ("optimizer.safetensors", "trainer_state.json")
+# RUN_DIR/checkpoints/selected.json: the checkpoint a run chose as its result by a held-out score
+# (TrainLoop, an objective's `select_by`), {"step", "metric", "value"}; a run directory loads it.
+SELECTED_FILE = "selected.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +95,8 @@ LIFECYCLE_RECORD = "stages.json"  # only a run of `lmforge run` has it
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory itself, or a run directory's newest complete checkpoint; for a run
+    """A checkpoint directory itself, or a run directory's newest complete checkpoint (the one its
+    checkpoints/selected.json names, for a run that chose its best by a held-out score); for a run
     of `lmforge run`, its final model: aligned, else fine-tuned, else pre-trained."""
     path = Path(path)
     if not path.is_dir():
@@ -105,10 +109,29 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         complete = [d for d in runs_checkpoints.iterdir() if d.is_dir() and (d / COMPLETE_MARKER).is_file()]
         if not complete:
             raise UserError(f"no complete checkpoint under {runs_checkpoints} (none has a {COMPLETE_MARKER} marker)")
-        return max(complete, key=_step_of)
+        selected = selected_checkpoint(runs_checkpoints)
+        return selected if selected is not None else max(complete, key=_step_of)
     if any((path / f).exists() for f in TRAINING_FILES) and not (path / COMPLETE_MARKER).is_file():
         raise UserError(f"{path} is an unfinished training checkpoint (no {COMPLETE_MARKER} marker); not loading it")
     return path
+
+
+def read_selected(checkpoints_dir: Path) -> dict[str, Any] | None:
+    """The record of RUN_DIR/checkpoints/selected.json ({"step", "metric", "value"}), or None."""
+    try:
+        record = json.loads((Path(checkpoints_dir) / SELECTED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def selected_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The complete checkpoint selected.json names (a run that chose its best), else None."""
+    record = read_selected(checkpoints_dir)
+    if record is None:
+        return None
+    path = Path(checkpoints_dir) / f"step_{record['step']:08d}"
+    return path if (path / COMPLETE_MARKER).is_file() else None
 
 
 def final_stage_dir(run_dir: Path) -> Path | None:

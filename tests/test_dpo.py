@@ -5,6 +5,7 @@ builtin:prefs pairs (right vs wrong, deterministic), and bad input as one line, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -348,3 +349,80 @@ def test_a_resume_that_changes_the_prefs_settings_is_refused(base, pairs_file, t
     assert "dpo.prefs_prompts: a resumed run keeps the dpo.prefs_* settings" in proc.stderr
     # Other settings may change on a resume: a longer run.
     assert "step 3/3" in _lmforge(*args, "--resume", *_sets("train.max_steps=3")).stdout
+
+
+# held-out pass@1 (the score the run keeps its best checkpoint by)
+
+
+def test_held_out_pass_at_1_counts_the_answers_the_tasks_accept(base):
+    """pass_at_1 asks the engine for greedy answers and counts those each question's task
+    accepts (truth: counted here by hand from the same answers)."""
+    from types import SimpleNamespace
+
+    from lmforge.align.heldout import pass_at_1
+
+    task = _EndsWithVowel()
+    questions = task.generate("test", 0, 5)
+    answers = ["idea", "word", "banana", "sky", "tofu"]  # right, wrong, right, wrong, right
+    asked = []
+
+    class Engine:
+        def generate(self, prompts, params):
+            asked.append((prompts, params.temperature))
+            return [[SimpleNamespace(text=answers[p[0]])] for p in prompts]
+
+    par = init_parallel(load_config(overrides=[]))
+    value = pass_at_1(Engine(), questions, {"vowel": task}, lambda e: [int(e.key[len("test"):])], 8, par)
+    assert value == pytest.approx(sum(task.check(q, a) for q, a in zip(questions, answers, strict=True)) / 5) == 0.6
+    assert asked == [([[0], [1], [2], [3], [4]], 0.0)]  # every question once, greedy
+
+
+def test_dpo_scores_and_selects_by_held_out_tasks_only_with_builtin_prefs():
+    from lmforge.align.dpo import held_out_tasks
+
+    cfg = load_config(overrides=["dpo.prefs_tasks=[\"letters:3\", \"arithmetic:1\"]", "dpo.eval_examples=40"])
+    held = held_out_tasks(cfg, tokenizer=None)
+    assert held is not None
+    assert [e.task for e in held.questions].count("letters") == 30
+    assert [e.task for e in held.questions].count("arithmetic") == 10
+    from lmforge.tasks.common import split_of
+    assert all(split_of(held.tasks[e.task].split_family or e.task, e.key) == "test" for e in held.questions)
+    assert held_out_tasks(load_config(overrides=["dpo.data=[\"pairs.jsonl\"]"]), None) is None
+    assert held_out_tasks(load_config(overrides=["dpo.eval_examples=0"]), None) is None
+
+
+def test_strict_prefs_choose_only_answers_right_by_their_working(base):
+    """dpo.prefs_strict: every chosen answer passes check_work (here: ends in 'a' or 'e', a stricter
+    rule than the vowel check), every rejected one fails check; a right answer with wrong working
+    is neither."""
+
+    class Strict(_EndsWithVowel):
+        def check_work(self, example: Example, answer_text: str) -> bool:
+            letters = [c for c in answer_text.lower() if c.isalpha()]
+            return self.check(example, answer_text) and letters[-1] in "ae"
+
+    tok = load_tokenizer(base / "tokenizer")
+    task = Strict()
+    cfg = DpoConfig(prefs_prompts=24, prefs_val_prompts=0, prefs_samples=8, prefs_max_tokens=8,
+                    prefs_tasks=["vowel"], prefs_strict=True)
+    data = make_prefs(lmforge.load_model(base), tok, cfg, seed=3, tasks={"vowel": task})
+    loose = make_prefs(lmforge.load_model(base), tok, dataclasses.replace(cfg, prefs_strict=False), seed=3,
+                       tasks={"vowel": task})
+    assert data.train and len(data.train) < len(loose.train)
+    for pair in data.train:
+        example = Example("vowel", (*pair.prompt, {"role": "assistant", "content": ""}), "", "")
+        assert task.check_work(example, pair.chosen[0]["content"])
+        assert not task.check(example, pair.rejected[0]["content"])
+
+
+@pytest.mark.parametrize("epochs,batch_size,expected", [(3.0, 2, 6), (1.5, 2, 3), (2.0, 1, 8), (0.0, 2, None)])
+def test_a_time_budget_may_size_dpo_to_at_most_max_epochs_over_its_pairs(base, epochs, batch_size, expected):
+    """dpo.max_epochs x the optimizer steps of one epoch (4 pairs: 2 batches of 2, or 4 of 1)."""
+    cfg = load_config(overrides=[*MODEL, f"train.batch_size={batch_size}", f"dpo.max_epochs={epochs}"])
+    tok = load_tokenizer(base / "tokenizer")
+    pairs = [Pair([{"role": "user", "content": f"q{i}"}], [{"role": "assistant", "content": "yes"}],
+                  [{"role": "assistant", "content": "no"}]) for i in range(4)]
+    rendered, _ = render_pairs(tok, pairs, 64)
+    reference = {f"train_{side}": torch.zeros(4, dtype=torch.float64) for side in ("chosen", "rejected")}
+    objective = DPOObjective(cfg, rendered, [], reference, tok.pad_id, init_parallel(cfg))
+    assert objective.max_budget_steps == expected

@@ -471,3 +471,18 @@ def test_evaluation_without_a_budget_runs_every_task(tmp_path, monkeypatch):
     posttrain.run_eval(ctx)
     saved = json.loads((root / "eval" / "results.json").read_text())
     assert saved["skipped"] == [] and list(saved["models"]["base"]["results"]) == ["chat", "bpb"]
+
+
+def test_a_stage_model_is_the_checkpoint_its_run_selected_else_the_newest(tmp_path):
+    """The lifecycle evaluates and exports an alignment run's selected checkpoint (selected.json),
+    and a run without one by its newest checkpoint; resuming always starts from the newest."""
+    from lmforge.pipeline.posttrain import latest_checkpoint, stage_model
+
+    for step in (0, 4, 8):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").write_text("")
+    assert stage_model(tmp_path) == latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000008"
+    (tmp_path / "checkpoints" / "selected.json").write_text(json.dumps({"step": 4, "metric": "pass_at_1",
+                                                                         "value": 0.5}))
+    assert stage_model(tmp_path) == tmp_path / "checkpoints" / "step_00000004"
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000008"

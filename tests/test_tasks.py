@@ -176,6 +176,23 @@ def test_letter_counts_against_python(tasks):
             assert tasks["letters"].check(e, " ".join(word.upper()))
 
 
+def test_a_letter_count_right_by_luck_passes_check_but_not_check_work(tasks):
+    """check_work: the count and the working (spelling, positions, against Python's) both right."""
+    letters = tasks["letters"]
+    for e in letters.generate("test", 0, 40):
+        assert letters.check_work(e, e.reference)
+        if not e.key.startswith("count:"):
+            continue
+        _, word, letter = e.key.split(":")
+        where = [i + 1 for i, c in enumerate(word) if c == letter]
+        shifted = ", ".join(str(i + 1) for i in where)  # every position one off
+        lucky = e.reference.replace(f"position(s) {', '.join(map(str, where))}", f"position(s) {shifted}")
+        if where:
+            assert lucky != e.reference and letters.check(e, lucky) and not letters.check_work(e, lucky)
+    arithmetic = tasks["arithmetic"].generate("test", 0, 1)[0]  # a task that cannot tell: check itself
+    assert tasks["arithmetic"].check_work(arithmetic, f"#### {arithmetic.answer}")
+
+
 def test_corpus_questions_come_from_the_archives(tasks):
     pool = tasks["shakespeare"].pool()
     by_line = {e.key: e for e in pool}

@@ -122,3 +122,94 @@ def test_pretraining_never_changes_its_config(tmp_path):
 
     saved = read_config(result.checkpoint)
     assert saved.train.max_steps == result.max_steps != before["train"]["max_steps"]
+
+
+class ScriptedScore(MaskedNextToken):
+    """MaskedNextToken whose held-out score is a fake scorer: a fixed value per evaluated step."""
+
+    select_by = "pass_at_1"
+
+    def __init__(self, vocab_size: int, scores: dict[int, float]) -> None:
+        super().__init__(vocab_size)
+        self.scores, self.evaluated = scores, 0
+
+    def evaluate(self, model, par, autocast) -> dict[str, float]:
+        step = self.position  # one micro-batch per step: the data position is the step
+        self.evaluated += 1
+        return {**super().evaluate(model, par, autocast), "pass_at_1": self.scores[step]}
+
+
+def _selecting_loop(run_dir: Path, scores: dict[int, float], *overrides: str,
+                    resume_from: Path | None = None) -> TrainLoop:
+    cfg = tiny_config("train.max_steps=8", "train.checkpoint_every=8", "train.eval_every=2",
+                      "train.keep_last=1", *overrides)
+    seed_everything(cfg.train.seed)
+    return TrainLoop(ScriptedScore(cfg.model.vocab_size, scores), Transformer(cfg.model), cfg, run_dir,
+                     init_parallel(cfg), resume_from=resume_from)
+
+
+@pytest.mark.parametrize(("scores", "best"), [
+    ({0: 0.30, 2: 0.35, 4: 0.50, 6: 0.45, 8: 0.40}, 4),  # the peak mid-run, not the last step
+    ({0: 0.50, 2: 0.40, 4: 0.50, 6: 0.20, 8: 0.45}, 0),  # nothing beats the start (a tie keeps the earlier)
+    ({0: 0.10, 2: 0.20, 4: 0.30, 6: 0.40, 8: 0.60}, 8),
+])
+def test_the_run_selects_the_checkpoint_with_the_best_held_out_score(tmp_path, scores, best):
+    from lmforge.checkpoint import read_selected, resolve_checkpoint
+
+    run = tmp_path / "run"
+    loop = _selecting_loop(run, scores)
+    loop.run()
+    assert loop.objective.evaluated == len(scores)  # step 0 (the starting model) is scored too
+    assert read_selected(run / "checkpoints") == {"step": best, "metric": "pass_at_1", "value": scores[best]}
+    # Loading the run directory gives the selected step, kept though keep_last=1 keeps only the last.
+    assert resolve_checkpoint(run) == run / "checkpoints" / f"step_{best:08d}"
+    assert {step for step, _ in CheckpointManager(run, 1).complete()} == {best, 8}
+    # The selected checkpoint holds the weights as they were at that step (not the last ones).
+    from lmforge.checkpoint import load_model
+    selected = load_model(run).state_dict()
+    last = load_model(run / "checkpoints" / "step_00000008").state_dict()
+    assert (best == 8) == all(torch.equal(selected[k], last[k]) for k in last)
+
+
+def test_a_resumed_run_keeps_competing_with_the_best_before_the_stop(tmp_path):
+    from lmforge.checkpoint import read_selected
+
+    scores = {0: 0.1, 2: 0.6, 4: 0.3, 6: 0.5, 8: 0.4}
+    run = tmp_path / "run"
+    assert _selecting_loop(run, scores, "debug.inject=sigterm@5").run().stopped_by_signal
+    resumed = _selecting_loop(run, scores, resume_from=CheckpointManager(run, 1).latest())
+    resumed.run()
+    assert read_selected(run / "checkpoints")["step"] == 2  # 0.5 and 0.4 after the resume lose to 0.6
+
+
+def test_a_time_budget_sizes_a_run_no_longer_than_the_objectives_limit(tmp_path):
+    """A budget worth ~100 steps sizes the run to the objective's max_budget_steps (DPO: its
+    dpo.max_epochs over the pairs); without a limit it takes what the budget allows."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    class Timed(MaskedNextToken):
+        def next_batch(self):
+            clock.now += 1.0  # one second per step
+            return super().next_batch()
+
+    for limit, expected in ((12, 12), (None, None)):
+        clock = Clock()
+        cfg = tiny_config("train.max_steps=8", "train.checkpoint_every=1000", "train.eval_every=1000",
+                          "train.warmup_steps=1")
+        seed_everything(cfg.train.seed)
+        objective = Timed(cfg.model.vocab_size)
+        objective.max_budget_steps = limit
+        loop = TrainLoop(objective, Transformer(cfg.model), cfg, tmp_path / f"run{limit}", init_parallel(cfg),
+                         time_budget_s=100.0, clock=clock)
+        result = loop.run()
+        sized = [r["max_steps"] for r in read_metrics(loop.run_dir) if r.get("event") == "budget"]
+        assert sized, "the budget sized the run (else this test proves nothing)"
+        if expected is None:
+            assert result.step > 80  # what the budget allows
+        else:
+            assert result.step == expected and max(sized) == expected  # not the configured 8, nor ~95

@@ -33,6 +33,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from lmforge.config import RunConfig
 from lmforge.errors import UserError
 from lmforge.finetune.data import IGNORE, bucket_batches, collate
 from lmforge.finetune.lora import BaseRef
+from lmforge.tasks.common import Example, Task
 from lmforge.train.loop import (
     Autocast,
     Objective,
@@ -205,7 +207,8 @@ class DPOObjective(Objective):
     epoch's batches ordered with the seed train.seed + epoch, as SFT's."""
 
     def __init__(self, cfg: RunConfig, train: list[RenderedPair], val: list[RenderedPair],
-                 reference: dict[str, torch.Tensor], pad_id: int, par: Any) -> None:
+                 reference: dict[str, torch.Tensor], pad_id: int, par: Any,
+                 held_out: HeldOutTasks | None = None) -> None:
         from lmforge.train.pretrain import batch_geometry
 
         self.train, self.dpo, self.par, self.device = cfg.train, cfg.dpo, par, par.device
@@ -219,6 +222,12 @@ class DPOObjective(Objective):
         self._recent: collections.deque[int] = collections.deque(maxlen=self.accum)
         self._stats: collections.deque[torch.Tensor] = collections.deque(maxlen=self.accum)
         self.loss_options: dict[str, Any] = {}
+        self.held_out, self.autocast = held_out, autocast_for(cfg, self.device)
+        self.model: nn.Module | None = None
+        self._engine: Any = None
+        self.select_by = "pass_at_1" if held_out is not None and cfg.dpo.select_best else None
+        if cfg.dpo.max_epochs:
+            self.max_budget_steps = max(1, math.ceil(cfg.dpo.max_epochs * len(self._epoch_batches()) / self.accum))
 
     @property
     def tokens_per_step(self) -> int:  # type: ignore[override]
@@ -228,6 +237,7 @@ class DPOObjective(Objective):
         from lmforge.train.pretrain import loss_options
 
         self.loss_options = loss_options(model, self.train, self.device)
+        self.model = model
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
@@ -279,9 +289,10 @@ class DPOObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, par: Any, autocast: Autocast) -> dict[str, float]:
-        """The loss and implicit-reward metrics of the held-out pairs (the same batches each time)."""
+        """The loss and implicit-reward metrics of the held-out pairs (the same batches each time),
+        and the held-out questions' pass@1."""
         if not self.val_pairs:
-            return {}
+            return self._pass_at_1(par)
         batches = bucket_batches([p.longest for p in self.val_pairs], self.train.batch_size, seed=0)
         was_training = model.training
         model.eval()
@@ -294,13 +305,56 @@ class DPOObjective(Objective):
         totals = par.all_reduce(totals, "sum")
         metrics = _reward_metrics(totals[1:])
         return {"val_loss": float(totals[0] / totals[-1].clamp(min=1)), "reward_accuracy": metrics["reward_accuracy"],
-                "reward_margin": metrics["reward_margin"]}
+                "reward_margin": metrics["reward_margin"], **self._pass_at_1(par)}
+
+    def _pass_at_1(self, par: Any) -> dict[str, float]:
+        """{"pass_at_1": ...} on the held-out task questions (none without them)."""
+        from lmforge.align.heldout import generating, pass_at_1
+        from lmforge.chat import render_prompt
+        from lmforge.engine import Engine
+        from lmforge.tasks.score import MAX_BATCH
+
+        h = self.held_out
+        if h is None or self.model is None:
+            return {}
+        if self._engine is None:
+            was_training = self.model.training  # the Engine puts the model in eval mode
+            self._engine = Engine(self.model, h.tokenizer, max_batch=MAX_BATCH)
+            self.model.train(was_training)
+        with generating(self._engine, self.model, self.autocast) as engine:
+            value = pass_at_1(engine, h.questions, h.tasks, lambda e: render_prompt(h.tokenizer, e.prompt),
+                              self.dpo.prefs_max_tokens, par)
+        return {"pass_at_1": value}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
+
+
+@dataclass
+class HeldOutTasks:
+    """Test-split task questions whose greedy pass@1 a DPO run measures at each evaluation."""
+
+    tokenizer: Any
+    tasks: dict[str, Task]
+    questions: list[Example]
+
+
+def held_out_tasks(cfg: RunConfig, tokenizer: Any) -> HeldOutTasks | None:
+    """With builtin:prefs among dpo.data, dpo.eval_examples questions of dpo.prefs_tasks (the
+    tasks the pairs teach); None when there are no such tasks or eval_examples is 0."""
+    from lmforge.align.heldout import held_out_questions
+    from lmforge.align.pairs import BUILTIN_PREFS, parse_source
+    from lmforge.align.prefs import verifiable_mixture
+    from lmforge.tasks import make_tasks
+
+    if not cfg.dpo.eval_examples or all(parse_source(s).path != BUILTIN_PREFS for s in cfg.dpo.data):
+        return None
+    tasks = make_tasks()
+    shares = verifiable_mixture(tasks, cfg.dpo.prefs_tasks)
+    return HeldOutTasks(tokenizer, tasks, held_out_questions(tasks, cfg.dpo.eval_examples, shares))
 
 
 def _reward_sums(result: PreferenceLoss) -> torch.Tensor:
@@ -406,7 +460,8 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
         reference = main_rank_first(par, lambda: cached_reference(
             run_dir, model, pairs.train, pairs.val, base, tokenizer.pad_id, cfg.train.batch_size * 2,
             autocast_for(cfg, par.device)))
-        objective = DPOObjective(cfg, pairs.train, pairs.val, reference, tokenizer.pad_id, par)
+        objective = DPOObjective(cfg, pairs.train, pairs.val, reference, tokenizer.pad_id, par,
+                                 held_out_tasks(cfg, tokenizer))
         if time_budget_s is not None:  # sampling builtin:prefs and the reference pass count too
             time_budget_s = max(time_budget_s - (clock() - started), SETUP_FLOOR * time_budget_s)
 
@@ -435,7 +490,8 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
     return run_stage(DPO, cfg, checkpoint, run_dir, resume)
 
 
-__all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "PREFERENCE_GUARD_DEFAULTS", "PairsRun", "PreferenceLoss",
-           "REFERENCE_CACHE",
-           "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "main_rank_first",
+__all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "HeldOutTasks", "PREFERENCE_GUARD_DEFAULTS", "PairsRun",
+           "PreferenceLoss", "REFERENCE_CACHE",
+           "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "held_out_tasks",
+           "main_rank_first",
            "pair_batch", "policy_pairs", "preference_loss", "prepare_pairs", "reference_logprobs", "run_dpo"]

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.align.heldout import held_out_questions
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
 from lmforge.finetune.lora import BaseRef
@@ -64,7 +65,6 @@ from lmforge.train.loop import (
     TrainLoop,
     TrainResult,
     autocast_for,
-    run_compiled_code_eagerly,
     seed_everything,
 )
 
@@ -251,8 +251,8 @@ class GRPOObjective(Objective):
         self.model: nn.Module | None = None
         self._engine: Any = None
         self._scorer = load_scorer(self.g.reward_model) if self.g.reward_model else None
-        self._held_out = [e for name, t in tasks.items()
-                          for e in t.generate("test", 0, max(1, self.g.eval_examples // len(tasks)))]
+        self._held_out = held_out_questions(tasks, self.g.eval_examples)
+        self.select_by = "pass_at_1" if self.g.select_best else None
 
     @property
     def tokens_per_step(self) -> int:  # type: ignore[override]
@@ -345,24 +345,20 @@ class GRPOObjective(Objective):
                             f"model.max_seq_len={self.cfg.model.max_seq_len}")
         return ids
 
-    @contextlib.contextmanager
-    def _generating(self) -> Iterator[Any]:
+    def _generating(self) -> contextlib.AbstractContextManager:
         """The Engine over the live policy (built once), the model back in training mode after."""
+        from lmforge.align.heldout import generating
         from lmforge.engine import Engine
 
         assert self.model is not None
-        was_training = self.model.training
-        with self.autocast(), run_compiled_code_eagerly():
-            if self._engine is None:
-                self._engine = Engine(self.model, self.tokenizer, max_batch=max(self.local_rows, 1))
-                # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
-                # returns, and the loss must know which one the policy chose.
-                self._engine.stop_ids = {self.end_id}
-            self.model.eval()
-            try:
-                yield self._engine
-            finally:
-                self.model.train(was_training)
+        if self._engine is None:
+            was_training = self.model.training  # the Engine puts the model in eval mode
+            self._engine = Engine(self.model, self.tokenizer, max_batch=max(self.local_rows, 1))
+            self.model.train(was_training)
+            # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
+            # returns, and the loss must know which one the policy chose.
+            self._engine.stop_ids = {self.end_id}
+        return generating(self._engine, self.model, self.autocast)
 
     def _sample(self, examples: list[Example], seeds: list[int]) -> list[list[_Answer]]:
         from lmforge.engine import SamplingParams
@@ -433,15 +429,11 @@ class GRPOObjective(Objective):
 
     def evaluate(self, model: nn.Module, par: Any, autocast: Autocast) -> dict[str, float]:
         """pass@1: greedy answers to the fixed held-out questions, checked by their task."""
-        from lmforge.engine import SamplingParams
+        from lmforge.align.heldout import pass_at_1
 
-        mine = self._held_out[self.rank::self.dp]
-        params = SamplingParams(max_tokens=self.g.max_new_tokens, temperature=0.0)
         with self._generating() as engine:
-            completions = engine.generate([self._prompt_ids(e) for e in mine], params)
-        correct = sum(self.tasks[e.task].check(e, c[0].text) for e, c in zip(mine, completions, strict=True))
-        totals = par.all_reduce(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64), "sum")
-        return {"pass_at_1": float(totals[0] / totals[1].clamp(min=1))}
+            return {"pass_at_1": pass_at_1(engine, self._held_out, self.tasks, self._prompt_ids,
+                                           self.g.max_new_tokens, par)}
 
     # ---- resume
 
@@ -556,8 +548,8 @@ def grpo(cfg: RunConfig, base: BaseRef, tasks: dict[str, Task], run_dir: str | P
                          time_budget_s=time_budget_s, clock=clock, tokenizer_dir=tokenizer_dir,
                          write_weights=lora_writer(model, base, cfg))
 
-        def log_start() -> None:  # where the curve starts: the base's pass@1
-            if resume_from is None:
+        def log_start() -> None:  # where the curve starts: the base's pass@1 (the loop's when selecting)
+            if resume_from is None and not objective.select_by:
                 loop.metrics.log({"step": 0, **objective.evaluate(loop.model, par, loop.autocast)})
 
         kind = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank else "full fine-tuning"

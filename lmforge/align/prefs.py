@@ -98,6 +98,8 @@ def sample_pairs(model, tokenizer, examples: Sequence, tasks: dict, cfg: DpoConf
         answers = list(dict.fromkeys(c.text.strip() for c in completions))  # distinct, in order
         right = [a for a in answers if task.check(example, a)]
         wrong = [a for a in answers if a not in right]
+        if cfg.prefs_strict:  # a right answer with wrong working is neither chosen nor rejected
+            right = [a for a in right if task.check_work(example, a)]
         if not wrong:
             stats.all_right += 1
             continue

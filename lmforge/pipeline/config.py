@@ -58,11 +58,12 @@ class LifecycleConfig:
     min_stage_s: float = 30.0
     sft_overrides: list[str] = field(default_factory=list)
     sft_text: float = 0.03
-    # builtin:prefs samples 9 answers to each prompt before DPO trains: 128 prompts keep that to
-    # about a minute on two cores (the `lmforge dpo` default is 512). A tiny SFT model answers most
-    # of them right, so few pairs come out (25 in the default run): 20 steps keep its accuracy
-    # (arithmetic 98% before and after), 100 steps over-fit them (98% -> 43%), measured 2026-11-30.
-    align_overrides: list[str] = field(default_factory=lambda: ["dpo.prefs_prompts=128", "train.max_steps=20"])
+    # builtin:prefs samples 9 answers to each prompt before DPO trains: 256 prompts keep that under
+    # a minute on two cores (the `lmforge dpo` default is 512) and give about 270 pairs; 100 steps
+    # are about three passes over them (a budget lengthens DPO to at most dpo.max_epochs = 3).
+    # From the spread-letters SFT model that selected step 75 at +10 +- 6.3 held-out questions,
+    # 128 prompts and 60 steps +3 +- 5.2 (benchmarks/RESULTS.md, 2026-11-30).
+    align_overrides: list[str] = field(default_factory=lambda: ["dpo.prefs_prompts=256", "train.max_steps=100"])
 
     def share(self, stage: str) -> float:
         return {"pretrain": self.pretrain_share, "sft": self.sft_share, "align": self.align_share}[stage]

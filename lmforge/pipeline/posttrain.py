@@ -87,10 +87,18 @@ def pretrained(ctx: Context) -> Path:
     return checkpoint
 
 
+def stage_model(run_dir: Path) -> Path | None:
+    """A stage's model: the checkpoint its run selected by held-out score (DPO, GRPO:
+    checkpoints/selected.json), else its newest complete one."""
+    from lmforge.checkpoint import selected_checkpoint
+
+    return selected_checkpoint(run_dir / "checkpoints") or latest_checkpoint(run_dir)
+
+
 def stage_models(ctx: Context) -> dict[str, Path]:
     """The models the run has made so far, in lifecycle order: base, sft, aligned."""
-    found = {"base": latest_checkpoint(ctx.layout.root), "sft": latest_checkpoint(ctx.layout.sft),
-             "aligned": latest_checkpoint(ctx.layout.align)}
+    found = {"base": latest_checkpoint(ctx.layout.root), "sft": stage_model(ctx.layout.sft),
+             "aligned": stage_model(ctx.layout.align)}
     return {label: path for label, path in found.items() if path is not None}
 
 

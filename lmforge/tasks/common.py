@@ -85,6 +85,11 @@ class Task:
     def check(self, example: Example, answer_text: str) -> bool:
         raise NotImplementedError
 
+    def check_work(self, example: Example, answer_text: str) -> bool:
+        """`check`, and the working that leads to the answer is right too, where the task can tell
+        (an answer may be right by luck); by default the same as `check`."""
+        return self.check(example, answer_text)
+
     def reward(self, example: Example, answer_text: str) -> float:
         """1.0 for a correct answer, 0.0 otherwise (what RL maximises)."""
         return float(self.check(example, answer_text))

@@ -43,6 +43,14 @@ class Letters(Task):
             return "".join(letters) == example.answer.replace("-", "")
         return final_number(answer_text) == example.answer
 
+    def check_work(self, example: Example, answer_text: str) -> bool:
+        """A count is right by its working only with the reference's spelling and positions (the
+        answer's wording is fixed, so that is the reference itself): a small model's right counts
+        are mostly guesses after a wrong spelling or wrong positions."""
+        if example.key.startswith("spell:"):
+            return self.check(example, answer_text)
+        return " ".join(answer_text.split()) == " ".join(example.reference.split())
+
 
 def _count_letters(word: str) -> list[str]:
     """The letters asked about in `word`: each repeated one, as many of its single ones (at least

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.atomic import atomic_directory
-from lmforge.checkpoint import write_model_files
+from lmforge.checkpoint import selected_checkpoint, write_model_files
 from lmforge.config import RunConfig
 from lmforge.errors import UserError
 
@@ -226,7 +226,8 @@ def read_checkpoint(path: Path) -> TrainingCheckpoint:
 
 
 class CheckpointManager:
-    """RUN_DIR/checkpoints: save atomically, find the newest complete one, keep last K + best."""
+    """RUN_DIR/checkpoints: save atomically, find the newest complete one, keep the last K, the best
+    by validation loss and the one selected.json names."""
 
     def __init__(self, run_dir: Path, keep_last: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -299,6 +300,7 @@ class CheckpointManager:
         scored = [(v, p) for v, p in scored if v is not None]
         if scored:
             keep.add(min(scored, key=lambda vp: vp[0])[1])
+        keep.add(selected_checkpoint(self.root))
         for _, p in found:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.atomic import atomic_write_json
+from lmforge.checkpoint import SELECTED_FILE, read_selected
 from lmforge.config import RunConfig, TrainConfig
 from lmforge.errors import Interrupted, UserError
 from lmforge.eval.training import training_eval
@@ -95,6 +97,13 @@ class Objective:
     accum: int = 1
     #: training FLOPs per token, for MFU in the metrics (0: not logged)
     flops_per_token: float = 0.0
+    #: the most steps a time budget may size the run to (None: as many as fit): a fine-tuning
+    #: objective's epochs over a fixed dataset, which a budget on a fast machine would multiply
+    max_budget_steps: int | None = None
+    #: a metric of `evaluate` (higher is better, e.g. held-out "pass_at_1") by which the run's result
+    #: is chosen: measured at step 0 too, every new best is checkpointed and named in
+    #: RUN_DIR/checkpoints/selected.json, which loading the run directory follows (None: the last)
+    select_by: str | None = None
 
     def attach(self, model: nn.Module, par: Any) -> None:
         """Called once with the model as the parallel strategy returned it, before training:
@@ -249,12 +258,15 @@ class TrainLoop:
         self.last_val: dict[str, float] = {}
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        # {"step", "metric", "value"} of the best checkpoint by objective.select_by so far
+        self.selected: dict[str, Any] | None = None
 
         if par.is_main:
             self.checkpoints.remove_partial()
         if resume_from is not None:
             ckpt = read_checkpoint(resume_from)
             self._restore(ckpt, rollback=False)
+            self.selected = read_selected(self.checkpoints.root)
             self.metrics.truncate_after(self.step)
             self.metrics.log({"step": self.step, "event": "resume", "checkpoint": str(resume_from)})
         else:
@@ -278,6 +290,8 @@ class TrainLoop:
         window_start, window_tokens = self.clock(), 0
         mark: tuple[float, int] | None = None  # (time, step) where the current speed measurement began
         try:
+            if self.step == 0 and self.objective.select_by:
+                self._evaluate(0)  # the starting model is a candidate too: never end worse than it
             while self.step < self.max_steps:
                 step = self.step + 1
                 loss, grad_norm, reason = self._attempt_step(step)
@@ -391,11 +405,7 @@ class TrainLoop:
         cfg = self.train
         last = final or step >= self.max_steps
         if step % cfg.eval_every == 0 or last:
-            with self._timed("eval"):
-                self.last_val = self.evaluate()
-            if self.last_val:
-                self.metrics.log({"step": step, **self.last_val})
-                self.metrics.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in self.last_val.items()))
+            self._evaluate(step)
         if cfg.sample_every and (step % cfg.sample_every == 0 or last):
             with self._timed("sample"):
                 text = self.sample()
@@ -404,6 +414,32 @@ class TrainLoop:
         if step % cfg.checkpoint_every == 0 or last or self.stop_requested:
             with self._timed("checkpoint"):
                 self._save_checkpoint()
+
+    def _evaluate(self, step: int) -> None:
+        with self._timed("eval"):
+            self.last_val = self.evaluate()
+        if self.last_val:
+            self.metrics.log({"step": step, **self.last_val})
+            self.metrics.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in self.last_val.items()))
+        self._select(step)
+
+    def _select(self, step: int) -> None:
+        """Keep the checkpoint of a new best `objective.select_by` score (ties keep the earlier)."""
+        metric = self.objective.select_by
+        value = self.last_val.get(metric) if metric else None
+        if value is None:
+            return
+        better = self.selected is None or value > self.selected["value"]
+        # Collective decision (the checkpoint is): every rank follows the main rank's verdict.
+        if not float(self.par.all_reduce(torch.tensor(float(better and self.par.is_main)), "max")):
+            return
+        self.selected = {"step": step, "metric": metric, "value": float(value)}
+        with self._timed("checkpoint"):
+            self._save_checkpoint()
+        if self.par.is_main:
+            atomic_write_json(self.checkpoints.root / SELECTED_FILE, self.selected)
+            self.checkpoints.prune()  # the previous best may go now
+            self.metrics.write(f"step {step}: best {metric} so far ({value:.4f}); selected as the run's result")
 
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -459,6 +495,8 @@ class TrainLoop:
             seconds_per_step *= 1 + cfg.eval_batches / (3 * self.objective.accum) / cfg.eval_every
         remaining = self.time_budget_s - self._reserve_s() - (self.clock() - self.t_start)
         steps = self.step + max(1, int(remaining / seconds_per_step))
+        if self.objective.max_budget_steps is not None:  # more would only repeat its data
+            steps = min(steps, max(self.objective.max_budget_steps, self.step + 1))
         # Each rank reads its own clock: take the smallest count so all stop at the same step.
         steps = -int(self.par.all_reduce(torch.tensor(-steps, dtype=torch.float64), "max"))
         if self.step > cfg.warmup_steps:

@@ -1,0 +1,59 @@
+"""Held-out pass@1 during alignment: greedy answers to fixed test-split questions, each checked by
+its task. DPO and GRPO log it as `pass_at_1` at every evaluation and, with `dpo.select_best` /
+`grpo.select_best`, keep the checkpoint where it was highest as the run's result (the training
+loop's `Objective.select_by`): the margins and rewards they train on keep rising after the
+model's answers stopped getting better (benchmarks/RESULTS.md), so the last step is not the best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.tasks.common import Example, Task
+
+EVAL_SEED = 0  # the same questions in every run and at every evaluation
+
+
+def held_out_questions(tasks: dict[str, Task], n: int, shares: dict[str, float] | None = None) -> list[Example]:
+    """About `n` test-split questions: in `shares` (task -> share, summing to 1), else n // len(tasks)
+    of each task."""
+    counts = ({name: round(share * n) for name, share in shares.items()} if shares
+              else dict.fromkeys(tasks, n // len(tasks)))
+    return [e for name, count in counts.items() for e in tasks[name].generate("test", EVAL_SEED, max(1, count))]
+
+
+@contextlib.contextmanager
+def generating(engine: Any, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> Iterator[Any]:
+    """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code;
+    the model back in its mode after."""
+    from lmforge.train.loop import run_compiled_code_eagerly
+
+    was_training = model.training
+    with autocast(), run_compiled_code_eagerly():
+        model.eval()
+        try:
+            yield engine
+        finally:
+            model.train(was_training)
+
+
+@torch.no_grad()
+def pass_at_1(engine: Any, examples: Sequence[Example], tasks: dict[str, Task],
+              prompt_ids: Callable[[Example], list[int]], max_tokens: int, par: Any) -> float:
+    """Share of `examples` whose greedy answer their task accepts; each rank answers its share."""
+    from lmforge.engine import SamplingParams
+
+    mine = list(examples[par.dp_rank::par.dp_size])
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    completions = engine.generate([prompt_ids(e) for e in mine], params) if mine else []
+    correct = sum(tasks[e.task].check(e, c[0].text) for e, c in zip(mine, completions, strict=True))
+    totals = par.all_reduce(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64), "sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+__all__ = ["EVAL_SEED", "generating", "held_out_questions", "pass_at_1"]
