@@ -244,7 +244,7 @@ def test_model_info_and_plan_print_one_memory_estimate():
                "--tokens-per-s", "1000")
     assert info.returncode == plan.returncode == 0, info.stderr + plan.stderr
     info_total = re.search(r"^total\s+\S+ GiB\s+(\S+ GiB)", info.stdout, re.M).group(1)
-    plan_total = re.search(r"/ (\S+ GiB) \(bf16 autocast", plan.stdout).group(1)
+    plan_total = re.search(r"/ (\S+ GiB) \(GPU: bf16 autocast", plan.stdout).group(1)
     assert info_total == plan_total
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(load_config(preset="llama-7b").model).parameters())
