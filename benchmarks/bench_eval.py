@@ -60,10 +60,9 @@ class ScorerOnly:
         self.batch_size = batch_size
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        from lmforge.eval.scoring import encode_pair, score_requests
+        from lmforge.eval.scoring import text_loglikelihoods
 
-        pairs = [encode_pair(self.tokenizer, *req.args) for req in requests]
-        return [(s.logprob, s.greedy) for s in score_requests(self.model, pairs, self.batch_size)]
+        return text_loglikelihoods(self.model, self.tokenizer, [req.args for req in requests], self.batch_size)
 
 
 def requests_of(task: str, limit: int) -> tuple[int, list[SimpleNamespace]]:

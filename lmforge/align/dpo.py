@@ -309,18 +309,15 @@ class DPOObjective(Objective):
 
     def _pass_at_1(self, par: Any) -> dict[str, float]:
         """{"pass_at_1": ...} on the held-out task questions (none without them)."""
-        from lmforge.align.heldout import generating, pass_at_1
+        from lmforge.align.heldout import generating, live_engine, pass_at_1
         from lmforge.chat import render_prompt
-        from lmforge.engine import Engine
         from lmforge.tasks.score import MAX_BATCH
 
         h = self.held_out
         if h is None or self.model is None:
             return {}
         if self._engine is None:
-            was_training = self.model.training  # the Engine puts the model in eval mode
-            self._engine = Engine(self.model, h.tokenizer, max_batch=MAX_BATCH)
-            self.model.train(was_training)
+            self._engine = live_engine(self.model, h.tokenizer, MAX_BATCH)
         with generating(self._engine, self.model, self.autocast) as engine:
             value = pass_at_1(engine, h.questions, h.tasks, lambda e: render_prompt(h.tokenizer, e.prompt),
                               self.dpo.prefs_max_tokens, par)

@@ -347,14 +347,11 @@ class GRPOObjective(Objective):
 
     def _generating(self) -> contextlib.AbstractContextManager:
         """The Engine over the live policy (built once), the model back in training mode after."""
-        from lmforge.align.heldout import generating
-        from lmforge.engine import Engine
+        from lmforge.align.heldout import generating, live_engine
 
         assert self.model is not None
         if self._engine is None:
-            was_training = self.model.training  # the Engine puts the model in eval mode
-            self._engine = Engine(self.model, self.tokenizer, max_batch=max(self.local_rows, 1))
-            self.model.train(was_training)
+            self._engine = live_engine(self.model, self.tokenizer, max(self.local_rows, 1))
             # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
             # returns, and the loss must know which one the policy chose.
             self._engine.stop_ids = {self.end_id}

@@ -27,6 +27,17 @@ def held_out_questions(tasks: dict[str, Task], n: int, shares: dict[str, float] 
     return [e for name, count in counts.items() for e in tasks[name].generate("test", EVAL_SEED, max(1, count))]
 
 
+def live_engine(model: nn.Module, tokenizer: Any, max_batch: int) -> Any:
+    """An Engine over a model that is training: built once by the objective and used through
+    `generating`; the model keeps its mode (the Engine would leave it in eval mode)."""
+    from lmforge.engine import Engine
+
+    was_training = model.training
+    engine = Engine(model, tokenizer, max_batch=max_batch)
+    model.train(was_training)
+    return engine
+
+
 @contextlib.contextmanager
 def generating(engine: Any, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> Iterator[Any]:
     """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code;
@@ -56,4 +67,4 @@ def pass_at_1(engine: Any, examples: Sequence[Example], tasks: dict[str, Task],
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-__all__ = ["EVAL_SEED", "generating", "held_out_questions", "pass_at_1"]
+__all__ = ["EVAL_SEED", "generating", "held_out_questions", "live_engine", "pass_at_1"]

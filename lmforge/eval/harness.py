@@ -22,7 +22,7 @@ from lm_eval import utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from lmforge.eval.scoring import encode_pair, score_requests
+from lmforge.eval.scoring import score_requests, text_loglikelihoods
 
 DEFAULT_GEN_TOKENS = 256  # lm-evaluation-harness' default max_gen_toks
 
@@ -41,8 +41,7 @@ class LmforgeLM(LM):
         self.batch_size = 32 if batch_size == "auto" else int(batch_size)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self.tokenizer, *req.args) for req in requests]
-        return [(s.logprob, s.greedy) for s in score_requests(self.model, pairs, self.batch_size)]
+        return text_loglikelihoods(self.model, self.tokenizer, [req.args for req in requests], self.batch_size)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = [], []

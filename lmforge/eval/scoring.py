@@ -45,6 +45,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
+def text_loglikelihoods(model: Transformer, tokenizer, pairs: Sequence[tuple[str, str]],
+                        batch_size: int = 32) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of each (context, continuation) text pair: lm-evaluation-harness'
+    `loglikelihood`, as the harness model and the benchmarks call it."""
+    encoded = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
+    return [(s.logprob, s.greedy) for s in score_requests(model, encoded, batch_size)]
+
+
 def _fit(context: list[int], continuation: list[int], window: int) -> tuple[list[int], list[int]]:
     """Cut from the left so that context + continuation - 1 tokens fit the window. A continuation
     longer than the window itself is scored on its last `window` tokens (the rest joins the
