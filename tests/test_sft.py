@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -248,3 +249,26 @@ def test_bad_input_is_one_line_and_exit_2(case, base, plain_base, data_file, tmp
                     *_sets(*RUN, *extra), check=False)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+
+STAGE_ARGS = {
+    "sft": ["sft", "--data", "builtin:chat"],
+    "dpo": ["dpo", "--data", "builtin:prefs"],
+    "reward train": ["reward", "train", "--data", "builtin:prefs"],
+    "grpo": ["grpo", "--tasks", "arithmetic"],
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_ARGS))
+def test_every_training_stage_refuses_a_base_without_chat_tokens(stage, plain_base, tmp_path):
+    """SFT, DPO, the reward model and GRPO read the base's tokenizer through one check
+    (`chat_tokenizer`): a tokenizer without the chat tokens, or none at all, is one line, exit 2."""
+    bare = tmp_path / "bare"
+    shutil.copytree(plain_base, bare)
+    shutil.rmtree(bare / "tokenizer")
+    for checkpoint, message in ((plain_base, "lacks the chat tokens"), (bare, "has no tokenizer/ directory")):
+        proc = _lmforge(*STAGE_ARGS[stage], "--checkpoint", str(checkpoint), "--out", str(tmp_path / "run"),
+                        *_sets("train.max_steps=1", "train.tensorboard=false"), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr

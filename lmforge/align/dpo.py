@@ -406,20 +406,6 @@ class PairsRun:
                 f"{self.dropped} left out for being longer than the context"]
 
 
-def chat_tokenizer(base: BaseRef, stage: str) -> tuple[Any, Path]:
-    """The base checkpoint's tokenizer (with the chat tokens) and its directory."""
-    from lmforge.chat import require_chat_tokens
-    from lmforge.tokenizer import load_tokenizer
-
-    directory = base.checkpoint / "tokenizer"
-    if not directory.is_dir():
-        raise UserError(f"base checkpoint {base.checkpoint} has no tokenizer/ directory; {stage} renders "
-                        "pairs with the model's tokenizer")
-    tokenizer = load_tokenizer(directory)
-    require_chat_tokens(tokenizer, f"the tokenizer of {base.checkpoint}")
-    return tokenizer, directory
-
-
 def prepare_pairs(cfg: RunConfig, section: Any, model: nn.Module, tokenizer: Any, base: BaseRef,
                   run_dir: Path, par: Any, context: int) -> PairsRun:
     """Read (or sample, on the main rank first) the pairs of `section` and render those whose
@@ -441,7 +427,7 @@ def dpo(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resume_from: Path | 
     into `run_dir`. `report` gets the lines a user sees before training."""
     from lmforge.distributed import init_parallel
     from lmforge.finetune.lora import describe_trainable
-    from lmforge.finetune.sft import load_base, lora_writer, run_recorded
+    from lmforge.finetune.sft import chat_tokenizer, load_base, lora_writer, run_recorded
     from lmforge.train.pretrain import batch_geometry
 
     run_dir = Path(run_dir)
@@ -489,6 +475,6 @@ def run_dpo(cfg: RunConfig, checkpoint: str | Path, run_dir: str | Path, resume:
 
 __all__ = ["DPO_TRAIN_DEFAULTS", "DPOObjective", "HeldOutTasks", "PREFERENCE_GUARD_DEFAULTS", "PairsRun",
            "PreferenceLoss", "REFERENCE_CACHE",
-           "adapters_off", "answer_logprobs", "cached_reference", "chat_tokenizer", "dpo", "held_out_tasks",
+           "adapters_off", "answer_logprobs", "cached_reference", "dpo", "held_out_tasks",
            "main_rank_first",
            "pair_batch", "policy_pairs", "preference_loss", "prepare_pairs", "reference_logprobs", "run_dpo"]

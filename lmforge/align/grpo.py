@@ -518,19 +518,12 @@ def grpo(cfg: RunConfig, base: BaseRef, tasks: dict[str, Task], run_dir: str | P
          clock: Callable[[], float] = time.perf_counter,
          report: Callable[[str], None] = print) -> TrainResult:
     """Train the base checkpoint with GRPO on `tasks`, writing metrics and checkpoints into `run_dir`."""
-    from lmforge.chat import require_chat_tokens
     from lmforge.distributed import init_parallel
     from lmforge.finetune.lora import describe_trainable
-    from lmforge.finetune.sft import load_base, lora_writer, run_recorded
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.finetune.sft import chat_tokenizer, load_base, lora_writer, run_recorded
 
     run_dir = Path(run_dir)
-    tokenizer_dir = base.checkpoint / "tokenizer"
-    if not tokenizer_dir.is_dir():
-        raise UserError(f"base checkpoint {base.checkpoint} has no tokenizer/ directory; GRPO renders "
-                        "prompts with the model's tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    require_chat_tokens(tokenizer, f"the tokenizer of {base.checkpoint}")
+    tokenizer, tokenizer_dir = chat_tokenizer(base, "GRPO")
     owns_par = par is None
     par = par or init_parallel(cfg)
     try:

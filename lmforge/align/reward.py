@@ -215,11 +215,11 @@ def train_reward_model(cfg: RunConfig, base: BaseRef, run_dir: str | Path, resum
                        clock: Callable[[], float] = time.perf_counter,
                        report: Callable[[str], None] = print) -> TrainResult:
     """Train a reward model from the base checkpoint on the pairs of cfg.reward.data."""
-    from lmforge.align.dpo import chat_tokenizer, prepare_pairs
+    from lmforge.align.dpo import prepare_pairs
     from lmforge.checkpoint import load_model, write_model_files
     from lmforge.distributed import init_parallel
     from lmforge.finetune.lora import describe_trainable
-    from lmforge.finetune.sft import run_recorded
+    from lmforge.finetune.sft import chat_tokenizer, run_recorded
     from lmforge.train.pretrain import batch_geometry
 
     if cfg.lora.rank:

@@ -163,6 +163,20 @@ def read_base_record(run_dir: Path) -> BaseRef:
                         "is this an `lmforge sft` run directory?") from None
 
 
+def chat_tokenizer(base: BaseRef, stage: str) -> tuple[Any, Path]:
+    """The base checkpoint's tokenizer (with the chat tokens) and its directory."""
+    from lmforge.chat import require_chat_tokens
+    from lmforge.tokenizer import load_tokenizer
+
+    directory = base.checkpoint / "tokenizer"
+    if not directory.is_dir():
+        raise UserError(f"base checkpoint {base.checkpoint} has no tokenizer/ directory; {stage} renders "
+                        "text with the model's tokenizer")
+    tokenizer = load_tokenizer(directory)
+    require_chat_tokens(tokenizer, f"the tokenizer of {base.checkpoint}")
+    return tokenizer, directory
+
+
 def load_base(base: BaseRef, cfg: RunConfig) -> nn.Module:
     """The base model, prepared for training per cfg.lora (seed torch first: LoRA's A is random)."""
     from lmforge.checkpoint import load_model
@@ -208,18 +222,11 @@ def sft(cfg: RunConfig, base: BaseRef, data: SftData, run_dir: str | Path, resum
         report: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune the base checkpoint on `data`, writing metrics and checkpoints into `run_dir`.
     `report` gets the lines a user sees before training (trainable share, data counts)."""
-    from lmforge.chat import require_chat_tokens
     from lmforge.distributed import init_parallel
     from lmforge.finetune.lora import describe_trainable
-    from lmforge.tokenizer import load_tokenizer
 
     run_dir = Path(run_dir)
-    tokenizer_dir = base.checkpoint / "tokenizer"
-    if not tokenizer_dir.is_dir():
-        raise UserError(f"base checkpoint {base.checkpoint} has no tokenizer/ directory; SFT renders "
-                        "conversations with the model's tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    require_chat_tokens(tokenizer, f"the tokenizer of {base.checkpoint}")
+    tokenizer, tokenizer_dir = chat_tokenizer(base, "SFT")
     owns_par = par is None
     par = par or init_parallel(cfg)
     try:
