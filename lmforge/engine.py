@@ -227,6 +227,19 @@ def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: t
     return logits, logits[:, :vocab].argmax(dim=-1)
 
 
+def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                    positions: torch.Tensor, mask: torch.Tensor, vocab: int, inv_temperature: torch.Tensor,
+                    uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_decode_logits`, and in the same graph each row's draw where inv_temperature[b] > 0: the
+    eager sampler's rule for a row without top-k / top-p (`_draw` of the logits times
+    inv_temperature[b] at uniform[b]: the same operations on the same numbers, so the same
+    token up to float rounding); the greedy token elsewhere. Sampling inside the graph saves a
+    rollout step the eager sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
+    logits, greedy = _decode_logits(model, k, v, tokens, positions, mask, vocab)
+    drawn = _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
+    return logits, torch.where(inv_temperature > 0, drawn, greedy)
+
+
 def _key_length(longest: int, max_len: int) -> int:
     """The keys a compiled step attends over: past the longest row's new token, rounded up to a
     multiple of KEY_BUCKET (fewer distinct shapes), at most the context."""
@@ -343,15 +356,23 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
         # a row without top-p never drops one, whatever the rounding of its cumulative sum.
         reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
         scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
+    drawn = _draw(scaled, torch.tensor(uniform, device=device))
+    if order is None:
+        return drawn
+    return torch.where(drawn >= 0, order.gather(1, drawn.clamp(min=0)[:, None])[:, 0], -1)
+
+
+def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
+    (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
+    compiled step (`_decode_sampled`)."""
     # The unnormalised CDF: the uniform number scales to its total instead (no division).
-    cdf = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    cdf = (scaled - scaled.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
     total = cdf[:, -1:]
     # u < 1 - 2^-23 keeps u * total below the total in float32 rounding: the first entry above
     # the target then always follows a token of non-zero probability.
-    u = torch.tensor(uniform, device=device, dtype=cdf.dtype).clamp_(max=1 - 2**-23)
-    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp_(max=vocab - 1)  # NaN rows
-    if order is not None:
-        index = order.gather(1, index)
+    u = uniform.to(cdf.dtype).clamp(max=1 - 2**-23)
+    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp(max=scaled.shape[-1] - 1)  # NaN rows
     return torch.where(torch.isfinite(total), index, -1)[:, 0]
 
 
@@ -576,13 +597,15 @@ class TokenLogprob:
 @dataclass
 class Event:
     """What one of a request's `n` sequences produced in one step: new text (whole characters,
-    never part of a stop string), its tokens, and `finish_reason` ("stop", "length") on the last."""
+    never part of a stop string), its tokens, and `finish_reason` ("stop", "length") on the last.
+    `forced`: its token was a calculator result written into the answer, not sampled."""
 
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
+    forced: bool = False
 
 
 @dataclass
@@ -692,9 +715,12 @@ class Engine:
         # `compile_max_batch`), each compiled on first use, the key length dynamic inside it;
         # larger batches run eagerly, where the matrix products dominate.
         self.compile_max_batch = min(compile_max_batch, max_batch) if compile else 0
-        self._compiled = (torch.compile(_decode_logits, dynamic=False, options=_compile_options(self.device))
-                          if compile else None)
-        self._compiled_buckets: set[int] = set()
+        # Two graphs per bucket, each compiled on first use: greedy steps (`_decode_logits`) and
+        # steps with sampled rows (`_decode_sampled`, which draws them inside the graph).
+        options = _compile_options(self.device)
+        self._compiled = {sampled: torch.compile(fn, dynamic=False, options=options) if compile else None
+                          for sampled, fn in ((False, _decode_logits), (True, _decode_sampled))}
+        self._compiled_buckets: set[tuple[int, bool]] = set()  # (batch size, sampled) compiled so far
         self.compile_seconds = 0.0  # time spent compiling so far (the first step of each bucket)
         self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
         self._waiting: deque[Request] = deque()
@@ -765,15 +791,17 @@ class Engine:
         any work is left."""
         self._drop_finished()
         if self.rows:
-            self._sample(self.rows, *self._decode())
+            uniform = self._uniform(self.rows)
+            self._sample(self.rows, *self._decode(uniform), uniform)
             self._drop_finished()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)
 
-    def _decode(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _decode(self, uniform: list[float | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed every running row its pending token: (rows, vocab) logits of the next one, and
-        the compiled step's greedy tokens (None from an eager step)."""
+        the compiled step's tokens (None from an eager step): each row's greedy token, or its
+        draw at `uniform` (see `_uniform`) when it samples without top-k / top-p."""
         n = len(self.rows)
         pending = [s.pending for s in self.rows]
         self.cache.use_rows(0, n)
@@ -786,37 +814,58 @@ class Engine:
         tokens = torch.tensor(pending + pad, device=self.device)[:, None]
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
-        logits, greedy = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))
+        # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
+        inv_temperature = [0.0 if u is None or self._filtered(s.request.params) else 1 / s.request.params.temperature
+                           for s, u in zip(self.rows, uniform, strict=True)]
+        sampling = None
+        if any(inv_temperature):
+            sampling = (torch.tensor(inv_temperature + pad, dtype=torch.float32, device=self.device),
+                        torch.tensor([u or 0.0 for u in uniform] + pad, dtype=torch.float32, device=self.device))
+        logits, chosen = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len),
+                                            sampling)
         self.cache.advance(1)
-        return logits[:n], greedy[:n]
+        return logits[:n], chosen[:n]
+
+    def _filtered(self, params: SamplingParams) -> bool:
+        """Whether a request samples with top-k or top-p (`sample_rows` ranks its row)."""
+        return 0 < (params.top_k or 0) < self.tokenizer.vocab_size or (params.top_p or 1.0) < 1
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor,
-                      keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int,
+                      sampling: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
         # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
         torch._dynamo.maybe_mark_dynamic(mask, 3)
-        out = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask,
-                             self.tokenizer.vocab_size)
-        if tokens.shape[0] not in self._compiled_buckets:  # this call compiled it
-            self._compiled_buckets.add(tokens.shape[0])
+        # Compiled even inside a caller's force_eager region: alignment samples from a model
+        # whose training-compiled blocks it runs eagerly (lmforge.train.loop.run_compiled_code_eagerly);
+        # this step was compiled for decoding and dynamo inlines those blocks into it.
+        with torch.compiler.set_stance("default"):
+            out = self._compiled[sampling is not None](self.model, self.cache.k, self.cache.v, tokens, positions,
+                                                       mask, self.tokenizer.vocab_size, *(sampling or ()))
+        key = (tokens.shape[0], sampling is not None)
+        if key not in self._compiled_buckets:  # this call compiled it
+            self._compiled_buckets.add(key)
             self.compile_seconds += time.perf_counter() - start
         return out
 
     @torch.inference_mode()
-    def warm_up(self) -> float:
+    def warm_up(self, sampled: bool = True) -> float:
         """Compile the decode step for every batch size bucket now rather than at the first step
-        that needs it; returns the seconds it took (0 without `compile`). Call it while the engine
+        that needs it, the graph for greedy steps and, with `sampled`, the one for steps with
+        sampled rows; returns the seconds it took (0 without `compile`). Call it while the engine
         is idle: it writes into free rows. torch.compile keeps its results on disk, so a later
         process with the same model shape compiles much faster."""
         before = self.compile_seconds
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
-            # Two tensors, not one twice: dynamo guards on aliasing, and the steps never alias.
+            # Distinct tensors, never one twice: dynamo guards on aliasing, and the steps never alias.
             tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
             self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len))
+            if sampled:
+                sampling = tuple(torch.ones(bucket, dtype=torch.float32, device=self.device) / 2 for _ in "iu")
+                self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len), sampling)
         return self.compile_seconds - before
 
     def _admit(self) -> None:
@@ -878,38 +927,49 @@ class Engine:
 
     # ---- sampling and text
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
-        """Pick every row's next token with its own request's rules in one batched draw (greedy
-        rows by one argmax, or the compiled step's `greedy` tokens; sampled rows by `sample_rows`
-        with one uniform number from each row's own generator), then hand out the text. One host
-        transfer of the tokens per step."""
+    @staticmethod
+    def _uniform(seqs: list[_Sequence]) -> list[float | None]:
+        """Each row's uniform number for its next token from its own generator, or None for a
+        row that does not sample (greedy, or a calculator result to write)."""
+        return [s.rng.random() if not s.forced and s.request.params.temperature > 0 else None for s in seqs]
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, chosen: torch.Tensor | None = None,
+                uniform: list[float | None] | None = None) -> None:
+        """Pick every row's next token with its own request's rules in one batched draw, then hand
+        out the text. `chosen`: the compiled step's tokens (greedy rows' argmax, unfiltered sampled
+        rows' draw, see `_decode`); without it greedy rows take one argmax. Rows with top-k / top-p
+        (and every sampled row without `chosen`) are drawn by `sample_rows`, each at its number in
+        `uniform` (`_uniform`: drawn here when not given). One host transfer of the tokens per step."""
         logits = logits[:, :self.tokenizer.vocab_size].float()
-        drawn = [i for i, s in enumerate(seqs) if not s.forced and s.request.params.temperature > 0]
-        tokens = None
-        if len(drawn) < len(seqs):
-            tokens = logits.argmax(dim=-1) if greedy is None else greedy
+        if uniform is None:
+            uniform = self._uniform(seqs)
+        drawn = [i for i, u in enumerate(uniform) if u is not None and (chosen is None or self._filtered(seqs[i].request.params))]
+        tokens = chosen
+        if tokens is None and len(drawn) < len(seqs):
+            tokens = logits.argmax(dim=-1)
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            sampled = sample_rows(logits if tokens is None else logits[drawn], [p.temperature for p in params],
+            sampled = sample_rows(logits if len(drawn) == len(seqs) else logits[drawn], [p.temperature for p in params],
                                   [p.top_k or 0 for p in params],
                                   [1.0 if p.top_p is None else p.top_p for p in params],
-                                  [seqs[i].rng.random() for i in drawn])
+                                  [uniform[i] for i in drawn])
             if tokens is None:
                 tokens = sampled
             else:
                 tokens[drawn] = sampled
+        assert tokens is not None
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []
-        chosen = tokens.tolist()
-        if -1 in chosen:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
+        chosen_ids = tokens.tolist()
+        if -1 in chosen_ids:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
             raise UserError(NON_FINITE)
         found = dict(zip(wanted, logprobs, strict=True))
         for i, seq in enumerate(seqs):
             if seq.forced:  # a calculator result: written for the model, not sampled
-                self._advance(seq, seq.forced.pop(0), None)
+                self._advance(seq, seq.forced.pop(0), None, forced=True)
             else:
-                self._advance(seq, chosen[i], found.get(i))
+                self._advance(seq, chosen_ids[i], found.get(i))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
@@ -940,7 +1000,7 @@ class Engine:
                 result = "error"
             seq.forced, seq.tool_start = self.tokenizer.encode(result), None
 
-    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None, forced: bool = False) -> None:
         """Add a token to a sequence and send its request the text that is now certain."""
         p = seq.request.params
         reason = None
@@ -966,7 +1026,7 @@ class Engine:
         if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
-        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason)
+        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason, forced)
         seq.emitted = end
         seq.pending = token
         seq.finished = reason is not None

@@ -137,18 +137,14 @@ def test_format_reward_wants_a_final_answer_line_and_end():
 
 
 def test_forced_calculator_tokens_are_masked_and_the_end_token_is_trained():
-    """The Engine's events: a sampled token comes with its log-prob, a calculator result it forced
-    without; "stop" means the policy wrote <|end|>, which the Engine leaves out of token_ids."""
+    """The Engine's events: a calculator result it forced says so; "stop" means the policy wrote
+    <|end|>, which the Engine leaves out of token_ids."""
     from lmforge.align.grpo import _answers
-    from lmforge.engine import Event, TokenLogprob
+    from lmforge.engine import Event
 
-    def sampled(token: int) -> list[TokenLogprob]:
-        return [TokenLogprob(token, -1.0, [])]
-
-    events = [Event(0, "", [10], sampled(10)), Event(1, "x", [4], sampled(4)),
-              Event(0, "2+2", [11], sampled(11)), Event(0, "", [12], sampled(12)),
-              Event(0, "4", [13], []), Event(1, "y", [5], sampled(5), "length"),
-              Event(0, "", [], [], "stop")]
+    events = [Event(0, "", [10], []), Event(1, "x", [4], []), Event(0, "2+2", [11], []),
+              Event(0, "", [12], []), Event(0, "4", [13], [], forced=True),
+              Event(1, "y", [5], [], "length"), Event(0, "", [], [], "stop")]
     first, second = _answers(events, 2, end_id=99)
     assert (first.ids, first.sampled, first.text, first.finish_reason) == ([10, 11, 12, 13, 99], [1, 1, 1, 0, 1], "2+24", "stop")
     assert (second.ids, second.sampled, second.finish_reason) == ([4, 5], [1, 1], "length")
