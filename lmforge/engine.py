@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.chat.format import CHAT_TOKENS, TOOL_TOKENS
@@ -217,27 +218,33 @@ class _DecodeView:
         pass  # the engine advances the RaggedKVCache itself
 
 
+def _step_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
+    0..B, keys 0..mask.shape[-1]."""
+    return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+
+
 def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
                    positions: torch.Tensor, mask: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
-    0..B, keys 0..mask.shape[-1]; and each row's greedy token among ids < `vocab`, computed here
-    because the compiled argmax is a vectorised loop where eager argmax over 16 rows of 4,096
-    logits took ~0.1 ms, 5% of a 16-row step."""
-    logits = model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+    """The compiled greedy step: `_step_logits` and each row's greedy token among ids < `vocab`,
+    computed here because the compiled argmax is a vectorised loop where eager argmax over 16
+    rows of 4,096 logits took ~0.1 ms, 5% of a 16-row step."""
+    logits = _step_logits(model, k, v, tokens, positions, mask)
     return logits, logits[:, :vocab].argmax(dim=-1)
 
 
 def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
                     positions: torch.Tensor, mask: torch.Tensor, vocab: int, inv_temperature: torch.Tensor,
                     uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_decode_logits`, and in the same graph each row's draw where inv_temperature[b] > 0: the
+    """The compiled step of a batch with sampled rows: `_step_logits` and each row's draw, the
     eager sampler's rule for a row without top-k / top-p (`_draw` of the logits times
     inv_temperature[b] at uniform[b]: the same operations on the same numbers, so the same
-    token up to float rounding); the greedy token elsewhere. Sampling inside the graph saves a
-    rollout step the eager sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
-    logits, greedy = _decode_logits(model, k, v, tokens, positions, mask, vocab)
-    drawn = _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
-    return logits, torch.where(inv_temperature > 0, drawn, greedy)
+    token up to float rounding). Only rows with inv_temperature[b] > 0 mean anything; the engine
+    picks the others' tokens itself. Drawing inside the graph saves a rollout step the eager
+    sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
+    logits = _step_logits(model, k, v, tokens, positions, mask)
+    return logits, _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
 
 
 def _key_length(longest: int, max_len: int) -> int:
@@ -365,15 +372,30 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
 def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
     (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
-    compiled step (`_decode_sampled`)."""
-    # The unnormalised CDF: the uniform number scales to its total instead (no division).
-    cdf = (scaled - scaled.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding: the first entry above
-    # the target then always follows a token of non-zero probability.
-    u = uniform.to(cdf.dtype).clamp(max=1 - 2**-23)
-    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp(max=scaled.shape[-1] - 1)  # NaN rows
-    return torch.where(torch.isfinite(total), index, -1)[:, 0]
+    compiled step (`_decode_sampled`).
+
+    In two levels, the block of CDF_BLOCK ids holding the target, then the id inside it: a
+    running sum over V ids is a scalar loop (~0.6 ms for 64 rows of 4,096 ids, as much as a
+    layer's attention), over V / CDF_BLOCK block sums and one block far less."""
+    B, V = scaled.shape
+    weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()  # unnormalised: u scales to the total
+    blocks = F.pad(weights, (0, -V % CDF_BLOCK)).view(B, -1, CDF_BLOCK)  # padding weighs 0
+    ends = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, blocks): the CDF at each block's end
+    total = ends[:, -1:]
+    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding.
+    target = uniform.to(ends.dtype).clamp(max=1 - 2**-23)[:, None] * total
+    # The first block ending past the target: its sum is > 0, since its end exceeds the one before.
+    block = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)  # clamp: NaN rows
+    start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, block[:, :, None].expand(B, 1, CDF_BLOCK))[:, 0].cumsum(dim=-1)
+    # The target inside the block, kept below the block's own running total (its sum, rounded
+    # differently): the first id past it then always has a non-zero weight.
+    rest = torch.minimum((target - start).clamp(min=0), inner[:, -1:] * (1 - 2**-23))
+    index = block * CDF_BLOCK + torch.searchsorted(inner, rest, right=True).clamp(max=CDF_BLOCK - 1)
+    return torch.where(torch.isfinite(total), index.clamp(max=V - 1), -1)[:, 0]
+
+
+CDF_BLOCK = 64  # ids per block of `_draw`'s two-level inverse CDF
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,22 +814,24 @@ class Engine:
         self._drop_finished()
         if self.rows:
             uniform = self._uniform(self.rows)
-            self._sample(self.rows, *self._decode(uniform), uniform)
+            logits, chosen, decided = self._decode(uniform)
+            self._sample(self.rows, logits, chosen, decided, uniform)
             self._drop_finished()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)
 
-    def _decode(self, uniform: list[float | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed every running row its pending token: (rows, vocab) logits of the next one, and
-        the compiled step's tokens (None from an eager step): each row's greedy token, or its
-        draw at `uniform` (see `_uniform`) when it samples without top-k / top-p."""
+    def _decode(self, uniform: list[float | None]) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
+        """Feed every running row its pending token: (rows, vocab) logits of the next one, the
+        compiled step's tokens (None from an eager step) and which rows they decided: all the
+        greedy rows (a greedy step), or the rows drawn at `uniform` (see `_uniform`) without
+        top-k / top-p (a step with such rows)."""
         n = len(self.rows)
         pending = [s.pending for s in self.rows]
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
             tokens = torch.tensor(pending, device=self.device)[:, None]
-            return self.model(tokens, self.cache, last_only=True)[:, -1], None
+            return self.model(tokens, self.cache, last_only=True)[:, -1], None, []
         # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
@@ -817,14 +841,15 @@ class Engine:
         # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
         inv_temperature = [0.0 if u is None or self._filtered(s.request.params) else 1 / s.request.params.temperature
                            for s, u in zip(self.rows, uniform, strict=True)]
-        sampling = None
+        sampling, decided = None, [u is None for u in uniform]
         if any(inv_temperature):
+            decided = [t > 0 for t in inv_temperature]
             sampling = (torch.tensor(inv_temperature + pad, dtype=torch.float32, device=self.device),
                         torch.tensor([u or 0.0 for u in uniform] + pad, dtype=torch.float32, device=self.device))
         logits, chosen = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len),
                                             sampling)
         self.cache.advance(1)
-        return logits[:n], chosen[:n]
+        return logits[:n], chosen[:n], decided
 
     def _filtered(self, params: SamplingParams) -> bool:
         """Whether a request samples with top-k or top-p (`sample_rows` ranks its row)."""
@@ -934,30 +959,28 @@ class Engine:
         return [s.rng.random() if not s.forced and s.request.params.temperature > 0 else None for s in seqs]
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, chosen: torch.Tensor | None = None,
-                uniform: list[float | None] | None = None) -> None:
+                decided: Sequence[bool] = (), uniform: list[float | None] | None = None) -> None:
         """Pick every row's next token with its own request's rules in one batched draw, then hand
-        out the text. `chosen`: the compiled step's tokens (greedy rows' argmax, unfiltered sampled
-        rows' draw, see `_decode`); without it greedy rows take one argmax. Rows with top-k / top-p
-        (and every sampled row without `chosen`) are drawn by `sample_rows`, each at its number in
-        `uniform` (`_uniform`: drawn here when not given). One host transfer of the tokens per step."""
+        out the text. `chosen`: the compiled step's tokens for the rows `decided` says (see
+        `_decode`). The other rows: greedy ones by one argmax, sampled ones by `sample_rows`, each
+        at its number in `uniform` (`_uniform`: drawn here when not given). One host transfer of
+        the tokens per step."""
         logits = logits[:, :self.tokenizer.vocab_size].float()
         if uniform is None:
             uniform = self._uniform(seqs)
-        drawn = [i for i, u in enumerate(uniform) if u is not None and (chosen is None or self._filtered(seqs[i].request.params))]
-        tokens = chosen
-        if tokens is None and len(drawn) < len(seqs):
-            tokens = logits.argmax(dim=-1)
+        n = len(seqs)
+        todo = range(n) if chosen is None else [i for i in range(n) if not decided[i]]
+        greedy = [i for i in todo if uniform[i] is None]
+        drawn = [i for i in todo if uniform[i] is not None]
+        tokens = torch.zeros(n, dtype=torch.long, device=logits.device) if chosen is None else chosen
+        if greedy:
+            tokens[greedy] = (logits if len(greedy) == n else logits[greedy]).argmax(dim=-1)
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            sampled = sample_rows(logits if len(drawn) == len(seqs) else logits[drawn], [p.temperature for p in params],
-                                  [p.top_k or 0 for p in params],
-                                  [1.0 if p.top_p is None else p.top_p for p in params],
-                                  [uniform[i] for i in drawn])
-            if tokens is None:
-                tokens = sampled
-            else:
-                tokens[drawn] = sampled
-        assert tokens is not None
+            tokens[drawn] = sample_rows(logits if len(drawn) == n else logits[drawn], [p.temperature for p in params],
+                                        [p.top_k or 0 for p in params],
+                                        [1.0 if p.top_p is None else p.top_p for p in params],
+                                        [uniform[i] for i in drawn])
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []

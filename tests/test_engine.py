@@ -180,6 +180,29 @@ def test_batched_sampler_draws_from_the_filtered_distribution(temperature, top_k
     assert counts.tolist() == pytest.approx(truth, abs=2 / n)
 
 
+def test_two_level_inverse_cdf_is_the_inverse_cdf():
+    # 300 ids: five blocks of 64, the last one padded; ids of zero probability inside a block
+    # and a whole block of them. Truth: the inverse CDF in float64, away from its steps (where
+    # float32 rounding may decide either way); on and near the steps and at u -> 1, never an id
+    # of probability zero.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, generator=g) * 2
+    logits[64:128] = float("-inf")
+    logits[[5, 6, 200, 299]] = float("-inf")
+    cdf = torch.softmax(logits.double(), dim=0).cumsum(0)
+    n = 3000
+    uniform = [(j + 0.5) / n for j in range(n)]
+    tokens = sample_rows(logits.expand(n, -1), [1.0] * n, [0] * n, [1.0] * n, uniform).tolist()
+    steps = cdf[torch.isfinite(logits)]
+    for u, token in zip(uniform, tokens, strict=True):
+        if (steps - u).abs().min() > 1e-5:
+            assert token == int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+    edges = [float(c) for c in steps] + [1 - 1e-9, 0.0]
+    drawn = sample_rows(logits.expand(len(edges), -1), [1.0] * len(edges), [0] * len(edges),
+                        [1.0] * len(edges), edges)
+    assert torch.isfinite(logits[drawn]).all()
+
+
 def test_batched_sampler_rows_do_not_depend_on_each_other():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 50, generator=g) * 3
