@@ -743,6 +743,10 @@ class Engine:
         self._compiled = {sampled: torch.compile(fn, dynamic=False, options=options) if compile else None
                           for sampled, fn in ((False, _decode_logits), (True, _decode_sampled))}
         self._compiled_buckets: set[tuple[int, bool]] = set()  # (batch size, sampled) compiled so far
+        # Set by a caller that steps the engine inside torch.compiler.set_stance("force_eager")
+        # (alignment's `generating`: the training-compiled blocks run eagerly for the prefill);
+        # the compiled step then still runs compiled (dynamo inlines those blocks into it).
+        self.in_eager_region = False
         self.compile_seconds = 0.0  # time spent compiling so far (the first step of each bucket)
         self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
         self._waiting: deque[Request] = deque()
@@ -864,12 +868,14 @@ class Engine:
         mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
         # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
         torch._dynamo.maybe_mark_dynamic(mask, 3)
-        # Compiled even inside a caller's force_eager region: alignment samples from a model
-        # whose training-compiled blocks it runs eagerly (lmforge.train.loop.run_compiled_code_eagerly);
-        # this step was compiled for decoding and dynamo inlines those blocks into it.
-        with torch.compiler.set_stance("default"):
-            out = self._compiled[sampling is not None](self.model, self.cache.k, self.cache.v, tokens, positions,
-                                                       mask, self.tokenizer.vocab_size, *(sampling or ()))
+        step = self._compiled[sampling is not None]
+        args = (self.model, self.cache.k, self.cache.v, tokens, positions, mask, self.tokenizer.vocab_size,
+                *(sampling or ()))
+        if self.in_eager_region:  # compiled all the same (see __init__); the switch costs ~0.1 ms
+            with torch.compiler.set_stance("default"):
+                out = step(*args)
+        else:
+            out = step(*args)
         key = (tokens.shape[0], sampling is not None)
         if key not in self._compiled_buckets:  # this call compiled it
             self._compiled_buckets.add(key)

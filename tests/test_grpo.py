@@ -230,6 +230,29 @@ def test_a_toy_task_drives_the_reward_up(base, tmp_path):
         assert all(math.isfinite(r[key]) for r in rows)
 
 
+@pytest.mark.slow
+def test_compiled_rollouts_are_the_eager_ones(base):
+    """grpo.compile: the Engine's compiled step (sampled rows drawn inside the graph) runs inside
+    the force_eager region alignment samples in, over blocks compiled for training, and samples
+    the eager Engine's answers from the same seeds."""
+    from lmforge.train.loop import prepare_for_training
+
+    tok = load_tokenizer(base / "tokenizer")
+    examples = Say().pool()[:3]
+    answers = {}
+    for compiled in (False, True):
+        cfg = _config(base, "train.compile=true", "grpo.group_size=4", "grpo.max_new_tokens=12",
+                      f"grpo.compile={str(compiled).lower()}")
+        model = prepare_for_training(lmforge.load_model(base), cfg.train, torch.device("cpu")).train()
+        objective = GRPOObjective(cfg, {"say": Say()}, tok, init_parallel(cfg))
+        objective.attach(model, None)
+        answers[compiled] = [[a.ids for a in group] for group in objective._sample(examples, [11, 12, 13])]
+        assert model.training  # back in training mode
+    assert objective._engine.compile_seconds > 0  # the compiled run compiled its steps
+    assert len({tuple(ids) for ids in answers[False][0]}) > 1  # the group's answers were drawn
+    assert answers[True] == answers[False]
+
+
 def test_the_reward_model_scores_the_answers(base, tmp_path, monkeypatch):
     """grpo.reward_model: load_reward_model(PATH).score(prompts, answers) replaces the checker."""
     calls = []

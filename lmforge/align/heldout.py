@@ -42,16 +42,18 @@ def live_engine(model: nn.Module, tokenizer: Any, max_batch: int, compile: bool 
 
 @contextlib.contextmanager
 def generating(engine: Any, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> Iterator[Any]:
-    """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code;
-    the model back in its mode after."""
+    """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code
+    (but for the engine's own compiled step); the model back in its mode after."""
     from lmforge.train.loop import run_compiled_code_eagerly
 
     was_training = model.training
     with autocast(), run_compiled_code_eagerly():
         model.eval()
+        engine.in_eager_region = True  # its own compiled step (with compile) stays compiled
         try:
             yield engine
         finally:
+            engine.in_eager_region = False
             model.train(was_training)
 
 
