@@ -714,10 +714,13 @@ class Engine:
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
     `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
     row rounded up to a multiple of 16): on CPU about 2-3x the eager step at batch 1, where a
-    small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
-    Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
-    each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
-    says how long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU.
+    small model's step is mostly per-operation overhead, ~1.3x at 8 to 16 rows and ~1.3x at 64
+    sampled rows. Two graphs per batch size: greedy steps, and steps with sampled rows, whose
+    rows sampled at a temperature are drawn inside the graph (`_decode_sampled`).
+    Each graph compiles at its first step, or all of them in `warm_up()` (5-20 s each on a
+    2-core machine, far less once torch's on-disk cache has them); `compile_seconds` says how
+    long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU,
+    `grpo.compile` for rollouts.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, compile: bool = False,
