@@ -163,8 +163,8 @@ class GrpoConfig:
         run directory; false: the last checkpoint.
     compile: the rollout and pass@1 Engine's decode step through torch.compile (the Engine's
         `compile`: sampled rows drawn inside the graph, batches up to the rollout's rows). On
-        the tiny model on CPU 1.3-1.4x the eager step's tokens/s, but each batch size compiles
-        once per run first (benchmarks/RESULTS.md): worth it for long runs, not a few minutes.
+        the tiny model on CPU ~1.3x the eager Engine's rollout tokens/s (nothing on a 23M one), but
+        each batch size compiles once per run first (benchmarks/RESULTS.md): worth it for long runs, not a few minutes.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["chat"])
