@@ -8,6 +8,13 @@ GRPOObjective._sample submits them. transformers: `generate(do_sample=True,
 num_return_sequences=group)` on the left-padded batch, the way RL trainers built on it sample
 groups (each prompt is repeated group times and prefilled that often).
 
+Two Engines, as `lmforge grpo` builds them (lmforge.align.heldout.live_engine): eager (the
+default) and with `grpo.compile=true` (its decode step compiled for every batch size up to the
+rollout's rows, sampled rows drawn inside the graph). The compiled one's graphs are compiled
+before the timed rounds and the seconds printed apart: a run pays them once (far less when
+torch's on-disk cache already has them), a rollout after that runs at the rate shown. Like
+`lmforge grpo`, the Engine is asked for no log-probabilities.
+
 Tokens/s count generated tokens; rounds alternate and the median counts (bench_model.py's helpers).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_grpo_rollout.py --preset tiny --threads 1
@@ -21,11 +28,12 @@ import torch
 from bench_engine import ByteTokenizer, ragged_prompts
 from bench_model import hf_model, median_rates, report
 
+from lmforge.align.heldout import live_engine
 from lmforge.config import load_config
 from lmforge.engine import Engine, SamplingParams
 from lmforge.model import Transformer
 
-LABELS = {"hf": "transformers", "engine": "ours (Engine)"}
+LABELS = {"hf": "transformers", "engine": "ours (Engine)", "compiled": "ours (Engine, compile)"}
 
 
 def hf_groups(theirs, prompts: list[list[int]], group: int, new_tokens: int) -> int:
@@ -71,7 +79,11 @@ def main() -> None:
     ours = Transformer(cfg.model).eval().to(args.device)
     theirs = hf_model(ours.cpu()).eval().to(args.device)
     ours.to(args.device)
-    engine = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts * args.group)
+    rows = args.prompts * args.group
+    engine = live_engine(ours, ByteTokenizer(cfg.model.vocab_size), rows)
+    compiled = live_engine(ours, ByteTokenizer(cfg.model.vocab_size), rows, compile=True)
+    print(f"compiled the Engine's decode step (greedy and sampled graphs, batches up to {rows}) "
+          f"in {compiled.warm_up():.1f} s")
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
           f"torch {torch.__version__}, {args.threads} threads, {args.device}")
     prompts = ragged_prompts(args.prompts, cfg.model.vocab_size, 8, 64)
@@ -79,11 +91,13 @@ def main() -> None:
     rates = median_rates({
         "hf": lambda: hf_groups(theirs, prompts, args.group, args.new_tokens),
         "engine": lambda: engine_groups(engine, prompts, args.group, args.new_tokens, next(seeds) * 10**3),
+        "compiled": lambda: engine_groups(compiled, prompts, args.group, args.new_tokens, next(seeds) * 10**3),
     }, args.rounds)
     total = args.prompts * args.group * args.new_tokens
     report(f"GRPO rollouts ({args.prompts} prompts of 8..64 tokens x {args.group} samples, "
            f"{args.new_tokens} new tokens each, {total} tokens, temperature 1)", rates, LABELS)
-    print(f"  ratio Engine / transformers (wall): {rates['engine'][0] / rates['hf'][0]:.2f}x")
+    for name, note in (("engine", "`lmforge grpo`'s default"), ("compiled", "grpo.compile=true")):
+        print(f"  ratio {LABELS[name]} / transformers (wall): {rates[name][0] / rates['hf'][0]:.2f}x ({note})")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.chat.format import CHAT_TOKENS, TOOL_TOKENS
@@ -217,14 +218,33 @@ class _DecodeView:
         pass  # the engine advances the RaggedKVCache itself
 
 
+def _step_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
+    0..B, keys 0..mask.shape[-1]."""
+    return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+
+
 def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
                    positions: torch.Tensor, mask: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
-    0..B, keys 0..mask.shape[-1]; and each row's greedy token among ids < `vocab`, computed here
-    because the compiled argmax is a vectorised loop where eager argmax over 16 rows of 4,096
-    logits took ~0.1 ms, 5% of a 16-row step."""
-    logits = model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
+    """The compiled greedy step: `_step_logits` and each row's greedy token among ids < `vocab`,
+    computed here because the compiled argmax is a vectorised loop where eager argmax over 16
+    rows of 4,096 logits took ~0.1 ms, 5% of a 16-row step."""
+    logits = _step_logits(model, k, v, tokens, positions, mask)
     return logits, logits[:, :vocab].argmax(dim=-1)
+
+
+def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                    positions: torch.Tensor, mask: torch.Tensor, vocab: int, inv_temperature: torch.Tensor,
+                    uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled step of a batch with sampled rows: `_step_logits` and each row's draw, the
+    eager sampler's rule for a row without top-k / top-p (`_draw` of the logits times
+    inv_temperature[b] at uniform[b]: the same operations on the same numbers, so the same
+    token up to float rounding). Only rows with inv_temperature[b] > 0 mean anything; the engine
+    picks the others' tokens itself. Drawing inside the graph saves a rollout step the eager
+    sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
+    logits = _step_logits(model, k, v, tokens, positions, mask)
+    return logits, _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
 
 
 def _key_length(longest: int, max_len: int) -> int:
@@ -343,16 +363,42 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
         # a row without top-p never drops one, whatever the rounding of its cumulative sum.
         reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
         scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
-    # The unnormalised CDF: the uniform number scales to its total instead (no division).
-    cdf = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-    total = cdf[:, -1:]
-    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding: the first entry above
-    # the target then always follows a token of non-zero probability.
-    u = torch.tensor(uniform, device=device, dtype=cdf.dtype).clamp_(max=1 - 2**-23)
-    index = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp_(max=vocab - 1)  # NaN rows
-    if order is not None:
-        index = order.gather(1, index)
-    return torch.where(torch.isfinite(total), index, -1)[:, 0]
+    drawn = _draw(scaled, torch.tensor(uniform, device=device))
+    if order is None:
+        return drawn
+    return torch.where(drawn >= 0, order.gather(1, drawn.clamp(min=0)[:, None])[:, 0], -1)
+
+
+def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
+    (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
+    compiled step (`_decode_sampled`). Overwrites `scaled`.
+
+    In two levels, the block of CDF_BLOCK ids holding the target, then the id inside it: a
+    running sum over V ids is a scalar loop (~0.6 ms for 64 rows of 4,096 ids, as much as a
+    layer's attention), over V / CDF_BLOCK block sums and one block far less."""
+    B, V = scaled.shape
+    # In place (`scaled` is the caller's scratch): two passes over (B, V) fewer in an eager step.
+    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()  # unnormalised: u scales to the total
+    if V % CDF_BLOCK:
+        weights = F.pad(weights, (0, -V % CDF_BLOCK))  # the padding weighs 0
+    blocks = weights.view(B, -1, CDF_BLOCK)
+    ends = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, blocks): the CDF at each block's end
+    total = ends[:, -1:]
+    # u < 1 - 2^-23 keeps u * total below the total in float32 rounding.
+    target = uniform.to(ends.dtype).clamp(max=1 - 2**-23)[:, None] * total
+    # The first block ending past the target: its sum is > 0, since its end exceeds the one before.
+    block = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)  # clamp: NaN rows
+    start = torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, block[:, :, None].expand(B, 1, CDF_BLOCK))[:, 0].cumsum(dim=-1)
+    # The target inside the block, kept below the block's own running total (its sum, rounded
+    # differently): the first id past it then always has a non-zero weight.
+    rest = torch.minimum((target - start).clamp(min=0), inner[:, -1:] * (1 - 2**-23))
+    index = block * CDF_BLOCK + torch.searchsorted(inner, rest, right=True).clamp(max=CDF_BLOCK - 1)
+    return torch.where(torch.isfinite(total), index.clamp(max=V - 1), -1)[:, 0]
+
+
+CDF_BLOCK = 64  # ids per block of `_draw`'s two-level inverse CDF
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,13 +622,15 @@ class TokenLogprob:
 @dataclass
 class Event:
     """What one of a request's `n` sequences produced in one step: new text (whole characters,
-    never part of a stop string), its tokens, and `finish_reason` ("stop", "length") on the last."""
+    never part of a stop string), its tokens, and `finish_reason` ("stop", "length") on the last.
+    `forced`: its token was a calculator result written into the answer, not sampled."""
 
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None = None
+    forced: bool = False
 
 
 @dataclass
@@ -666,10 +714,13 @@ class Engine:
     `compile` runs the decode step of up to `compile_max_batch` rows through torch.compile (a
     `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
     row rounded up to a multiple of 16): on CPU about 2-3x the eager step at batch 1, where a
-    small model's step is mostly per-operation overhead, and ~1.3x at 8 to 16 rows.
-    Each batch size compiles at its first step, or all of them in `warm_up()` (tens of seconds
-    each on a 2-core machine, far less once torch's on-disk cache has them); `compile_seconds`
-    says how long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU.
+    small model's step is mostly per-operation overhead, ~1.3x at 8 to 16 rows and ~1.3x at 64
+    sampled rows. Two graphs per batch size: greedy steps, and steps with sampled rows, whose
+    rows sampled at a temperature are drawn inside the graph (`_decode_sampled`).
+    Each graph compiles at its first step, or all of them in `warm_up()` (5-20 s each on a
+    2-core machine, far less once torch's on-disk cache has them); `compile_seconds` says how
+    long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU,
+    `grpo.compile` for rollouts.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, compile: bool = False,
@@ -692,9 +743,16 @@ class Engine:
         # `compile_max_batch`), each compiled on first use, the key length dynamic inside it;
         # larger batches run eagerly, where the matrix products dominate.
         self.compile_max_batch = min(compile_max_batch, max_batch) if compile else 0
-        self._compiled = (torch.compile(_decode_logits, dynamic=False, options=_compile_options(self.device))
-                          if compile else None)
-        self._compiled_buckets: set[int] = set()
+        # Two graphs per bucket, each compiled on first use: greedy steps (`_decode_logits`) and
+        # steps with sampled rows (`_decode_sampled`, which draws them inside the graph).
+        options = _compile_options(self.device)
+        self._compiled = {sampled: torch.compile(fn, dynamic=False, options=options) if compile else None
+                          for sampled, fn in ((False, _decode_logits), (True, _decode_sampled))}
+        self._compiled_buckets: set[tuple[int, bool]] = set()  # (batch size, sampled) compiled so far
+        # Set by a caller that steps the engine inside torch.compiler.set_stance("force_eager")
+        # (alignment's `generating`: the training-compiled blocks run eagerly for the prefill);
+        # the compiled step then still runs compiled (dynamo inlines those blocks into it).
+        self.in_eager_region = False
         self.compile_seconds = 0.0  # time spent compiling so far (the first step of each bucket)
         self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
         self._waiting: deque[Request] = deque()
@@ -765,58 +823,86 @@ class Engine:
         any work is left."""
         self._drop_finished()
         if self.rows:
-            self._sample(self.rows, *self._decode())
+            uniform = self._uniform(self.rows)
+            logits, chosen, decided = self._decode(uniform)
+            self._sample(self.rows, logits, chosen, decided, uniform)
             self._drop_finished()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)
 
-    def _decode(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed every running row its pending token: (rows, vocab) logits of the next one, and
-        the compiled step's greedy tokens (None from an eager step)."""
+    def _decode(self, uniform: list[float | None]) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
+        """Feed every running row its pending token: (rows, vocab) logits of the next one, the
+        compiled step's tokens (None from an eager step) and which rows they decided: all the
+        greedy rows (a greedy step), or the rows drawn at `uniform` (see `_uniform`) without
+        top-k / top-p (a step with such rows)."""
         n = len(self.rows)
         pending = [s.pending for s in self.rows]
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
             tokens = torch.tensor(pending, device=self.device)[:, None]
-            return self.model(tokens, self.cache, last_only=True)[:, -1], None
+            return self.model(tokens, self.cache, last_only=True)[:, -1], None, []
         # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
         tokens = torch.tensor(pending + pad, device=self.device)[:, None]
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
-        logits, greedy = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len))
+        # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
+        inv_temperature = [0.0 if u is None or self._filtered(s.request.params) else 1 / s.request.params.temperature
+                           for s, u in zip(self.rows, uniform, strict=True)]
+        sampling, decided = None, [u is None for u in uniform]
+        if any(inv_temperature):
+            decided = [t > 0 for t in inv_temperature]
+            sampling = (torch.tensor(inv_temperature + pad, dtype=torch.float32, device=self.device),
+                        torch.tensor([u or 0.0 for u in uniform] + pad, dtype=torch.float32, device=self.device))
+        logits, chosen = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len),
+                                            sampling)
         self.cache.advance(1)
-        return logits[:n], greedy[:n]
+        return logits[:n], chosen[:n], decided
+
+    def _filtered(self, params: SamplingParams) -> bool:
+        """Whether a request samples with top-k or top-p (`sample_rows` ranks its row)."""
+        return 0 < (params.top_k or 0) < self.tokenizer.vocab_size or (params.top_p or 1.0) < 1
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor,
-                      keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int,
+                      sampling: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
         # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
         torch._dynamo.maybe_mark_dynamic(mask, 3)
-        out = self._compiled(self.model, self.cache.k, self.cache.v, tokens, positions, mask,
-                             self.tokenizer.vocab_size)
-        if tokens.shape[0] not in self._compiled_buckets:  # this call compiled it
-            self._compiled_buckets.add(tokens.shape[0])
+        step = self._compiled[sampling is not None]
+        args = (self.model, self.cache.k, self.cache.v, tokens, positions, mask, self.tokenizer.vocab_size,
+                *(sampling or ()))
+        if self.in_eager_region:  # compiled all the same (see __init__); the switch costs ~0.1 ms
+            with torch.compiler.set_stance("default"):
+                out = step(*args)
+        else:
+            out = step(*args)
+        key = (tokens.shape[0], sampling is not None)
+        if key not in self._compiled_buckets:  # this call compiled it
+            self._compiled_buckets.add(key)
             self.compile_seconds += time.perf_counter() - start
         return out
 
     @torch.inference_mode()
-    def warm_up(self) -> float:
+    def warm_up(self, sampled: bool = True) -> float:
         """Compile the decode step for every batch size bucket now rather than at the first step
-        that needs it; returns the seconds it took (0 without `compile`). Call it while the engine
+        that needs it, the graph for greedy steps and, with `sampled`, the one for steps with
+        sampled rows; returns the seconds it took (0 without `compile`). Call it while the engine
         is idle: it writes into free rows. torch.compile keeps its results on disk, so a later
         process with the same model shape compiles much faster."""
         before = self.compile_seconds
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
-            # Two tensors, not one twice: dynamo guards on aliasing, and the steps never alias.
+            # Distinct tensors, never one twice: dynamo guards on aliasing, and the steps never alias.
             tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
             self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len))
+            if sampled:
+                sampling = tuple(torch.ones(bucket, dtype=torch.float32, device=self.device) / 2 for _ in "iu")
+                self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len), sampling)
         return self.compile_seconds - before
 
     def _admit(self) -> None:
@@ -878,38 +964,47 @@ class Engine:
 
     # ---- sampling and text
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
-        """Pick every row's next token with its own request's rules in one batched draw (greedy
-        rows by one argmax, or the compiled step's `greedy` tokens; sampled rows by `sample_rows`
-        with one uniform number from each row's own generator), then hand out the text. One host
-        transfer of the tokens per step."""
+    @staticmethod
+    def _uniform(seqs: list[_Sequence]) -> list[float | None]:
+        """Each row's uniform number for its next token from its own generator, or None for a
+        row that does not sample (greedy, or a calculator result to write)."""
+        return [s.rng.random() if not s.forced and s.request.params.temperature > 0 else None for s in seqs]
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, chosen: torch.Tensor | None = None,
+                decided: Sequence[bool] = (), uniform: list[float | None] | None = None) -> None:
+        """Pick every row's next token with its own request's rules in one batched draw, then hand
+        out the text. `chosen`: the compiled step's tokens for the rows `decided` says (see
+        `_decode`). The other rows: greedy ones by one argmax, sampled ones by `sample_rows`, each
+        at its number in `uniform` (`_uniform`: drawn here when not given). One host transfer of
+        the tokens per step."""
         logits = logits[:, :self.tokenizer.vocab_size].float()
-        drawn = [i for i, s in enumerate(seqs) if not s.forced and s.request.params.temperature > 0]
-        tokens = None
-        if len(drawn) < len(seqs):
-            tokens = logits.argmax(dim=-1) if greedy is None else greedy
+        if uniform is None:
+            uniform = self._uniform(seqs)
+        n = len(seqs)
+        todo = range(n) if chosen is None else [i for i in range(n) if not decided[i]]
+        greedy = [i for i in todo if uniform[i] is None]
+        drawn = [i for i in todo if uniform[i] is not None]
+        tokens = torch.zeros(n, dtype=torch.long, device=logits.device) if chosen is None else chosen
+        if greedy:
+            tokens[greedy] = (logits if len(greedy) == n else logits[greedy]).argmax(dim=-1)
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            sampled = sample_rows(logits if tokens is None else logits[drawn], [p.temperature for p in params],
-                                  [p.top_k or 0 for p in params],
-                                  [1.0 if p.top_p is None else p.top_p for p in params],
-                                  [seqs[i].rng.random() for i in drawn])
-            if tokens is None:
-                tokens = sampled
-            else:
-                tokens[drawn] = sampled
+            tokens[drawn] = sample_rows(logits if len(drawn) == n else logits[drawn], [p.temperature for p in params],
+                                        [p.top_k or 0 for p in params],
+                                        [1.0 if p.top_p is None else p.top_p for p in params],
+                                        [uniform[i] for i in drawn])
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []
-        chosen = tokens.tolist()
-        if -1 in chosen:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
+        chosen_ids = tokens.tolist()
+        if -1 in chosen_ids:  # NaN/inf logits from finite weights: e.g. an fp16/bf16 overflow
             raise UserError(NON_FINITE)
         found = dict(zip(wanted, logprobs, strict=True))
         for i, seq in enumerate(seqs):
             if seq.forced:  # a calculator result: written for the model, not sampled
-                self._advance(seq, seq.forced.pop(0), None)
+                self._advance(seq, seq.forced.pop(0), None, forced=True)
             else:
-                self._advance(seq, chosen[i], found.get(i))
+                self._advance(seq, chosen_ids[i], found.get(i))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
@@ -940,7 +1035,7 @@ class Engine:
                 result = "error"
             seq.forced, seq.tool_start = self.tokenizer.encode(result), None
 
-    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None, forced: bool = False) -> None:
         """Add a token to a sequence and send its request the text that is now certain."""
         p = seq.request.params
         reason = None
@@ -966,7 +1061,7 @@ class Engine:
         if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
-        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason)
+        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason, forced)
         seq.emitted = end
         seq.pending = token
         seq.finished = reason is not None

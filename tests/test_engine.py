@@ -180,6 +180,29 @@ def test_batched_sampler_draws_from_the_filtered_distribution(temperature, top_k
     assert counts.tolist() == pytest.approx(truth, abs=2 / n)
 
 
+def test_two_level_inverse_cdf_is_the_inverse_cdf():
+    # 300 ids: five blocks of 64, the last one padded; ids of zero probability inside a block
+    # and a whole block of them. Truth: the inverse CDF in float64, away from its steps (where
+    # float32 rounding may decide either way); on and near the steps and at u -> 1, never an id
+    # of probability zero.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, generator=g) * 2
+    logits[64:128] = float("-inf")
+    logits[[5, 6, 200, 299]] = float("-inf")
+    cdf = torch.softmax(logits.double(), dim=0).cumsum(0)
+    n = 3000
+    uniform = [(j + 0.5) / n for j in range(n)]
+    tokens = sample_rows(logits.expand(n, -1), [1.0] * n, [0] * n, [1.0] * n, uniform).tolist()
+    steps = cdf[torch.isfinite(logits)]
+    for u, token in zip(uniform, tokens, strict=True):
+        if (steps - u).abs().min() > 1e-5:
+            assert token == int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+    edges = [float(c) for c in steps] + [1 - 1e-9, 0.0]
+    drawn = sample_rows(logits.expand(len(edges), -1), [1.0] * len(edges), [0] * len(edges),
+                        [1.0] * len(edges), edges)
+    assert torch.isfinite(logits[drawn]).all()
+
+
 def test_batched_sampler_rows_do_not_depend_on_each_other():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 50, generator=g) * 3
@@ -301,7 +324,7 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
     # compiled step runs padded (3 rows in the bucket of 4) and exact (2, 1), and rows move
     # between cache slots as others leave.
     engine = Engine(model, tok, max_batch=4, compile=True)
-    assert engine.warm_up() > 0 and engine._compiled_buckets == {1, 2, 4}
+    assert engine.warm_up(sampled=False) > 0 and engine._compiled_buckets == {(1, False), (2, False), (4, False)}
     requests = [engine.submit(p, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
                 for i, p in enumerate(PROMPTS[:3])]
     with torch.compiler.set_stance("fail_on_recompile"):  # the warm-up compiled every step's graph
@@ -327,3 +350,26 @@ def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled = [c[0].token_ids for c in engine.generate(prompts, params)]
     assert compiled == eager
+
+
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_eager_tokens(tok, model):
+    # Rows sampled at a temperature are drawn inside the compiled graph, rows with top-k / top-p
+    # by the eager sampler on the graph's logits, greedy rows take the graph's argmax: with the
+    # same seeds every row must get the eager engine's tokens (the same rule on the same numbers).
+    params = [SamplingParams(max_tokens=10, temperature=0.8, seed=1, n=3),
+              SamplingParams(max_tokens=14, temperature=1.3, seed=2),
+              SamplingParams(max_tokens=8, temperature=0),
+              SamplingParams(max_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3)]
+    plain, engine = Engine(model, tok, max_batch=8), Engine(model, tok, max_batch=8, compile=True)
+
+    def run(e: Engine) -> list[list[list[int]]]:
+        requests = [e.submit(p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+        while e.step():
+            pass
+        return [[c.token_ids for c in r.result()] for r in requests]
+
+    eager = run(plain)
+    assert len({tuple(ids) for ids in eager[0]}) > 1  # the three samples differ: they were drawn
+    assert run(engine) == eager
+    assert (8, True) in engine._compiled_buckets  # the six rows' steps ran the sampling graph

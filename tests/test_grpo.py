@@ -137,18 +137,14 @@ def test_format_reward_wants_a_final_answer_line_and_end():
 
 
 def test_forced_calculator_tokens_are_masked_and_the_end_token_is_trained():
-    """The Engine's events: a sampled token comes with its log-prob, a calculator result it forced
-    without; "stop" means the policy wrote <|end|>, which the Engine leaves out of token_ids."""
+    """The Engine's events: a calculator result it forced says so; "stop" means the policy wrote
+    <|end|>, which the Engine leaves out of token_ids."""
     from lmforge.align.grpo import _answers
-    from lmforge.engine import Event, TokenLogprob
+    from lmforge.engine import Event
 
-    def sampled(token: int) -> list[TokenLogprob]:
-        return [TokenLogprob(token, -1.0, [])]
-
-    events = [Event(0, "", [10], sampled(10)), Event(1, "x", [4], sampled(4)),
-              Event(0, "2+2", [11], sampled(11)), Event(0, "", [12], sampled(12)),
-              Event(0, "4", [13], []), Event(1, "y", [5], sampled(5), "length"),
-              Event(0, "", [], [], "stop")]
+    events = [Event(0, "", [10], []), Event(1, "x", [4], []), Event(0, "2+2", [11], []),
+              Event(0, "", [12], []), Event(0, "4", [13], [], forced=True),
+              Event(1, "y", [5], [], "length"), Event(0, "", [], [], "stop")]
     first, second = _answers(events, 2, end_id=99)
     assert (first.ids, first.sampled, first.text, first.finish_reason) == ([10, 11, 12, 13, 99], [1, 1, 1, 0, 1], "2+24", "stop")
     assert (second.ids, second.sampled, second.finish_reason) == ([4, 5], [1, 1], "length")
@@ -232,6 +228,29 @@ def test_a_toy_task_drives_the_reward_up(base, tmp_path):
     assert sorted(passes) == [0, 10, 20, 30] and passes[30] > passes[0]
     for key in ("kl", "entropy", "answer_tokens", "zero_signal_groups"):
         assert all(math.isfinite(r[key]) for r in rows)
+
+
+@pytest.mark.slow
+def test_compiled_rollouts_are_the_eager_ones(base):
+    """grpo.compile: the Engine's compiled step (sampled rows drawn inside the graph) runs inside
+    the force_eager region alignment samples in, over blocks compiled for training, and samples
+    the eager Engine's answers from the same seeds."""
+    from lmforge.train.loop import prepare_for_training
+
+    tok = load_tokenizer(base / "tokenizer")
+    examples = Say().pool()[:3]
+    answers = {}
+    for compiled in (False, True):
+        cfg = _config(base, "train.compile=true", "grpo.group_size=4", "grpo.max_new_tokens=12",
+                      f"grpo.compile={str(compiled).lower()}")
+        model = prepare_for_training(lmforge.load_model(base), cfg.train, torch.device("cpu")).train()
+        objective = GRPOObjective(cfg, {"say": Say()}, tok, init_parallel(cfg))
+        objective.attach(model, None)
+        answers[compiled] = [[a.ids for a in group] for group in objective._sample(examples, [11, 12, 13])]
+        assert model.training  # back in training mode
+    assert objective._engine.compile_seconds > 0  # the compiled run compiled its steps
+    assert len({tuple(ids) for ids in answers[False][0]}) > 1  # the group's answers were drawn
+    assert answers[True] == answers[False]
 
 
 def test_the_reward_model_scores_the_answers(base, tmp_path, monkeypatch):

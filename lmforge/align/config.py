@@ -161,6 +161,10 @@ class GrpoConfig:
     select_best: the run's result is its checkpoint with the highest pass@1 (step 0, the
         starting model, included), named in RUN_DIR/checkpoints/selected.json and loaded for the
         run directory; false: the last checkpoint.
+    compile: the rollout and pass@1 Engine's decode step through torch.compile (the Engine's
+        `compile`: sampled rows drawn inside the graph, batches up to the rollout's rows). On
+        the tiny model on CPU ~1.3x the eager Engine's rollout tokens/s (nothing on a 23M one), but
+        each batch size compiles once per run first (benchmarks/RESULTS.md): worth it for long runs, not a few minutes.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["chat"])
@@ -176,6 +180,7 @@ class GrpoConfig:
     reward_model: str = ""
     eval_examples: int = 256
     select_best: bool = True
+    compile: bool = False
 
     def validate(self) -> None:
         if not self.tasks:

@@ -351,7 +351,7 @@ class GRPOObjective(Objective):
 
         assert self.model is not None
         if self._engine is None:
-            self._engine = live_engine(self.model, self.tokenizer, max(self.local_rows, 1))
+            self._engine = live_engine(self.model, self.tokenizer, max(self.local_rows, 1), self.g.compile)
             # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
             # returns, and the loss must know which one the policy chose.
             self._engine.stop_ids = {self.end_id}
@@ -363,7 +363,7 @@ class GRPOObjective(Objective):
         with self._generating() as engine:
             requests = [engine.submit(self._prompt_ids(e), SamplingParams(
                 max_tokens=self.g.max_new_tokens, temperature=self.g.temperature, seed=seed,
-                n=self.g.group_size, logprobs=True)) for e, seed in zip(examples, seeds, strict=True)]
+                n=self.g.group_size)) for e, seed in zip(examples, seeds, strict=True)]
             while engine.step():
                 pass
         return [_answers(request, self.g.group_size, self.end_id) for request in requests]
@@ -457,13 +457,13 @@ def load_scorer(path: str) -> Any:
 
 
 def _answers(request: Any, n: int, end_id: int) -> list[_Answer]:
-    """A request's n answers from its events: a token with a log-prob was sampled, one without
-    was forced (a calculator result); "stop" means the policy sampled <|end|>."""
+    """A request's n answers from its events: a token was sampled unless its event says it was
+    forced (a calculator result); "stop" means the policy sampled <|end|>."""
     answers = [_Answer([], [], "", "") for _ in range(n)]
     for event in request:
         a = answers[event.index]
         a.text += event.text
-        sampled = 1 if event.logprobs else 0
+        sampled = 0 if event.forced else 1
         a.ids += event.token_ids
         a.sampled += [sampled] * len(event.token_ids)
         if event.finish_reason:

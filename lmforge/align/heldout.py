@@ -27,29 +27,33 @@ def held_out_questions(tasks: dict[str, Task], n: int, shares: dict[str, float] 
     return [e for name, count in counts.items() for e in tasks[name].generate("test", EVAL_SEED, max(1, count))]
 
 
-def live_engine(model: nn.Module, tokenizer: Any, max_batch: int) -> Any:
+def live_engine(model: nn.Module, tokenizer: Any, max_batch: int, compile: bool = False) -> Any:
     """An Engine over a model that is training: built once by the objective and used through
-    `generating`; the model keeps its mode (the Engine would leave it in eval mode)."""
+    `generating`; the model keeps its mode (the Engine would leave it in eval mode). `compile`:
+    its decode step compiled for every batch size up to `max_batch` (the graphs read the live
+    weights, so they stay right as training updates them in place)."""
     from lmforge.engine import Engine
 
     was_training = model.training
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile, compile_max_batch=max_batch)
     model.train(was_training)
     return engine
 
 
 @contextlib.contextmanager
 def generating(engine: Any, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> Iterator[Any]:
-    """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code;
-    the model back in its mode after."""
+    """`engine` (built over the live `model`) ready to answer: eval mode, autocast, eager code
+    (but for the engine's own compiled step); the model back in its mode after."""
     from lmforge.train.loop import run_compiled_code_eagerly
 
     was_training = model.training
     with autocast(), run_compiled_code_eagerly():
         model.eval()
+        engine.in_eager_region = True  # its own compiled step (with compile) stays compiled
         try:
             yield engine
         finally:
+            engine.in_eager_region = False
             model.train(was_training)
 
 
