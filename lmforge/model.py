@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.autograd_ops import swiglu
 from lmforge.config import ModelConfig
 
 if TYPE_CHECKING:  # the cache is the engine's; the network only calls its update()
@@ -148,7 +149,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class GeluMLP(nn.Module):
