@@ -15,8 +15,9 @@ a fused (flash-style) attention kernel and no dropout:
     norms       2d          inputs of the two norms (the residual stream)
     attention   d + (H + 2K)h + 2Hh + H     normed input; q, k, v; output and its reshaped copy;
                                             log-sum-exp per head (+ (H + K)h with QK-norm)
-    MLP (llama) d + 3F      normed input; gate, up, their product (silu(gate) is made again in
-                            backward: lmforge/autograd_ops.py)
+    MLP (llama) d + 2F      normed input; gate, up (silu(gate) and its product with up are made
+                            again in backward, lmforge/autograd_ops.py; under torch.compile
+                            its partitioner chooses)
     MLP (gpt2)  d + 2F      normed input; up, gelu(up)
 plus, per token, the final norm (2d) and what the loss keeps of the logits, by how the head runs
 (`loss_head`): "plain" (eager) keeps the logits (V) and the fp32 log-softmax (V, always 4 bytes);
@@ -27,7 +28,7 @@ attention kernel add 2 * H * T per token and layer (scores and probabilities). K
 
 Measured on an H200 (gpt2-124m, batch 16 x 1024, compiled blocks, bf16): 8.17 GiB peak with the
 compiled head (estimate 8.96), 7.52 GiB with the fused loss (estimate 7.42); the "plain" count
-(12.03) held for neither, benchmarks/RESULTS.md (measured while the MLP also kept silu(gate)).
+(12.03) held for neither, benchmarks/RESULTS.md (measured while the MLP also kept silu(gate) and the product, 2F more).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def activation_elements_per_token(cfg: ModelConfig, seq_len: int, fused_attentio
     attention = d + (H + 2 * K) * h + 2 * H * h + H + ((H + K) * h if cfg.qk_norm else 0)
     if not fused_attention:
         attention += 2 * H * seq_len
-    mlp = d + (2 * F if cfg.arch == "gpt2" else 3 * F)
+    mlp = d + 2 * F  # gpt2: up, gelu(up); llama: gate, up
     return cfg.n_layers * (2 * d + attention + mlp) + 2 * d + (cfg.vocab_size if logits else 0)
 
 

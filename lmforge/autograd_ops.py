@@ -7,6 +7,8 @@ these functions keep less, and their gradients equal plain autograd's (tests/tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +38,48 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, the gated activation of the Llama MLP; backward keeps gate and up only."""
     return _SwiGLU.apply(gate, up)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are on (activation checkpointing, offloading): they decide
+    what is kept then, and a tensor they never keep needs no dropping."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def swiglu_down(down: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor,
+                up: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up), the Llama MLP's output, without keeping silu(gate) * up for backward.
+
+    `down` (a linear layer, plain or LoRA) keeps its input, the product, for its weight gradient,
+    while `swiglu` keeps gate and up, from which the product is one pass away. So the product's
+    memory is released once `down` has run, and filled again by a hook that runs just before
+    down's backward (the idea of Megatron-LM's CheckpointWithoutOutput). Under torch.compile (which
+    chooses what to recompute itself), without gradients, or when saved-tensor hooks (activation
+    checkpointing) manage what is kept, it is the plain composition. Nothing but `down` may hold
+    the product: a forward hook on `down` that keeps its input would see released memory."""
+    product = swiglu(gate, up)
+    if (not product.requires_grad or torch.compiler.is_compiling() or _saved_tensors_hooked()):
+        return down(product)
+    out = down(product)
+    nbytes = product.untyped_storage().nbytes()
+    product.untyped_storage().resize_(0)
+    # Held for the hook until it runs, then let go: backward frees gate and up (and down the
+    # product) as soon as their own nodes are done with them, not with the whole graph.
+    pending = [gate, up, product]
+
+    def refill(grad_outputs: tuple[torch.Tensor, ...]) -> None:
+        if not pending:  # a second backward through a retained graph: already filled
+            return
+        gate, up, product = pending
+        pending.clear()
+        storage = product.untyped_storage()
+        storage.resize_(nbytes)
+        # A new tensor on the same memory: writing through `product` itself would bump the
+        # version counter autograd checks when down's backward reads its saved input.
+        target = torch.empty(0, dtype=product.dtype, device=product.device)
+        target.set_(storage, product.storage_offset(), product.shape, product.stride())
+        with torch.no_grad():
+            torch.ops.aten.silu.out(gate, out=target).mul_(up)
+
+    out.grad_fn.register_prehook(refill)
+    return out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.autograd_ops import swiglu
+from lmforge.autograd_ops import swiglu_down
 from lmforge.config import ModelConfig
 
 if TYPE_CHECKING:  # the cache is the engine's; the network only calls its update()
@@ -149,7 +149,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return swiglu_down(self.down_proj, self.gate_proj(x), self.up_proj(x))
 
 
 class GeluMLP(nn.Module):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from lmforge.autograd_ops import swiglu
+from lmforge.autograd_ops import swiglu, swiglu_down
 
 
 def saved_storages(fn) -> int:
@@ -80,3 +81,73 @@ def test_compiled_blocks_give_eager_loss_and_gradients():
     for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     torch._dynamo.reset()
+
+
+class Recorded(torch.nn.Module):
+    """A down projection that remembers the input it was called with."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.inputs = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x)
+        return self.inner(x)
+
+
+def mlp_inputs(lora: bool = False):
+    """Float64 gate and up outputs and a down projection (plain, or LoRA with B != 0)."""
+    from lmforge.finetune.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    gate = (torch.randn(2, 7, 24, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    up = torch.randn(2, 7, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    down = torch.nn.Linear(24, 10, dtype=torch.float64)
+    if lora:
+        down = LoRALinear(down, rank=4, alpha=8.0, dropout=0.0)
+        with torch.no_grad():
+            down.lora_B.normal_()
+    upstream = torch.randn(2, 7, 10, generator=g, dtype=torch.float64)
+    return gate, up, down, upstream
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_swiglu_down_releases_the_product_and_keeps_the_gradients(lora):
+    gate, up, down, upstream = mlp_inputs(lora)
+    params = [p for p in down.parameters() if p.requires_grad]
+    want_out = down(F.silu(gate) * up)
+    want = torch.autograd.grad(want_out, (gate, up, *params), upstream)
+    recorded = Recorded(down)
+    out = swiglu_down(recorded, gate, up)
+    assert recorded.inputs[0].untyped_storage().nbytes() == 0  # released after forward
+    got = torch.autograd.grad(out, (gate, up, *params), upstream)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_swiglu_down_twice_through_a_retained_graph():
+    gate, up, down, upstream = mlp_inputs()
+    out = swiglu_down(down, gate, up)
+    first = torch.autograd.grad(out, (gate, up, down.weight), upstream, retain_graph=True)
+    second = torch.autograd.grad(out, (gate, up, down.weight), upstream)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_swiglu_down_keeps_the_product_where_it_must():
+    """Without gradients, and under activation checkpointing (saved-tensor hooks decide what is
+    kept): the plain composition, product untouched, same gradients."""
+    gate, up, down, upstream = mlp_inputs()
+    with torch.no_grad():
+        recorded = Recorded(down)
+        swiglu_down(recorded, gate, up)
+        assert recorded.inputs[0].untyped_storage().nbytes() > 0
+    recorded = Recorded(down)
+    out = checkpoint(swiglu_down, recorded, gate, up, use_reentrant=False)
+    assert all(x.untyped_storage().nbytes() > 0 for x in recorded.inputs)
+    got = torch.autograd.grad(out, (gate, up, down.weight), upstream)
+    want = torch.autograd.grad(down(F.silu(gate) * up), (gate, up, down.weight), upstream)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
