@@ -17,8 +17,8 @@ class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up, keeping only gate and up.
 
     Autograd on `F.silu(gate) * up` also keeps silu(gate), a (tokens, ffn) tensor per layer - the
-    widest activations of the block, one of four. Backward makes it again from gate, one pass of
-    the pass silu's own backward makes anyway (it recomputes the sigmoid too)."""
+    widest activations of the block, one of four. Backward makes it again from gate (one exp
+    pass; silu's own backward makes another) unless `swiglu_down` has just made it."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        grad_up = F.silu(gate).mul_(grad)
+        silu, ctx.silu = getattr(ctx, "silu", None), None  # swiglu_down's refill may have made it
+        grad_up = (F.silu(gate) if silu is None else silu).mul_(grad)
         grad_silu = grad * up
         # d silu(g) / dg, times grad_silu, written over grad_silu (elementwise: aliasing is safe).
         grad_gate = torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_silu)
@@ -79,7 +80,10 @@ def swiglu_down(down: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor
         target = torch.empty(0, dtype=product.dtype, device=product.device)
         target.set_(storage, product.storage_offset(), product.shape, product.stride())
         with torch.no_grad():
-            torch.ops.aten.silu.out(gate, out=target).mul_(up)
+            silu = F.silu(gate)
+            torch.mul(silu, up, out=target)
+        # swiglu's backward, next but one, needs silu(gate) too: one exp pass instead of two.
+        product.grad_fn.silu = silu
 
     out.grad_fn.register_prehook(refill)
     return out
