@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.autograd_ops import swiglu, swiglu_down
+from lmforge.autograd_ops import normed_then, rms_norm, swiglu, swiglu_down
 
 
 def saved_storages(fn) -> int:
@@ -151,3 +151,70 @@ def test_swiglu_down_keeps_the_product_where_it_must():
     want = torch.autograd.grad(down(F.silu(gate) * up), (gate, up, down.weight), upstream)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 4, 3, 8)])  # (B, T, d); per head (QK-norm)
+def test_rms_norm_gradients_equal_autograd_on_the_formula(weight_trains, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    weight = (torch.rand(shape[-1], generator=g, dtype=torch.float64) + 0.5).requires_grad_(weight_trains)
+    upstream = torch.randn(*shape, generator=g, dtype=torch.float64)
+    inputs = (x, weight) if weight_trains else (x,)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight  # unfused formula
+    want = torch.autograd.grad(expected, inputs, upstream)
+    got_out = rms_norm(x, weight, 1e-6)
+    got = torch.autograd.grad(got_out, inputs, upstream)
+    torch.testing.assert_close(got_out, expected, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_rms_norm_keeps_x_not_the_normalised_x():
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    weight = torch.ones(64, requires_grad=True)
+    one = x.numel() * x.element_size()
+    assert saved_storages(lambda: rms_norm(x, weight, 1e-5)) < 1.1 * one
+    assert saved_storages(lambda: F.rms_norm(x, (64,), weight, 1e-5)) > 1.9 * one
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_normed_then_releases_the_normed_input_and_keeps_the_gradients(lora):
+    from lmforge.model import RMSNorm
+
+    gate, up, down, upstream = mlp_inputs(lora)  # down: (24 -> 10); its input normed here
+    x = torch.randn(2, 7, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    norm = RMSNorm(24, 1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    params = [x, norm.weight, *(p for p in down.parameters() if p.requires_grad)]
+    want_out = down(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight)
+    want = torch.autograd.grad(want_out, params, upstream)
+    recorded = Recorded(down)
+    out = normed_then(norm, x, recorded)
+    assert recorded.inputs[0].untyped_storage().nbytes() == 0  # released after forward
+    got = torch.autograd.grad(out, params, upstream)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_training_forward_keeps_no_norm_output_and_no_mlp_product():
+    """What a block keeps, read off the graph: per layer the two norms' inputs, q, k (after RoPE),
+    v, the attention output, gate and up - not the normed inputs, silu(gate) or the product."""
+    from train_fixtures import kept_for_backward
+
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96, max_seq_len=16)
+    model = Transformer(cfg)
+    x = torch.randint(0, 64, (2, 16))
+    h = model.hidden_states(x)
+    kept = kept_for_backward(h, leave_out=[*model.parameters(), *model.buffers()])
+    tokens, d, f, heads = 2 * 16, 32, 96, 4
+    per_layer = tokens * (2 * d + 3 * d + d + 2 * f) * 4 + tokens * heads * 4 * 2  # + rstd, log-sum-exp
+    # the embedding's output is the first norm's input; the last block's output is not kept
+    assert kept <= cfg.n_layers * per_layer + tokens * 8 * 4
+    assert kept >= cfg.n_layers * tokens * (6 * d + 2 * f) * 4
