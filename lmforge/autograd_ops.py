@@ -145,10 +145,19 @@ def normed_then(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """use(norm(x)) without keeping norm(x) for backward.
 
     The projections in `use` keep the normed input for their weight gradients, while the norm
-    keeps x: the normed tensor is released once `use` has run and made again from x (one pass,
-    the same kernel, so the same bits) just before use's backward."""
+    keeps x: the normed tensor is released once `use` has run and made again from x (the same
+    values, bit for bit) just before use's backward."""
     normed = norm(x)
     out = use(normed)
     if _releasable(normed):
-        _release_until_backward(normed, out, lambda target: target.copy_(norm(x)))
+        def remake(target: torch.Tensor) -> None:
+            if type(normed.grad_fn) is _RMSNorm._backward_cls and normed.device.type == "cpu":
+                # On CPU the kernel ends in these two products (bit for bit, a test holds it):
+                # with the kept 1 / rms(x) no reduction runs again.
+                x_kept, weight, rstd = normed.grad_fn.saved_tensors
+                torch.mul(x_kept, rstd, out=target).mul_(weight)
+            else:
+                target.copy_(norm(x))
+
+        _release_until_backward(normed, out, remake)
     return out

@@ -218,3 +218,27 @@ def test_a_training_forward_keeps_no_norm_output_and_no_mlp_product():
     # the embedding's output is the first norm's input; the last block's output is not kept
     assert kept <= cfg.n_layers * per_layer + tokens * 8 * 4
     assert kept >= cfg.n_layers * tokens * (6 * d + 2 * f) * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_refilled_normed_input_has_the_forward_s_bits(dtype):
+    """normed_then makes the normed input again from the norm's input and 1 / rms: the very
+    values the forward made, so backward sees what forward used."""
+    from lmforge.model import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 9, 40, generator=g, dtype=dtype) * 3).requires_grad_()
+    norm = RMSNorm(40, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+    seen = []
+
+    def use(normed: torch.Tensor) -> torch.Tensor:
+        seen.append((normed, normed.detach().clone()))
+        return normed * 2
+
+    out = normed_then(norm, x, use)
+    (normed, forward_values), = seen
+    assert normed.untyped_storage().nbytes() == 0
+    out.backward(torch.ones_like(out))  # the refill runs first
+    assert torch.equal(normed.detach(), forward_values)
