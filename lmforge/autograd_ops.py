@@ -82,11 +82,12 @@ def _saved_tensors_hooked() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
-def _releasable(made: torch.Tensor) -> bool:
-    """Whether `made`'s memory may be released until backward (see `swiglu_down`): not under
-    torch.compile (which chooses what to recompute itself), not without gradients, not when
-    saved-tensor hooks (activation checkpointing) manage what is kept."""
-    return made.requires_grad and not torch.compiler.is_compiling() and not _saved_tensors_hooked()
+def _releasable(made: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `made`'s memory may be released until `out`'s backward: not under torch.compile
+    (which chooses what to recompute itself), not without gradients, not when saved-tensor hooks
+    (activation checkpointing) manage what is kept."""
+    return (made.requires_grad and out.grad_fn is not None and not torch.compiler.is_compiling()
+            and not _saved_tensors_hooked())
 
 
 def _release_until_backward(made: torch.Tensor, out: torch.Tensor,
@@ -129,7 +130,7 @@ def swiglu_down(down: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor
     released once `down` has run and filled again just before down's backward."""
     product = swiglu(gate, up)
     out = down(product)
-    if _releasable(product):
+    if _releasable(product, out):
         def remake(target: torch.Tensor) -> None:
             silu = F.silu(gate)
             torch.mul(silu, up, out=target)
@@ -149,7 +150,7 @@ def normed_then(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     values, bit for bit) just before use's backward."""
     normed = norm(x)
     out = use(normed)
-    if _releasable(normed):
+    if _releasable(normed, out):
         def remake(target: torch.Tensor) -> None:
             if type(normed.grad_fn) is _RMSNorm._backward_cls and normed.device.type == "cpu":
                 # On CPU the kernel ends in these two products (bit for bit, a test holds it):

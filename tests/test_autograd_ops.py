@@ -242,3 +242,29 @@ def test_the_refilled_normed_input_has_the_forward_s_bits(dtype):
     assert normed.untyped_storage().nbytes() == 0
     out.backward(torch.ones_like(out))  # the refill runs first
     assert torch.equal(normed.detach(), forward_values)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_releasing_changes_no_bit_of_the_model_s_gradients(arch):
+    """The same training step with the releases off (any saved-tensor hooks turn them off): the
+    loss and every gradient are the same bits, for RMSNorm and LayerNorm blocks alike."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2 if arch == "llama" else 4, max_seq_len=16))
+    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(x, x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    released = step()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        kept = step()
+    assert torch.equal(released[0], kept[0])
+    for a, b in zip(released[1], kept[1], strict=True):
+        assert torch.equal(a, b)
