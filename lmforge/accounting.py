@@ -12,13 +12,16 @@ The attention term counts QK^T and AV over the full length T (not halved for cau
 Activation memory (the method of Korthikanti et al. 2022, "Reducing Activation Recomputation":
 count every tensor a layer keeps for backward). Per token and layer, in elements, for our block with
 a fused (flash-style) attention kernel and no dropout:
-    norms       2d          inputs of the two norms (the residual stream)
-    attention   d + (H + 2K)h + 2Hh + H     normed input; q, k, v; output and its reshaped copy;
+    norms       2d          inputs of the two norms (the residual stream); their outputs, the
+                            normed inputs of attention and MLP, are made again in backward
+    attention   (H + 2K)h + 2Hh + H         q, k, v; output and its reshaped copy;
                                             log-sum-exp per head (+ (H + K)h with QK-norm)
-    MLP (llama) d + 4F      normed input; gate, silu(gate), up, their product
-    MLP (gpt2)  d + 2F      normed input; up, gelu(up)
+    MLP (llama) 2F          gate, up (silu(gate) and its product with up are made again)
+    MLP (gpt2)  2F          up, gelu(up)
+What is made again in backward is lmforge/autograd_ops.py's choice in eager mode; under
+torch.compile the compiler's partitioner chooses.
 plus, per token, the final norm (2d) and what the loss keeps of the logits, by how the head runs
-(`loss_head`): "plain" (eager) keeps the logits (V) and the fp32 log-softmax (V, always 4 bytes);
+(`loss_head`): "plain" (eager) keeps the fp32 log-softmax (V, always 4 bytes; not the logits);
 "compiled" (train.compile: head and cross-entropy one graph) fuses the log-softmax away and keeps
 the logits; "fused" (train.fused_loss, a chunk of tokens at a time) keeps neither. Without a fused
 attention kernel add 2 * H * T per token and layer (scores and probabilities). Korthikanti's
@@ -26,7 +29,8 @@ attention kernel add 2 * H * T per token and layer (scores and probabilities). K
 
 Measured on an H200 (gpt2-124m, batch 16 x 1024, compiled blocks, bf16): 8.17 GiB peak with the
 compiled head (estimate 8.96), 7.52 GiB with the fused loss (estimate 7.42); the "plain" count
-(12.03) held for neither, benchmarks/RESULTS.md.
+(12.03) held for neither, benchmarks/RESULTS.md (measured while blocks also kept their normed
+inputs, silu(gate) and the product: 2d + 2F more per layer).
 """
 
 from __future__ import annotations
@@ -105,10 +109,10 @@ def activation_elements_per_token(cfg: ModelConfig, seq_len: int, fused_attentio
     `logits` is False), see module doc."""
     d, F, h = cfg.d_model, cfg.ffn_dim, cfg.head_dim
     H, K = cfg.n_heads, cfg.kv_heads
-    attention = d + (H + 2 * K) * h + 2 * H * h + H + ((H + K) * h if cfg.qk_norm else 0)
+    attention = (H + 2 * K) * h + 2 * H * h + H + ((H + K) * h if cfg.qk_norm else 0)
     if not fused_attention:
         attention += 2 * H * seq_len
-    mlp = d + (2 * F if cfg.arch == "gpt2" else 4 * F)
+    mlp = 2 * F  # gpt2: up, gelu(up); llama: gate, up
     return cfg.n_layers * (2 * d + attention + mlp) + 2 * d + (cfg.vocab_size if logits else 0)
 
 
@@ -133,7 +137,7 @@ def memory_bytes(cfg: ModelConfig, batch_size: int, seq_len: int, dtype: str = "
         raise ValueError(f"head={head!r}: one of {LOSS_HEADS}")
     n = param_counts(cfg).total
     tokens = batch_size * seq_len
-    elements = activation_elements_per_token(cfg, seq_len, fused_attention, logits=head != "fused")
+    elements = activation_elements_per_token(cfg, seq_len, fused_attention, logits=head == "compiled")
     activations = tokens * (elements * BYTES[dtype] + (cfg.vocab_size * 4 if head == "plain" else 0))
     fp32 = BYTES["fp32"]
     out = {"weights": n * fp32, "grads": n * fp32, "adamw": 2 * n * fp32, "activations": activations}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.autograd_ops import normed_then, rms_norm, swiglu_down
 from lmforge.config import ModelConfig
 
 if TYPE_CHECKING:  # the cache is the engine's; the network only calls its update()
@@ -50,7 +51,7 @@ def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed by PyTorch's fused kernel (one op forward, one backward)."""
+    """x / rms(x) * weight, computed by PyTorch's fused kernel (backward: lmforge/autograd_ops.py)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -58,7 +59,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -148,7 +149,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu_down(self.down_proj, self.gate_proj(x), self.up_proj(x))
 
 
 class GeluMLP(nn.Module):
@@ -179,8 +180,9 @@ class Block(nn.Module):
         # The layer index only matters to a cache; without one it is not read, so a compiled
         # block's code is not specialised per layer (one compilation serves every block).
         layer = self.layer if cache is not None else -1
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, layer, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # h + attention(norm(h)): the normed input is made again in backward, not kept.
+        h = h + normed_then(self.input_layernorm, h, lambda x: self.self_attn(x, rope, cache, layer, mask))
+        return h + normed_then(self.post_attention_layernorm, h, self.mlp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from train_fixtures import make_shards, read_metrics, tiny_config
+from train_fixtures import kept_for_backward, make_shards, read_metrics, tiny_config
 
 from lmforge import accounting, plan
 from lmforge.config import load_config
@@ -71,8 +71,8 @@ def test_time_budget_sizes_the_run_to_finish_in_time(tmp_path):
 @pytest.mark.parametrize("head", ["plain", "fused"])
 def test_activation_estimate_is_near_the_tensors_autograd_keeps(head):
     """The activation term of the memory estimate against what autograd really saves for backward
-    (counted through saved-tensor hooks, each storage once, parameters left out), for the eager
-    head and the fused loss, within the margin the GPU measurement showed (benchmarks/RESULTS.md)."""
+    (read off the graph, each storage once, parameters left out), for the eager head and the
+    fused loss, within the margin the GPU measurement showed (benchmarks/RESULTS.md)."""
     import torch
 
     from lmforge.train.pretrain import loss_options
@@ -84,15 +84,7 @@ def test_activation_estimate_is_near_the_tensors_autograd_keeps(head):
     model = Transformer(cfg.model)
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 2048, (2, 128), generator=g) for _ in range(2))
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.loss(x, y, **loss_options(model, cfg.train, torch.device("cpu")))
-    saved = sum(n for ptr, n in kept.items() if ptr not in weights)
+    loss = model.loss(x, y, **loss_options(model, cfg.train, torch.device("cpu")))
+    saved = kept_for_backward(loss, leave_out=[*model.parameters(), *model.buffers()])
     estimate = accounting.training_memory(cfg, 2, 128, "cpu")["activations"]
     assert 0.8 < saved / estimate < 1.25, (saved, estimate)

@@ -112,3 +112,29 @@ def kill_and_resume(args: list[str], overrides: list[str], root: Path, at: int =
     before_resume(killed_run)
     run_lmforge(*args, "--out", str(killed_run), "--resume")
     return done, reference, killed_run
+
+
+def kept_for_backward(output, leave_out=()) -> int:
+    """Bytes of the distinct storages the autograd graph behind `output` keeps for backward,
+    read off the graph's nodes (their `_saved_*` fields; a custom Function's saved_tensors), each
+    storage once, those of the `leave_out` tensors (e.g. the parameters) not counted. Unlike
+    saved-tensor hooks this observes the graph without changing how it is built, and memory
+    released after forward (a storage resized to 0) counts as 0."""
+    import torch
+
+    left_out = {t.untyped_storage().data_ptr() for t in leave_out}
+    kept: dict[int, int] = {}
+    nodes, seen = [output.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        values = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        values += list(getattr(node, "saved_tensors", ()) or ())
+        for value in values:
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in left_out:
+                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return sum(kept.values())

@@ -69,10 +69,10 @@ def _activations(cfg: RunConfig, tokens: int, layers: int, dtype: str, tp: int =
     """Activation bytes for `tokens` tokens through `layers` blocks (+ final norm and logits)."""
     m = cfg.model
     seq_len = cfg.train.seq_len or m.max_seq_len
-    total = accounting.activation_elements_per_token(m, seq_len)
-    outside = 2 * m.d_model + m.vocab_size  # final norm input, logits
+    total = accounting.activation_elements_per_token(m, seq_len, logits=False)
+    outside = 2 * m.d_model  # final norm input
     per_layer = (total - outside) // m.n_layers
-    replicated = 4 * m.d_model  # residual stream: norm inputs and normed inputs stay whole under TP
+    replicated = 2 * m.d_model  # residual stream: the norms' inputs stay whole under TP
     per_layer = replicated + (per_layer - replicated) // tp
     b = accounting.BYTES[dtype]
     elements = layers * per_layer + (outside if with_logits else 0)
