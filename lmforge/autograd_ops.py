@@ -66,9 +66,13 @@ class _RMSNorm(torch.autograd.Function):
         return grad_wx.sub_(x_hat.mul_(mean)).mul_(rstd), grad_w, None
 
 
+# The kernel that returns 1/rms beside the output (recent torch); an older torch keeps its composite.
+_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
     """RMSNorm over the last dimension, equal to `F.rms_norm` (the same fused kernel forward)."""
-    if (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
+    if (_FUSED_RMS_NORM and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
             and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _RMSNorm.apply(x, weight, eps)
     # No gradients; or bf16/fp16 (the kernel's statistics are fp32, autograd's composite handles

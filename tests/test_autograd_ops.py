@@ -268,3 +268,30 @@ def test_releasing_changes_no_bit_of_the_model_s_gradients(arch):
     assert torch.equal(released[0], kept[0])
     for a, b in zip(released[1], kept[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_without_the_fused_kernel_the_model_trains_the_same(monkeypatch):
+    """A torch without aten::_fused_rms_norm (older than the one the fused path needs) falls back
+    to F.rms_norm, still with the releases: the same loss and gradients as the fused path, to
+    float rounding (the two compute 1/rms in a different order)."""
+    import lmforge.autograd_ops as ops
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=16)).double()
+    x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(x, x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fused = step()
+    monkeypatch.setattr(ops, "_FUSED_RMS_NORM", False)
+    composite = step()
+    torch.testing.assert_close(composite[0], fused[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(composite[1], fused[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
