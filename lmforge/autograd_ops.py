@@ -90,7 +90,9 @@ def _releasable(made: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `made`'s memory may be released until `out`'s backward: not under torch.compile
     (which chooses what to recompute itself), not without gradients, not when saved-tensor hooks
     (activation checkpointing) manage what is kept."""
-    return (made.requires_grad and out.grad_fn is not None and not torch.compiler.is_compiling()
+    # is_compiling() first: dynamo folds it to True and traces none of the rest (reading
+    # `grad_fn` or the hooks' state inside a compiled block would break its graph).
+    return (not torch.compiler.is_compiling() and made.requires_grad and out.grad_fn is not None
             and not _saved_tensors_hooked())
 
 
