@@ -36,6 +36,7 @@ import queue
 import random
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -245,6 +246,14 @@ def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: 
     sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
     logits = _step_logits(model, k, v, tokens, positions, mask)
     return logits, _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
+
+
+def _own_copy(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo keeps its graphs on the code object, at most 8
+    (its recompile limit): a second compiled Engine over another model shape would add its
+    buckets' graphs to the first one's, pass the limit and run eagerly, with only a warning.
+    Each Engine's step is its own function to dynamo instead."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _key_length(longest: int, max_len: int) -> int:
@@ -746,7 +755,7 @@ class Engine:
         # Two graphs per bucket, each compiled on first use: greedy steps (`_decode_logits`) and
         # steps with sampled rows (`_decode_sampled`, which draws them inside the graph).
         options = _compile_options(self.device)
-        self._compiled = {sampled: torch.compile(fn, dynamic=False, options=options) if compile else None
+        self._compiled = {sampled: torch.compile(_own_copy(fn), dynamic=False, options=options) if compile else None
                           for sampled, fn in ((False, _decode_logits), (True, _decode_sampled))}
         self._compiled_buckets: set[tuple[int, bool]] = set()  # (batch size, sampled) compiled so far
         # Set by a caller that steps the engine inside torch.compiler.set_stance("force_eager")

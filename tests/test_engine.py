@@ -335,6 +335,30 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
 
 
 @pytest.mark.slow
+def test_compiled_engines_over_different_models_each_keep_their_graphs(tok, model):
+    """Three compiled Engines over models of three widths in one process: 9 greedy graphs (3
+    buckets each). Dynamo keeps at most 8 per code object (its recompile limit) and runs past it
+    eagerly, so the Engines must not share one: each still steps compiled after the others."""
+    def wide(d_model: int) -> Transformer:
+        cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", f"model.d_model={d_model}",
+                                     "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
+                                     "model.max_seq_len=48"])
+        return Transformer(cfg.model).eval()
+
+    from torch._dynamo.utils import counters
+
+    engines = [Engine(wide(d), tok, max_batch=4, compile=True) for d in (32, 48, 64)]
+    before = counters["stats"]["unique_graphs"]
+    for engine in engines:
+        engine.warm_up(sampled=False)
+    assert counters["stats"]["unique_graphs"] - before == 9  # past the limit: 8, the ninth eager
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with torch.compiler.set_stance("fail_on_recompile"):  # and the warm-up's graphs serve the steps
+        for engine in engines:
+            engine.generate(PROMPTS[:3], params)
+
+
+@pytest.mark.slow
 def test_compiled_steps_over_bucketed_key_lengths_give_the_eager_tokens(tok):
     # A 160-token context: the compiled step attends over 64, 80, ... 160 keys as the rows
     # grow, in one graph per batch size (the key length is dynamic), and must give the tokens of
