@@ -244,6 +244,14 @@ def test_the_refilled_normed_input_has_the_forward_s_bits(dtype):
     assert torch.equal(normed.detach(), forward_values)
 
 
+def _loss_and_gradients(model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One training step's loss and every parameter's gradient (copies)."""
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(x, x)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_releasing_changes_no_bit_of_the_model_s_gradients(arch):
     """The same training step with the releases off (any saved-tensor hooks turn them off): the
@@ -256,15 +264,9 @@ def test_releasing_changes_no_bit_of_the_model_s_gradients(arch):
                                     n_kv_heads=2 if arch == "llama" else 4, max_seq_len=16))
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
 
-    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(x, x)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    released = step()
+    released = _loss_and_gradients(model, x)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        kept = step()
+        kept = _loss_and_gradients(model, x)
     assert torch.equal(released[0], kept[0])
     for a, b in zip(released[1], kept[1], strict=True):
         assert torch.equal(a, b)
@@ -283,15 +285,9 @@ def test_without_the_fused_kernel_the_model_trains_the_same(monkeypatch):
                                     max_seq_len=16)).double()
     x = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
 
-    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(x, x)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    fused = step()
+    fused = _loss_and_gradients(model, x)
     monkeypatch.setattr(ops, "_FUSED_RMS_NORM", False)
-    composite = step()
+    composite = _loss_and_gradients(model, x)
     torch.testing.assert_close(composite[0], fused[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(composite[1], fused[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
