@@ -344,8 +344,7 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
     filter invert the CDF in ranked order, rows without one in id order (no sort), each kind in
     one pass of its own, so that too is the row's own business. A row whose logits are not
     finite gets -1."""
-    vocab = logits.shape[-1]
-    ranked = [0 < k < vocab or p < 1 for k, p in zip(top_k, top_p, strict=True)]
+    ranked = [_filters(k, p, logits.shape[-1]) for k, p in zip(top_k, top_p, strict=True)]
     if all(ranked) or not any(ranked):
         return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=any(ranked))
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -355,6 +354,12 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
                                                 for seq in (temperature, top_k, top_p, uniform)),
                                 ranked=kind)
     return out
+
+
+def _filters(top_k: int, top_p: float, vocab: int) -> bool:
+    """Whether top-k (0: none) or top-p (1: none) leaves out any of `vocab` ids: the row is then
+    drawn in ranked order (`_invert_cdf`), not inside the compiled step."""
+    return 0 < top_k < vocab or top_p < 1
 
 
 def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
@@ -618,6 +623,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
 
+    @property
+    def filter_values(self) -> tuple[int, float]:
+        """(top_k, top_p) as `sample_rows` takes them: 0 and 1 for a filter that is off."""
+        return self.top_k or 0, 1.0 if self.top_p is None else self.top_p
+
 
 @dataclass
 class TokenLogprob:
@@ -858,7 +868,8 @@ class Engine:
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
         # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
-        inv_temperature = [0.0 if u is None or self._filtered(s.request.params) else 1 / s.request.params.temperature
+        inv_temperature = [0.0 if u is None or _filters(*s.request.params.filter_values, self.tokenizer.vocab_size)
+                           else 1 / s.request.params.temperature
                            for s, u in zip(self.rows, uniform, strict=True)]
         sampling, decided = None, [u is None for u in uniform]
         if any(inv_temperature):
@@ -869,10 +880,6 @@ class Engine:
                                             sampling)
         self.cache.advance(1)
         return logits[:n], chosen[:n], decided
-
-    def _filtered(self, params: SamplingParams) -> bool:
-        """Whether a request samples with top-k or top-p (`sample_rows` ranks its row)."""
-        return 0 < (params.top_k or 0) < self.tokenizer.vocab_size or (params.top_p or 1.0) < 1
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
@@ -999,8 +1006,7 @@ class Engine:
         if drawn:
             params = [seqs[i].request.params for i in drawn]
             tokens[drawn] = sample_rows(logits if len(drawn) == n else logits[drawn], [p.temperature for p in params],
-                                        [p.top_k or 0 for p in params],
-                                        [1.0 if p.top_p is None else p.top_p for p in params],
+                                        [p.filter_values[0] for p in params], [p.filter_values[1] for p in params],
                                         [uniform[i] for i in drawn])
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
