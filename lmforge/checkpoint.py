@@ -106,11 +106,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return resolve_checkpoint(final)
     runs_checkpoints = path / "checkpoints"
     if not (path / CONFIG_FILE).exists() and runs_checkpoints.is_dir():
-        complete = [d for d in runs_checkpoints.iterdir() if d.is_dir() and (d / COMPLETE_MARKER).is_file()]
-        if not complete:
+        result = run_result(runs_checkpoints)
+        if result is None:
             raise UserError(f"no complete checkpoint under {runs_checkpoints} (none has a {COMPLETE_MARKER} marker)")
-        selected = selected_checkpoint(runs_checkpoints)
-        return selected if selected is not None else max(complete, key=_step_of)
+        return result
     if any((path / f).exists() for f in TRAINING_FILES) and not (path / COMPLETE_MARKER).is_file():
         raise UserError(f"{path} is an unfinished training checkpoint (no {COMPLETE_MARKER} marker); not loading it")
     return path
@@ -132,6 +131,22 @@ def selected_checkpoint(checkpoints_dir: Path) -> Path | None:
         return None
     path = Path(checkpoints_dir) / f"step_{record['step']:08d}"
     return path if (path / COMPLETE_MARKER).is_file() else None
+
+
+def run_result(checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The model a run's checkpoints/ directory stands for: the checkpoint selected.json names (a
+    run that chose its best by a held-out score), else the newest complete one; None if none is.
+    The hidden temporaries of atomic writes never count: a write killed after its COMPLETE marker
+    but before its rename leaves one, and the next resume deletes it."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return None
+    selected = selected_checkpoint(checkpoints_dir)
+    if selected is not None:
+        return selected
+    complete = [d for d in checkpoints_dir.iterdir()
+                if not d.name.startswith(".") and d.is_dir() and (d / COMPLETE_MARKER).is_file()]
+    return max(complete, key=_step_of, default=None)
 
 
 def final_stage_dir(run_dir: Path) -> Path | None:

@@ -486,3 +486,17 @@ def test_a_stage_model_is_the_checkpoint_its_run_selected_else_the_newest(tmp_pa
                                                                          "value": 0.5}))
     assert stage_model(tmp_path) == tmp_path / "checkpoints" / "step_00000004"
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000008"
+
+
+def test_a_write_killed_before_its_rename_is_never_the_run_s_model(tmp_path):
+    """SIGKILL between a checkpoint's COMPLETE marker and the rename of its temporary directory
+    leaves `.step_N.XXXX.tmp` holding the marker (lmforge/atomic.py): loading the run directory,
+    the lifecycle's stage model and resuming all take the newest renamed checkpoint instead."""
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.pipeline.posttrain import latest_checkpoint, stage_model
+
+    for name in ("step_00000004", "step_00000008", ".step_00000012.k3j9x_.tmp"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "COMPLETE").write_text("")
+    newest = tmp_path / "checkpoints" / "step_00000008"
+    assert resolve_checkpoint(tmp_path) == stage_model(tmp_path) == latest_checkpoint(tmp_path) == newest

@@ -90,9 +90,9 @@ def pretrained(ctx: Context) -> Path:
 def stage_model(run_dir: Path) -> Path | None:
     """A stage's model: the checkpoint its run selected by held-out score (DPO, GRPO:
     checkpoints/selected.json), else its newest complete one."""
-    from lmforge.checkpoint import selected_checkpoint
+    from lmforge.checkpoint import run_result
 
-    return selected_checkpoint(run_dir / "checkpoints") or latest_checkpoint(run_dir)
+    return run_result(run_dir / "checkpoints")
 
 
 def stage_models(ctx: Context) -> dict[str, Path]:
