@@ -151,15 +151,16 @@ class RaggedKVCache:
         return self.k[layer, self.lo:self.hi, :, :end], self.v[layer, self.lo:self.hi, :, :end]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of q (B, heads, T, d) over k, v (B, kv_heads, keys, d): SDPA for a chunk of
-        tokens; at one query per row (a decode step) two batched products, one (row, key/value
-        head) pair a batch, so each cached key is read once for all the query heads sharing it.
-        SDPA's CPU kernel reads them once per query head, a row and head at a time: 64 rows x 4
-        layers took ~3.5 ms a step against ~2.7 (benchmarks/RESULTS.md)."""
+        """Attention of q (B, heads, T, d) over k, v (B, kv_heads, keys, d): SDPA, but at one
+        query per row of a large batch (an eager decode step of many rows) two batched products,
+        one (row, key/value head) pair a batch, which read each cached key once for all the query
+        heads sharing it. SDPA's CPU kernel reads it once per query head, a row and head at a
+        time: 4 layers of 64 rows took 3.2 ms against 2.9 (keys out of cache, as in a step);
+        below ~16 rows SDPA's one call is the faster (benchmarks/RESULTS.md)."""
         B, heads, T, d = q.shape
         groups, keys = k.shape[1], k.shape[2]
-        if T > 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        if T > 1 or B < BATCHED_DECODE_ATTENTION_ROWS:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                   enable_gqa=groups != heads)
         per = heads // groups  # query head h reads key/value head h // per, as SDPA's GQA
         q = q.to(k.dtype).reshape(B * groups, per, d)
@@ -334,6 +335,8 @@ def _key_length(longest: int, max_len: int) -> int:
     multiple of KEY_BUCKET (fewer distinct shapes), at most the context."""
     return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
 
+
+BATCHED_DECODE_ATTENTION_ROWS = 16  # from this many rows a decode step's attention is RaggedKVCache.attend's
 
 KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lmforge.config import load_config
 from lmforge.engine import (
+    BATCHED_DECODE_ATTENTION_ROWS,
     STOP_TOKENS,
     Engine,
     KVCache,
@@ -113,13 +114,14 @@ def test_a_packed_prefill_fills_each_row_as_its_prompt_alone(tok, arch):
     assert engine.cache.k[:, 0].abs().sum() == 0 and engine.cache.k[:, 5].abs().sum() == 0  # other rows untouched
 
 
+@pytest.mark.parametrize("rows", [3, BATCHED_DECODE_ATTENTION_ROWS + 1])
 @pytest.mark.parametrize("masked", [True, False])
-def test_decode_attention_is_sdpa(tok, model, masked):
+def test_decode_attention_is_sdpa(tok, model, masked, rows):
     # Truth: PyTorch's scaled_dot_product_attention with grouped key/value heads.
     torch.manual_seed(0)
-    B, heads, groups, keys, d = 5, 6, 3, 11, 8
+    B, heads, groups, keys, d = rows, 6, 3, 11, 8
     q, k, v = torch.randn(B, heads, 1, d), torch.randn(B, groups, keys, d), torch.randn(B, groups, keys, d)
-    mask = (torch.arange(keys) <= torch.tensor([0, 3, 10, 7, 5])[:, None])[:, None, None] if masked else None
+    mask = (torch.arange(keys) <= torch.arange(B)[:, None] % keys)[:, None, None] if masked else None
     cache = RaggedKVCache(model.cfg, 1, 1, "cpu", torch.float32)
     torch.testing.assert_close(cache.attend(q, k, v, mask),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
