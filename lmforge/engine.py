@@ -110,8 +110,10 @@ class RaggedKVCache:
         shape = (cfg.n_layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.host_lengths = [0] * slots  # the same on the host: slicing without a device sync
+        # Each row's length, on the host only: a step's positions are made from it in one transfer,
+        # and advancing or setting a length costs no device operation.
+        self.host_lengths = [0] * slots
+        self.device = torch.device(device)
         self.max_len = max_len
         self.lo, self.hi = 0, 0
         self._positions: torch.Tensor | None = None  # (B, T) of the forward in progress
@@ -127,7 +129,7 @@ class RaggedKVCache:
 
     def positions(self, n: int) -> torch.Tensor:
         """(B, n) positions of the next n tokens of each selected row."""
-        start = self.lengths[self.lo:self.hi, None]
+        start = torch.tensor(self.host_lengths[self.lo:self.hi], device=self.device)[:, None]
         self._positions = start + torch.arange(n, device=start.device)
         self._flat = _flat_index(self.k, torch.arange(self.lo, self.hi, device=start.device)[:, None], self._positions)
         return self._positions
@@ -139,7 +141,7 @@ class RaggedKVCache:
         lengths = set(self.host_lengths[self.lo:self.hi])
         if len(lengths) == 1 and (n == 1 or lengths == {0}):
             return None
-        keys = torch.arange(self.pos + n, device=self.lengths.device)
+        keys = torch.arange(self.pos + n, device=self.device)
         return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,12 +174,10 @@ class RaggedKVCache:
         return torch.bmm(weights, v.reshape(B * groups, keys, d)).view(B, heads, 1, d)
 
     def advance(self, n: int) -> None:
-        self.lengths[self.lo:self.hi] += n
         for row in range(self.lo, self.hi):
             self.host_lengths[row] += n
 
     def set_length(self, row: int, length: int) -> None:
-        self.lengths[row] = length
         self.host_lengths[row] = length
 
     def copy_row(self, src: int, dst: int) -> None:

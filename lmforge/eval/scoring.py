@@ -192,7 +192,6 @@ def _continue_pass(model: Transformer, cache: KVCache, lengths: list[int], owner
     # KVCache and RaggedKVCache rows are both (layer, row, head, position, dim).
     rows.k[:, :, :, :longest] = cache.k[:, owner, :, :longest]
     rows.v[:, :, :, :longest] = cache.v[:, owner, :, :longest]
-    rows.lengths.copy_(torch.tensor(lengths, device=owner.device))
     rows.host_lengths = list(lengths)
     rows.use_rows(0, len(lengths))
     return model.hidden_states(inputs, rows)
