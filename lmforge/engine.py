@@ -158,10 +158,11 @@ class RaggedKVCache:
         one (row, key/value head) pair a batch, which read each cached key once for all the query
         heads sharing it. SDPA's CPU kernel reads it once per query head, a row and head at a
         time: 4 layers of 64 rows took 3.2 ms against 2.9 (keys out of cache, as in a step);
-        below ~16 rows SDPA's one call is the faster (benchmarks/RESULTS.md)."""
+        below ~16 rows SDPA's one call is the faster (benchmarks/RESULTS.md). Measured on CPU
+        only: other devices keep their SDPA kernels."""
         B, heads, T, d = q.shape
         groups, keys = k.shape[1], k.shape[2]
-        if T > 1 or B < BATCHED_DECODE_ATTENTION_ROWS:
+        if T > 1 or B < BATCHED_DECODE_ATTENTION_ROWS or q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                   enable_gqa=groups != heads)
         per = heads // groups  # query head h reads key/value head h // per, as SDPA's GQA
@@ -170,7 +171,7 @@ class RaggedKVCache:
         scores.mul_(d ** -0.5)
         if mask is not None:  # (B, 1, 1, keys)
             scores.masked_fill_(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1).view(B * groups, per, keys)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype).view(B * groups, per, keys)  # bf16: fp32 sums
         return torch.bmm(weights, v.reshape(B * groups, keys, d)).view(B, heads, 1, d)
 
     def advance(self, n: int) -> None:

@@ -123,8 +123,11 @@ def test_decode_attention_is_sdpa(tok, model, masked, rows):
     q, k, v = torch.randn(B, heads, 1, d), torch.randn(B, groups, keys, d), torch.randn(B, groups, keys, d)
     mask = (torch.arange(keys) <= torch.arange(B)[:, None] % keys)[:, None, None] if masked else None
     cache = RaggedKVCache(model.cfg, 1, 1, "cpu", torch.float32)
-    torch.testing.assert_close(cache.attend(q, k, v, mask),
-                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    truth = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(cache.attend(q, k, v, mask), truth)
+    low = cache.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # a bf16 model's cache
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), truth, atol=3e-2, rtol=3e-2)
 
 
 def test_the_context_ends_a_completion(tok, model):
