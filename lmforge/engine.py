@@ -31,6 +31,7 @@ Rules of `generate_text`:
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
 import queue
 import random
@@ -103,17 +104,20 @@ class RaggedKVCache:
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
-        # Rows by position, heads innermost: (slot, position) flattens to one index, so a write
-        # is one in-place index_copy_ for the whole batch.
-        shape = (cfg.n_layers, slots, max_len, cfg.kv_heads, cfg.head_dim)
+        # Each row's key/value heads apart, positions inside: a row's keys of one head lie in one
+        # block, so (row, head) pairs merge into one batch dimension without a copy and attention
+        # at one query per row is two batched products reading each key once (`attend`).
+        shape = (cfg.n_layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.host_lengths = [0] * slots  # the same on the host: slicing without a device sync
+        # Each row's length, on the host only: a step's positions are made from it in one transfer,
+        # and advancing or setting a length costs no device operation.
+        self.host_lengths = [0] * slots
+        self.device = torch.device(device)
         self.max_len = max_len
         self.lo, self.hi = 0, 0
         self._positions: torch.Tensor | None = None  # (B, T) of the forward in progress
-        self._flat: torch.Tensor | None = None  # (B * T,) their slot * max_len + position
+        self._flat: torch.Tensor | None = None  # (B * kv_heads * T,) where each of their keys goes
 
     def use_rows(self, lo: int, hi: int) -> None:
         self.lo, self.hi = lo, hi
@@ -125,10 +129,9 @@ class RaggedKVCache:
 
     def positions(self, n: int) -> torch.Tensor:
         """(B, n) positions of the next n tokens of each selected row."""
-        start = self.lengths[self.lo:self.hi, None]
+        start = torch.tensor(self.host_lengths[self.lo:self.hi], device=self.device)[:, None]
         self._positions = start + torch.arange(n, device=start.device)
-        rows = torch.arange(self.lo, self.hi, device=start.device)[:, None]
-        self._flat = (rows * self.max_len + self._positions).flatten()
+        self._flat = _flat_index(self.k, torch.arange(self.lo, self.hi, device=start.device)[:, None], self._positions)
         return self._positions
 
     def attention_mask(self, n: int) -> torch.Tensor | None:
@@ -138,35 +141,61 @@ class RaggedKVCache:
         lengths = set(self.host_lengths[self.lo:self.hi])
         if len(lengths) == 1 and (n == 1 or lengths == {0}):
             return None
-        keys = torch.arange(self.pos + n, device=self.lengths.device)
+        keys = torch.arange(self.pos + n, device=self.device)
         return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, T, d) at each row's positions; return every row's keys/values
         up to the longest row's end (the mask hides the rest)."""
-        _, heads, _, d = k.shape
         for cache, new in ((self.k, k), (self.v, v)):
-            rows = new.to(cache.dtype).transpose(1, 2).reshape(-1, heads, d)  # (B * T, heads, d)
-            cache[layer].view(-1, heads, d).index_copy_(0, self._flat, rows)
+            cache[layer].view(-1, cache.shape[-1]).index_copy_(0, self._flat, new.to(cache.dtype).flatten(0, 2))
         end = self.pos + k.shape[2]
-        return (self.k[layer, self.lo:self.hi, :end].transpose(1, 2),
-                self.v[layer, self.lo:self.hi, :end].transpose(1, 2))
+        return self.k[layer, self.lo:self.hi, :, :end], self.v[layer, self.lo:self.hi, :, :end]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, heads, T, d) over k, v (B, kv_heads, keys, d): SDPA, but at one
+        query per row of a large batch (an eager decode step of many rows) two batched products,
+        one (row, key/value head) pair a batch, which read each cached key once for all the query
+        heads sharing it. SDPA's CPU kernel reads it once per query head, a row and head at a
+        time: 4 layers of 64 rows took 3.2 ms against 2.9 (keys out of cache, as in a step);
+        below ~16 rows SDPA's one call is the faster (benchmarks/RESULTS.md). Measured on CPU
+        only: other devices keep their SDPA kernels."""
+        B, heads, T, d = q.shape
+        groups, keys = k.shape[1], k.shape[2]
+        if T > 1 or B < BATCHED_DECODE_ATTENTION_ROWS or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                  enable_gqa=groups != heads)
+        per = heads // groups  # query head h reads key/value head h // per, as SDPA's GQA
+        q = q.to(k.dtype).reshape(B * groups, per, d)
+        scores = torch.bmm(q, k.reshape(B * groups, keys, d).transpose(1, 2)).view(B, groups, per, keys)
+        scores.mul_(d ** -0.5)
+        if mask is not None:  # (B, 1, 1, keys)
+            scores.masked_fill_(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype).view(B * groups, per, keys)  # bf16: fp32 sums
+        return torch.bmm(weights, v.reshape(B * groups, keys, d)).view(B, heads, 1, d)
 
     def advance(self, n: int) -> None:
-        self.lengths[self.lo:self.hi] += n
         for row in range(self.lo, self.hi):
             self.host_lengths[row] += n
 
     def set_length(self, row: int, length: int) -> None:
-        self.lengths[row] = length
         self.host_lengths[row] = length
 
     def copy_row(self, src: int, dst: int) -> None:
         """Row `dst` becomes a copy of row `src` (fan-out of a prompt, compaction of the batch)."""
         end = self.host_lengths[src]
-        self.k[:, dst, :end] = self.k[:, src, :end]
-        self.v[:, dst, :end] = self.v[:, src, :end]
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        self.v[:, dst, :, :end] = self.v[:, src, :, :end]
         self.set_length(dst, end)
+
+
+def _flat_index(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Where the keys of tokens at `positions` (..., T) of cache `rows` (broadcast to them) go in
+    one layer of a ragged cache (slots, kv_heads, max_len, d) seen as (slots * kv_heads * max_len,
+    d): flattened in the order of k (..., kv_heads, T, d), so a write is one in-place index_copy_."""
+    heads, max_len = cache.shape[2], cache.shape[3]
+    head = torch.arange(heads, device=positions.device)[:, None]
+    return ((rows[..., None, :] * heads + head) * max_len + positions[..., None, :]).flatten()
 
 
 class _DecodeView:
@@ -197,11 +226,12 @@ class _DecodeView:
         # index_put_ on the whole buffer at (layer, row, position): inductor writes just those
         # entries in place. An index_copy_ into a view of the layer made it rewrite the whole
         # layer's cache every step (the 17 tok/s of a first attempt).
-        index = (torch.tensor(layer, device=k.device), self.rows, self._positions[:, 0])
-        self.k.index_put_(index, k[:, :, 0].to(self.k.dtype))
-        self.v.index_put_(index, v[:, :, 0].to(self.v.dtype))
+        # The aten op: its index list takes None for the heads (every head), which Tensor's does not.
+        index = [torch.tensor(layer, device=k.device), self.rows, None, self._positions[:, 0]]
+        torch.ops.aten.index_put_(self.k, index, k[:, :, 0].to(self.k.dtype))  # (B, kv_heads, d)
+        torch.ops.aten.index_put_(self.v, index, v[:, :, 0].to(self.v.dtype))
         B, keys = self.rows.shape[0], self._mask.shape[-1]
-        return self.k[layer, :B, :keys].transpose(1, 2), self.v[layer, :B, :keys].transpose(1, 2)
+        return self.k[layer, :B, :, :keys], self.v[layer, :B, :, :keys]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention of the one query per row, q (B, heads, 1, d), over k, v (B, kv_heads, keys, d):
@@ -217,6 +247,51 @@ class _DecodeView:
 
     def advance(self, n: int) -> None:
         pass  # the engine advances the RaggedKVCache itself
+
+
+class _PackedPrefill:
+    """A `RaggedKVCache` as a packed prefill sees it: the prompts of cache rows lo.. laid end to
+    end in one row of T tokens, no padding. The projections and MLPs run once over all of them
+    (one forward, full-width matrix products); attention runs causally within each prompt
+    (`attend`, SDPA per prompt), and token t of a prompt is written to its row's position t.
+    Right-padded groups of similar lengths cost a forward each plus their padding: 16 prompts
+    of 8..64 tokens took four forwards and 7% padding (benchmarks/RESULTS.md)."""
+
+    ragged = True
+
+    def __init__(self, cache: RaggedKVCache, lo: int, lengths: Sequence[int]) -> None:
+        self.cache = cache
+        device = cache.k.device
+        self._positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]  # (1, T)
+        rows = torch.arange(lo, lo + len(lengths), device=device).repeat_interleave(torch.tensor(lengths, device=device))
+        self._flat = _flat_index(cache.k, rows, self._positions[0])
+        ends = list(itertools.accumulate(lengths))
+        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        # The model checks pos + T against its context; T is the sum of the prompts, each of which
+        # fits (checked at submit): pos puts the check on the longest one.
+        self.pos = max(lengths) - ends[-1]
+
+    def positions(self, n: int) -> torch.Tensor:
+        return self._positions
+
+    def attention_mask(self, n: int) -> None:
+        return None  # `attend` keeps each prompt to itself
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (1, kv_heads, T, d) at each token's row and position; attention reads them
+        as they are (a prompt's keys are its own tokens)."""
+        for cache, new in ((self.cache.k, k), (self.cache.v, v)):
+            cache[layer].view(-1, cache.shape[-1]).index_copy_(0, self._flat, new.to(cache.dtype).flatten(0, 2))
+        return k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: None) -> torch.Tensor:
+        """Causal attention of each prompt's queries over its own keys: q (1, heads, T, d)."""
+        gqa = k.shape[1] != q.shape[1]
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                         enable_gqa=gqa) for a, b in self.bounds], dim=2)
+
+    def advance(self, n: int) -> None:
+        pass  # the engine sets each row's length itself
 
 
 def _step_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
@@ -262,29 +337,7 @@ def _key_length(longest: int, max_len: int) -> int:
     return min(-(-(longest + 1) // KEY_BUCKET) * KEY_BUCKET, max_len)
 
 
-def _prefill_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """Split prompt lengths (ascending) into consecutive [a, b) groups, one right-padded prefill
-    each, with the fewest padded tokens plus PREFILL_FORWARD_COST per forward (exact, by dynamic
-    programming: n is at most the engine's batch). One padded batch of 8..64-token prompts is
-    nearly half padding; four groups cut it to a sixth."""
-    best = [0.0] + [math.inf] * len(lengths)  # best[b]: the cost of prompts 0..b
-    start = [0] * (len(lengths) + 1)
-    for b in range(1, len(lengths) + 1):
-        for a in range(b):
-            cost = best[a] + PREFILL_FORWARD_COST + (b - a) * lengths[b - 1]
-            if cost < best[b]:
-                best[b], start[b] = cost, a
-    groups, b = [], len(lengths)
-    while b:
-        groups.append((start[b], b))
-        b = start[b]
-    return groups[::-1]
-
-
-# What one more prefill forward costs, in padded tokens: a small model's eager forward costs about
-# as much as ~30 tokens of its products on one CPU thread; a larger one's less (then fewer, but
-# never worse, groups than the padding would waste).
-PREFILL_FORWARD_COST = 32
+BATCHED_DECODE_ATTENTION_ROWS = 16  # from this many rows a decode step's attention is RaggedKVCache.attend's
 
 KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
@@ -922,8 +975,8 @@ class Engine:
         return self.compile_seconds - before
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit, shortest first, in right-padded groups of
-        similar lengths (`_prefill_groups`), and fan out."""
+        """Prefill the waiting requests that fit, shortest first, in one packed forward
+        (`_PackedPrefill`), and fan out."""
         admitted: list[Request] = []
         free = self.max_batch - len(self.rows)
         with self._wake:
@@ -936,8 +989,7 @@ class Engine:
             return
         admitted.sort(key=lambda r: len(r.prompt_ids))
         lo = len(self.rows)
-        lengths = [len(r.prompt_ids) for r in admitted]
-        logits = torch.cat([self._prefill(admitted[a:b], lo + a) for a, b in _prefill_groups(lengths)])
+        logits = self._prefill(admitted, lo)
         first = [_Sequence(r, 0) for r in admitted]
         self.rows += first
         copies: list[tuple[_Sequence, int]] = []  # (sample, index of its prompt's logits)
@@ -949,20 +1001,15 @@ class Engine:
         self._sample(first + [s for s, _ in copies], torch.cat([logits, logits[[i for _, i in copies]]]))
 
     def _prefill(self, requests: list[Request], lo: int) -> torch.Tensor:
-        """One right-padded forward of `requests`' prompts into cache rows lo.. on: the logits
-        (len(requests), vocab) after each prompt's last token."""
-        hi = lo + len(requests)
+        """One packed forward of `requests`' prompts into cache rows lo.. on (`_PackedPrefill`):
+        the logits (len(requests), vocab) after each prompt's last token."""
         lengths = [len(r.prompt_ids) for r in requests]
-        idx = torch.zeros(len(requests), max(lengths), dtype=torch.long)
-        for i, r in enumerate(requests):
-            idx[i, :lengths[i]] = torch.tensor(r.prompt_ids)
-        for row in range(lo, hi):
-            self.cache.set_length(row, 0)
-        self.cache.use_rows(lo, hi)
-        h = self.model.hidden_states(idx.to(self.device), self.cache)
-        last = h[torch.arange(len(requests)), torch.tensor(lengths) - 1]  # each prompt's last token
-        for row, length in zip(range(lo, hi), lengths, strict=True):
-            self.cache.set_length(row, length)  # the padding's keys lie beyond it, never seen
+        idx = torch.tensor([[t for r in requests for t in r.prompt_ids]], device=self.device)
+        packed = _PackedPrefill(self.cache, lo, lengths)
+        h = self.model.hidden_states(idx, packed)[0]
+        for row, length in zip(range(lo, lo + len(requests)), lengths, strict=True):
+            self.cache.set_length(row, length)
+        last = h[torch.tensor([b - 1 for _, b in packed.bounds], device=self.device)]  # each prompt's last token
         return self.model.head(self.model.norm(last))
 
     def _drop_finished(self) -> None:

@@ -33,6 +33,12 @@ def tiny_chat_checkpoint(root: Path, name: str = "tiny-chat", n_layers: int = 2,
     return save_model(model.eval(), cfg, root / name, tokenizer_dir=root / "tok"), tok, model.eval()
 
 
+def sequence_starts(cache, T: int) -> list[int]:
+    """Where token t's own sequence starts in its row of the keys `cache.update` returned: 0, but
+    the engine's packed prefill lays several prompts end to end in one row (its `bounds`)."""
+    return [a for a, b in getattr(cache, "bounds", [(0, T)]) for _ in range(a, b)]
+
+
 class ScriptedModel(torch.nn.Module):
     """A stand-in for a Transformer whose next token is `policy(token ids so far)`, for the engine.
 
@@ -59,9 +65,10 @@ class ScriptedModel(torch.nn.Module):
         keys[:, 0, :, 0] = idx.float()
         history, _ = cache.update(0, keys, keys)  # (B, 1, positions so far, head_dim)
         out = torch.zeros(B, T, self.cfg.vocab_size)
+        starts = sequence_starts(cache, T)
         for b in range(B):
             for t in range(T):
-                seen = history[b, 0, :int(positions[b, t]) + 1, 0].long().tolist()
+                seen = history[b, 0, starts[t]:starts[t] + int(positions[b, t]) + 1, 0].long().tolist()
                 out[b, t, self.policy(seen)] = 1.0
         cache.advance(T)
         return out

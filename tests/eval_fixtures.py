@@ -14,6 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from chat_fixtures import sequence_starts
 from torch import nn
 
 from lmforge.config import load_config
@@ -62,11 +63,13 @@ class ScriptedModel(nn.Module):
         out = torch.zeros(B, T, self.cfg.vocab_size)
         history = keys[:, 0, :, 0].long().tolist()
         shortest = self.lengths[0] if self.lengths else 0
+        starts = sequence_starts(cache, T)
         for b in range(B):
             for t in range(T):
                 end = int(positions[b, t]) + 1
                 # Before the shortest prompt's end no script can apply: skip the lookups.
-                out[b, t, self.next_token(history[b][:end]) if end >= shortest else self.eot] = 100.0
+                seen = history[b][starts[t]:starts[t] + end]
+                out[b, t, self.next_token(seen) if end >= shortest else self.eot] = 100.0
         return out
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import load_config
 from lmforge.engine import (
-    PREFILL_FORWARD_COST,
+    BATCHED_DECODE_ATTENTION_ROWS,
     STOP_TOKENS,
     Engine,
+    KVCache,
     RaggedKVCache,
     SamplingParams,
-    _prefill_groups,
     _Sequence,
     generate,
     sample_rows,
@@ -94,24 +95,39 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tok, model):
         assert completion.finish_reason == ("length" if len(completion.token_ids) == 12 else "stop")
 
 
-def test_prefill_groups_are_the_cheapest_split():
-    # Truth: every way of cutting the sorted lengths into consecutive groups, enumerated.
-    import itertools
-    import random
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_prefill_fills_each_row_as_its_prompt_alone(tok, arch):
+    # Truth: each prompt's full forward without a cache, and its keys/values from a plain KVCache.
+    model = tiny_model(tok, arch)
+    engine = Engine(model, tok, max_batch=6)
+    requests = [engine.submit(p, SamplingParams()) for p in PROMPTS]
+    with torch.no_grad():
+        logits = engine._prefill(requests, 1)  # rows 1..4: not starting at row 0
+        for row, prompt in enumerate(PROMPTS, start=1):
+            torch.testing.assert_close(logits[row - 1], model(torch.tensor([prompt]))[0, -1], atol=1e-4, rtol=1e-4)
+            plain = KVCache(model.cfg, 1, len(prompt), "cpu", torch.float32)
+            model(torch.tensor([prompt]), plain)
+            n = len(prompt)
+            assert engine.cache.host_lengths[row] == n
+            torch.testing.assert_close(engine.cache.k[:, row, :, :n], plain.k[:, 0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(engine.cache.v[:, row, :, :n], plain.v[:, 0], atol=1e-5, rtol=1e-5)
+    assert engine.cache.k[:, 0].abs().sum() == 0 and engine.cache.k[:, 5].abs().sum() == 0  # other rows untouched
 
-    def cost(lengths, cuts):
-        bounds = [0, *cuts, len(lengths)]
-        return sum(PREFILL_FORWARD_COST + (b - a) * lengths[b - 1] for a, b in itertools.pairwise(bounds))
 
-    rng = random.Random(0)
-    for _ in range(50):
-        lengths = sorted(rng.randint(1, 200) for _ in range(rng.randint(1, 8)))
-        groups = _prefill_groups(lengths)
-        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
-        assert all(a < b for a, b in groups) and all(g[1] == h[0] for g, h in itertools.pairwise(groups))
-        best = min(cost(lengths, cuts) for k in range(len(lengths))
-                   for cuts in itertools.combinations(range(1, len(lengths)), k))
-        assert cost(lengths, [a for a, _ in groups[1:]]) == best
+@pytest.mark.parametrize("rows", [3, BATCHED_DECODE_ATTENTION_ROWS + 1])
+@pytest.mark.parametrize("masked", [True, False])
+def test_decode_attention_is_sdpa(tok, model, masked, rows):
+    # Truth: PyTorch's scaled_dot_product_attention with grouped key/value heads.
+    torch.manual_seed(0)
+    B, heads, groups, keys, d = rows, 6, 3, 11, 8
+    q, k, v = torch.randn(B, heads, 1, d), torch.randn(B, groups, keys, d), torch.randn(B, groups, keys, d)
+    mask = (torch.arange(keys) <= torch.arange(B)[:, None] % keys)[:, None, None] if masked else None
+    cache = RaggedKVCache(model.cfg, 1, 1, "cpu", torch.float32)
+    truth = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(cache.attend(q, k, v, mask), truth)
+    low = cache.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # a bf16 model's cache
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), truth, atol=3e-2, rtol=3e-2)
 
 
 def test_the_context_ends_a_completion(tok, model):

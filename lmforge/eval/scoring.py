@@ -189,10 +189,9 @@ def _continue_pass(model: Transformer, cache: KVCache, lengths: list[int], owner
     before the final norm. Padding runs after a row's tokens, which never see it."""
     longest = max(lengths)
     rows = RaggedKVCache(model.cfg, len(lengths), longest + inputs.shape[1], cache.k.device, cache.k.dtype)
-    # KVCache rows are (layer, row, head, position, dim), ragged ones (layer, row, position, head, dim).
-    rows.k[:, :, :longest] = cache.k[:, owner, :, :longest].transpose(2, 3)
-    rows.v[:, :, :longest] = cache.v[:, owner, :, :longest].transpose(2, 3)
-    rows.lengths.copy_(torch.tensor(lengths, device=owner.device))
+    # KVCache and RaggedKVCache rows are both (layer, row, head, position, dim).
+    rows.k[:, :, :, :longest] = cache.k[:, owner, :, :longest]
+    rows.v[:, :, :, :longest] = cache.v[:, owner, :, :longest]
     rows.host_lengths = list(lengths)
     rows.use_rows(0, len(lengths))
     return model.hidden_states(inputs, rows)
