@@ -446,9 +446,10 @@ class Transformer(nn.Module):
 
         `positions` (N,), indices into the flattened (B * T) positions, computes the last block's
         output projection and MLP, the final norm, the LM head and the loss at those positions
-        only: the mean is then over their targets and "none" returns (N,) losses. With every position whose target is not `ignore_index`
-        (`loss_positions(targets)`) the mean loss and its gradients are those of the whole batch,
-        at the head's cost of the counted tokens alone (SFT counts only the assistant's).
+        only: the mean is then over their targets and "none" returns (N,) losses. With every
+        position whose target is not `ignore_index` (`loss_positions(targets)`) the mean loss and
+        its gradients are those of the whole batch, at the cost of the counted tokens alone for
+        that part (SFT counts only the assistant's).
 
         It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
         root's weights there, and a compiled or hooked forward applies to training too."""
