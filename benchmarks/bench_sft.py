@@ -1,13 +1,13 @@
 """SFT training speed (issue 14), side by side in one run:
 
 (a) tokens/s of full fine-tuning and of LoRA: our Transformer (set up as `lmforge sft` sets it up:
-    the fused loss head at the assistant targets only, our LoRALinear) vs transformers'
-    LlamaForCausalLM of the same shape with peft's LoRA, in the same loop (forward, masked
+    the fused loss head and the last block's MLP at the assistant targets only, our LoRALinear)
+    vs transformers' LlamaForCausalLM of the same shape with peft's LoRA, in the same loop (forward, masked
     cross-entropy, backward, clip, AdamW on the trainable parameters) on the same batches of
     `builtin:chat` conversations as `lmforge sft` makes them (bucketed by length, right-padded,
     targets -100 outside assistant turns). Rounds are interleaved so the shared CPU's load hits
-    all alike. Target: >= 1.3x. Ours with the head at every position (as before 2026-11-30) is
-    timed beside it, on the same models.
+    all alike. Target: >= 1.3x. Ours with the head (and the last block) at every position, as
+    before 2026-11-30, is timed beside it, on the same models.
 (b) padding vs packing: the share of padding in the bucketed batches, and our tokens/s on the same
     conversations packed into full rows of the context instead. Packing is timed with plain causal
     attention, which lets examples see each other: a correct packed step needs a block-diagonal
@@ -189,7 +189,7 @@ def main() -> None:
     ours_full, ours_lora = ours(False), ours(True)
     options = loss_options(ours_full, cfg.train, device)
 
-    def ours_loss(model, x, y, positions):  # as SFTObjective.loss: the head at the assistant targets only
+    def ours_loss(model, x, y, positions):  # as SFTObjective.loss: head (and last MLP) at the targets only
         return model.loss(x, y, positions=positions, **options)
 
     def ours_loss_every_position(model, x, y, positions):

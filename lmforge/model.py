@@ -113,7 +113,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, layer: int, mask: torch.Tensor | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); with `rows` (indices into the flattened B * T
+        positions) the output projection runs at those rows only: (N, d_model)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -136,7 +139,10 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if rows is not None:
+            y = y.flatten(0, 1).index_select(0, rows)
+        return self.o_proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -176,13 +182,25 @@ class Block(nn.Module):
         self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); with `rows` (indices into the flattened B * T
+        positions), the output at those rows only, (N, d_model): every position's keys and values
+        are still made, but past the attention nothing of another row is read."""
         # The layer index only matters to a cache; without one it is not read, so a compiled
         # block's code is not specialised per layer (one compilation serves every block).
         layer = self.layer if cache is not None else -1
         # h + attention(norm(h)): the normed input is made again in backward, not kept.
-        h = h + normed_then(self.input_layernorm, h, lambda x: self.self_attn(x, rope, cache, layer, mask))
+        attended = normed_then(self.input_layernorm, h, lambda x: self.self_attn(x, rope, cache, layer, mask, rows))
+        if rows is not None:
+            h = h.flatten(0, 1).index_select(0, rows)
+        h = h + attended
         return h + normed_then(self.post_attention_layernorm, h, self.mlp)
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether `module.compile()` was called (torch keeps the compiled call on the module)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,12 +367,13 @@ class Transformer(nn.Module):
         A pipeline stage without `embed_tokens` takes hidden states (B, T, d_model) instead, and
         one without `norm` returns hidden states.
         """
-        h = self.hidden_states(idx, cache, checkpoint_blocks)
+        # The head only where the loss counts (see `loss`), and the last block's output too.
+        rows = positions if targets is not None and self.norm is not None else None
+        h = self.hidden_states(idx, cache, checkpoint_blocks, rows)
         if self.norm is None:
             return h
         if targets is not None:
-            if positions is not None:  # the head only where the loss counts (see `loss`)
-                h = h.flatten(0, 1).index_select(0, positions)
+            if positions is not None:
                 targets = targets.flatten().index_select(0, positions)
             return (head_loss or self.head_loss)(h, targets, ignore_index, reduction)
         if last_only:
@@ -362,8 +381,11 @@ class Transformer(nn.Module):
         return self.head(self.norm(h))
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      checkpoint_blocks: bool = False) -> torch.Tensor:
-        """Embedding and blocks: token ids (B, T) -> the residual stream after the last block."""
+                      checkpoint_blocks: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding and blocks: token ids (B, T) -> the residual stream after the last block;
+        with `rows` (indices into the flattened B * T positions) at those rows only, (N, d_model):
+        the last block then runs its output projection and MLP there alone (what the head reads
+        for SFT's loss, about half the tokens), the same values as selecting them afterwards."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -386,13 +408,20 @@ class Transformer(nn.Module):
             mask = cache.attention_mask(T)
         elif start > 0 and T > 1:  # a chunk after cached tokens: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h.device).tril(diagonal=start)
-        for block in self.layers.values():
+        blocks = list(self.layers.values())
+        # A compiled block is not given the rows: its variant with them would double the graphs
+        # compiled (and, with evaluation's no-grad ones, reach dynamo's recompile limit of 8).
+        rows_in_block = rows is not None and bool(blocks) and not _compiled(blocks[-1])
+        for i, block in enumerate(blocks):
+            block_rows = rows if rows_in_block and i == len(blocks) - 1 else None
             if checkpoint_blocks:  # the block's hooks (FSDP, compile) run again in the recompute
-                h = checkpoint(block, h, rope, cache, mask, use_reentrant=False)
+                h = checkpoint(block, h, rope, cache, mask, block_rows, use_reentrant=False)
             else:
-                h = block(h, rope, cache, mask)
+                h = block(h, rope, cache, mask, block_rows)
         if cache is not None:
             cache.advance(T)
+        if rows is not None and not rows_in_block:
+            h = h.flatten(0, 1).index_select(0, rows)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -415,11 +444,12 @@ class Transformer(nn.Module):
         """Next-token cross-entropy of `targets` (B, T); "none" returns per-token losses (B, T).
         `head_loss` and `checkpoint_blocks` as in `forward`.
 
-        `positions` (N,), indices into the flattened (B * T) positions, computes the final norm,
-        the LM head and the loss at those positions only: the mean is then over their targets
-        and "none" returns (N,) losses. With every position whose target is not `ignore_index`
-        (`loss_positions(targets)`) the mean loss and its gradients are those of the whole batch,
-        at the head's cost of the counted tokens alone (SFT counts only the assistant's).
+        `positions` (N,), indices into the flattened (B * T) positions, computes the last block's
+        output projection and MLP, the final norm, the LM head and the loss at those positions
+        only: the mean is then over their targets and "none" returns (N,) losses. With every
+        position whose target is not `ignore_index` (`loss_positions(targets)`) the mean loss and
+        its gradients are those of the whole batch, at the cost of the counted tokens alone for
+        that part (SFT counts only the assistant's).
 
         It runs through `forward` (the module call), so wrappers' hooks see it: FSDP gathers the
         root's weights there, and a compiled or hooked forward applies to training too."""

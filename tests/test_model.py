@@ -122,13 +122,14 @@ def test_fused_loss_gradients_match_transformers(case):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "plain-head"])
-@pytest.mark.parametrize("case", ["mha-tied", "gqa-untied"])
+@pytest.mark.parametrize("case", ["mha-tied", "gqa-untied", "gpt2-checkpointed"])
 def test_loss_at_positions_equals_the_masked_loss_of_full_logits(case, fused):
-    """`model.loss(..., positions=loss_positions(targets))` (the head at the counted targets
-    only, as SFT trains) gives the masked mean cross-entropy of the full logits, computed
-    directly here, and the same gradients for every parameter; "none" gives each counted
-    target's loss in order."""
-    model = make(**CASES[case]).train()
+    """`model.loss(..., positions=loss_positions(targets))` (the head, and the last block past
+    its attention, at the counted targets only, as SFT trains) gives the masked mean
+    cross-entropy of the full logits, computed directly here, and the same gradients for every
+    parameter; "none" gives each counted target's loss in order."""
+    checkpointed = case == "gpt2-checkpointed"
+    model = make(**(dict(arch="gpt2") if checkpointed else CASES[case])).train()
     g = torch.Generator().manual_seed(6)
     idx = torch.randint(0, model.cfg.vocab_size, (3, 19), generator=g)
     targets = torch.randint(0, model.cfg.vocab_size, (3, 19), generator=g)
@@ -146,8 +147,13 @@ def test_loss_at_positions_equals_the_masked_loss_of_full_logits(case, fused):
         rows_seen.append(h.shape[:-1].numel())
         return model.head_loss(h, *args, fused=fused)
 
-    loss = model.loss(idx, targets, head_loss=head_loss, positions=positions)
+    mlp_rows = []  # how many rows each block's MLP saw
+    for block in model.layers.values():
+        block.mlp.register_forward_hook(lambda _, args, out: mlp_rows.append(args[0].shape[:-1].numel()))
+    loss = model.loss(idx, targets, head_loss=head_loss, positions=positions, checkpoint_blocks=checkpointed)
     assert rows_seen == [int(counted.sum())]  # the head ran at the counted targets only
+    # ... and so did the last block's MLP (the others at every position).
+    assert mlp_rows[:len(model.layers)] == [idx.numel()] * (len(model.layers) - 1) + [int(counted.sum())]
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert torch.allclose(loss, direct, atol=1e-6)
     for (name, _), got, want in zip(model.named_parameters(), grads, direct_grads):
