@@ -147,10 +147,15 @@ class RaggedKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, kv_heads, T, d) at each row's positions; return every row's keys/values
         up to the longest row's end (the mask hides the rest)."""
-        for cache, new in ((self.k, k), (self.v, v)):
-            cache[layer].view(-1, cache.shape[-1]).index_copy_(0, self._flat, new.to(cache.dtype).flatten(0, 2))
+        self.write(layer, self._flat, k, v)
         end = self.pos + k.shape[2]
         return self.k[layer, self.lo:self.hi, :, :end], self.v[layer, self.lo:self.hi, :, :end]
+
+    def write(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (..., kv_heads, T, d) of one layer where `flat` (`_flat_index`) says, in one
+        in-place index_copy_ each."""
+        for cache, new in ((self.k, k), (self.v, v)):
+            cache[layer].view(-1, cache.shape[-1]).index_copy_(0, flat, new.to(cache.dtype).flatten(0, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of q (B, heads, T, d) over k, v (B, kv_heads, keys, d): SDPA, but at one
@@ -280,8 +285,7 @@ class _PackedPrefill:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (1, kv_heads, T, d) at each token's row and position; attention reads them
         as they are (a prompt's keys are its own tokens)."""
-        for cache, new in ((self.cache.k, k), (self.cache.v, v)):
-            cache[layer].view(-1, cache.shape[-1]).index_copy_(0, self._flat, new.to(cache.dtype).flatten(0, 2))
+        self.cache.write(layer, self._flat, k, v)
         return k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: None) -> torch.Tensor:
