@@ -97,6 +97,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 # The blocks
 
 
+def _at_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, ...) at `rows`, indices into the flattened B * T positions: (N, ...); all of x
+    without them."""
+    return x if rows is None else x.flatten(0, 1).index_select(0, rows)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped key/value heads (MHA, GQA or MQA by `n_kv_heads`)."""
 
@@ -139,10 +145,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        if rows is not None:
-            y = y.flatten(0, 1).index_select(0, rows)
-        return self.o_proj(y)
+        return self.o_proj(_at_rows(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), rows))
 
 
 class SwiGLU(nn.Module):
@@ -192,9 +195,7 @@ class Block(nn.Module):
         layer = self.layer if cache is not None else -1
         # h + attention(norm(h)): the normed input is made again in backward, not kept.
         attended = normed_then(self.input_layernorm, h, lambda x: self.self_attn(x, rope, cache, layer, mask, rows))
-        if rows is not None:
-            h = h.flatten(0, 1).index_select(0, rows)
-        h = h + attended
+        h = _at_rows(h, rows) + attended
         return h + normed_then(self.post_attention_layernorm, h, self.mlp)
 
 
@@ -420,9 +421,7 @@ class Transformer(nn.Module):
                 h = block(h, rope, cache, mask, block_rows)
         if cache is not None:
             cache.advance(T)
-        if rows is not None and not rows_in_block:
-            h = h.flatten(0, 1).index_select(0, rows)
-        return h
+        return h if rows_in_block else _at_rows(h, rows)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits; with tied embeddings the head is embed_tokens.weight."""
