@@ -10,9 +10,12 @@ with the logits materialised (log-softmax of (tokens, vocab)), to show what the 
 
 Each mode runs in a fresh process (the peak RSS is a high-water mark) with glibc's mmap threshold
 fixed at 128 KiB (see bench_lora_memory.py); reported: the peak resident memory above the model's
-weights during `--steps` full training steps (forward, backward, AdamW).
+weights during `--steps` full training steps (forward, backward, AdamW). With `--device cuda`:
+the peak of `torch.cuda.max_memory_allocated` above the weights instead, under bf16 autocast, and
+SFT's head as `lmforge sft` runs it there (not fused: `train.fused_loss=auto` is on for CPU only).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_dpo_memory.py --preset tiny --pairs 8 --seq-len 256
+    python benchmarks/bench_dpo_memory.py --preset gpt2-124m --pairs 8 --seq-len 512 --device cuda
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ def batch(cfg, pairs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_loss(mode: str, model: Transformer, x: torch.Tensor, y: torch.Tensor,
-              reference: torch.Tensor) -> torch.Tensor:
+              reference: torch.Tensor, fused: bool = True) -> torch.Tensor:
     from lmforge.align.dpo import answer_logprobs, preference_loss
 
     if mode == "sft":
-        return model.loss(x, y, head_loss=functools.partial(model.head_loss, fused=True))
+        return model.loss(x, y, head_loss=functools.partial(model.head_loss, fused=fused))
     if mode == "dpo":
         logps, _ = answer_logprobs(model, x, y)
     else:  # the plain head: (tokens, vocab) logits and their log-softmax kept for backward
@@ -63,17 +66,22 @@ def step_loss(mode: str, model: Transformer, x: torch.Tensor, y: torch.Tensor,
 
 def measure(args: argparse.Namespace) -> dict:
     cfg = load_config(preset=args.preset)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Transformer(cfg.model).train()
+    model = Transformer(cfg.model).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    x, y = batch(cfg, args.pairs, args.seq_len)
-    reference = -torch.rand(x.shape[0]) * 100
-    baseline = rss_bytes()
+    x, y = (t.to(device) for t in batch(cfg, args.pairs, args.seq_len))
+    reference = (-torch.rand(x.shape[0]) * 100).to(device)
+    cuda = device.type == "cuda"
+    baseline = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.uses_bf16("cuda"))
     for _ in range(args.steps):
-        step_loss(args.mode, model, x, y, reference).backward()
+        with autocast:
+            loss = step_loss(args.mode, model, x, y, reference, fused=cfg.train.uses_fused_loss(device.type))
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": args.mode, "above_weights_mib": (peak - baseline) / MiB, "peak_rss_mib": peak / MiB}
 
 
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -91,9 +100,11 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     rows = {mode: json.loads(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], check=True,
                                             capture_output=True, text=True, env=env).stdout) for mode in MODES}
-    print(f"preset {args.preset}, {args.pairs} pairs = {2 * args.pairs} rows x {args.seq_len} tokens, fp32 on "
-          f"CPU, {args.steps} steps")
-    print(f"{'':<12}{'step peak above weights':>25}{'peak RSS':>11}{'vs sft':>9}")
+    where = "fp32 on CPU" if args.device == "cpu" else f"bf16 autocast on {args.device}"
+    print(f"preset {args.preset}, {args.pairs} pairs = {2 * args.pairs} rows x {args.seq_len} tokens, {where}, "
+          f"{args.steps} steps")
+    total = "peak RSS" if args.device == "cpu" else "peak alloc"
+    print(f"{'':<12}{'step peak above weights':>25}{total:>11}{'vs sft':>9}")
     sft = rows["sft"]["above_weights_mib"]
     for mode, r in rows.items():
         label = {"sft": "sft", "dpo": "dpo", "dpo-plain": "dpo, plain head"}[mode]

@@ -39,7 +39,7 @@ LABELS = {"hf": "transformers", "engine": "ours (Engine)", "compiled": "ours (En
 def hf_groups(theirs, prompts: list[list[int]], group: int, new_tokens: int) -> int:
     """transformers samples `group` answers per left-padded prompt; returns the tokens generated."""
     width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=theirs.device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
@@ -70,34 +70,42 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of both models")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="time the eager Engine only (a GPU's compile of every batch size takes minutes)")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(preset=args.preset, overrides=args.overrides)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, 64 + args.new_tokens)
-    ours = Transformer(cfg.model).eval().to(args.device)
-    theirs = hf_model(ours.cpu()).eval().to(args.device)
-    ours.to(args.device)
+    ours = Transformer(cfg.model).eval()
+    theirs = hf_model(ours).eval().to(args.device, dtype)
+    ours.to(args.device, dtype)
     rows = args.prompts * args.group
     engine = live_engine(ours, ByteTokenizer(cfg.model.vocab_size), rows)
-    compiled = live_engine(ours, ByteTokenizer(cfg.model.vocab_size), rows, compile=True)
-    print(f"compiled the Engine's decode step (greedy and sampled graphs, batches up to {rows}) "
-          f"in {compiled.warm_up():.1f} s")
+    compiled = None if args.no_compile else live_engine(ours, ByteTokenizer(cfg.model.vocab_size), rows, compile=True)
+    if compiled is not None:
+        print(f"compiled the Engine's decode step (greedy and sampled graphs, batches up to {rows}) "
+              f"in {compiled.warm_up():.1f} s")
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-          f"torch {torch.__version__}, {args.threads} threads, {args.device}")
+          f"torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}")
     prompts = ragged_prompts(args.prompts, cfg.model.vocab_size, 8, 64)
     seeds = iter(range(10**6))
-    rates = median_rates({
+    runs = {
         "hf": lambda: hf_groups(theirs, prompts, args.group, args.new_tokens),
         "engine": lambda: engine_groups(engine, prompts, args.group, args.new_tokens, next(seeds) * 10**3),
-        "compiled": lambda: engine_groups(compiled, prompts, args.group, args.new_tokens, next(seeds) * 10**3),
-    }, args.rounds)
+    }
+    if compiled is not None:
+        runs["compiled"] = lambda: engine_groups(compiled, prompts, args.group, args.new_tokens, next(seeds) * 10**3)
+    rates = median_rates(runs, args.rounds)
     total = args.prompts * args.group * args.new_tokens
     report(f"GRPO rollouts ({args.prompts} prompts of 8..64 tokens x {args.group} samples, "
            f"{args.new_tokens} new tokens each, {total} tokens, temperature 1)", rates, LABELS)
     for name, note in (("engine", "`lmforge grpo`'s default"), ("compiled", "grpo.compile=true")):
-        print(f"  ratio {LABELS[name]} / transformers (wall): {rates[name][0] / rates['hf'][0]:.2f}x ({note})")
+        if name in rates:
+            print(f"  ratio {LABELS[name]} / transformers (wall): {rates[name][0] / rates['hf'][0]:.2f}x ({note})")
 
 
 if __name__ == "__main__":

