@@ -723,15 +723,24 @@ class Completion:
 class Request:
     """A submitted request: iterate it for its `Event`s (from any thread), `cancel` it to free
     its rows, or `result()` to wait for its completions. With `on_event` the events go to that
-    callable instead (the server forwards them to its event loop) and iterating is not possible."""
+    callable instead (the server forwards them to its event loop) and iterating is not possible.
+
+    `stream` False: nobody reads the text before a sequence ends (`result()`, rollouts), so the
+    engine decodes it once at the end (per token only for stop strings) and sends few events:
+    one per run of sampled or of forced tokens, the last with the whole text and the
+    `finish_reason`. The completions are the same; what is saved is per-token host work."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 on_event: Callable[[Event | BaseException], None] | None = None) -> None:
+                 on_event: Callable[[Event | BaseException], None] | None = None, stream: bool = True) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.stream = stream
         self.cancelled = False
         self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
         self._put = on_event or self._events.put  # called on the engine's thread
+        # 1 / temperature where the compiled sampled step draws this request's rows, else 0
+        # (greedy, or top-k / top-p, which `sample_rows` draws): set by `Engine.submit`.
+        self.graph_inv_temperature = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True  # the engine drops its rows at its next step
@@ -772,6 +781,7 @@ class _Sequence:
         self.finished = False
         self.tool_start: int | None = None  # where the open calculator call's expression starts
         self.forced: list[int] = []  # a tool result's tokens, emitted before sampling again
+        self.chunk: Event | None = None  # a request without `stream`: its tokens not yet sent
 
 
 class Engine:
@@ -839,14 +849,16 @@ class Engine:
     # ---- submitting
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+               on_event: Callable[[Event | BaseException], None] | None = None, stream: bool = True) -> Request:
         """Queue a request; it joins the running batch at the next step with enough free rows.
-        `on_event`: see `Request`."""
+        `on_event`, `stream`: see `Request`."""
         if not 0 < len(prompt_ids) <= self.cfg.max_seq_len:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens; need 1 to {self.cfg.max_seq_len}")
         if not 1 <= params.n <= self.max_batch:
             raise ValueError(f"n={params.n}; need 1 to the engine's max_batch={self.max_batch}")
-        request = Request(list(prompt_ids), params, on_event)
+        request = Request(list(prompt_ids), params, on_event, stream)
+        if params.temperature > 0 and not _filters(*params.filter_values, self.tokenizer.vocab_size):
+            request.graph_inv_temperature = 1 / params.temperature
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -854,7 +866,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """Every prompt's completions, batched; steps in this thread unless `start()` was called."""
-        requests = [self.submit(p, params) for p in prompts]
+        requests = [self.submit(p, params, stream=False) for p in prompts]
         if self._thread is None:
             while self.step():
                 pass
@@ -925,8 +937,7 @@ class Engine:
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
         # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
-        inv_temperature = [0.0 if u is None or _filters(*s.request.params.filter_values, self.tokenizer.vocab_size)
-                           else 1 / s.request.params.temperature
+        inv_temperature = [0.0 if u is None else s.request.graph_inv_temperature
                            for s, u in zip(self.rows, uniform, strict=True)]
         sampling, decided = None, [u is None for u in uniform]
         if any(inv_temperature):
@@ -1108,16 +1119,43 @@ class Engine:
         new_ids, new_logprobs = [], []
         if token in self.stop_ids:
             reason = "stop"
-            seq.text += seq.decoder.decode(b"", final=True)
         else:
             seq.token_ids.append(token)
             new_ids, new_logprobs = [token], [logprob] if logprob is not None else []
             full = (len(seq.token_ids) >= p.max_tokens
                     or len(seq.request.prompt_ids) + len(seq.token_ids) >= self.cfg.max_seq_len)
-            seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]), final=full)
             reason = "length" if full else None
             if self.tool_ids is not None:
                 self._calculator(seq, token)
+        seq.pending = token
+        if seq.request.stream or p.stop:  # the text token by token
+            text, reason = self._text(seq, new_ids, reason)
+        else:  # nobody reads it before the end: one decode of every token then
+            text = self.tokenizer.decode_bytes(seq.token_ids).decode("utf-8", errors="replace") if reason else ""
+        seq.finished = reason is not None
+        if seq.request.stream:
+            if text or new_ids or reason:
+                seq.request._put(Event(seq.index, text, new_ids, new_logprobs, reason, forced))
+            return
+        # One event per run of sampled or of forced tokens (rollouts mask the forced ones).
+        if seq.chunk is not None and seq.chunk.forced != forced:
+            seq.request._put(seq.chunk)
+            seq.chunk = None
+        if seq.chunk is None:
+            seq.chunk = Event(seq.index, "", [], [], None, forced)
+        seq.chunk.text += text
+        seq.chunk.token_ids += new_ids
+        seq.chunk.logprobs += new_logprobs
+        if reason is not None:
+            seq.chunk.finish_reason = reason
+            seq.request._put(seq.chunk)
+            seq.chunk = None
+
+    def _text(self, seq: _Sequence, new_ids: list[int], reason: str | None) -> tuple[str, str | None]:
+        """Decode a sequence's new token and return the text now certain (whole characters, never
+        part of a stop string) and the finish reason, "stop" where a stop string ends the text."""
+        p = seq.request.params
+        seq.text += seq.decoder.decode(self.tokenizer.decode_bytes(new_ids), final=reason is not None)
         # A stop string ends the text where it starts (it may span tokens: search the whole
         # unsent text, which never holds the start of one, see below).
         hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0] if p.stop else []
@@ -1127,13 +1165,9 @@ class Engine:
         if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
-        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason, forced)
+        text = seq.text[seq.emitted:end]
         seq.emitted = end
-        seq.pending = token
-        seq.finished = reason is not None
-        if event.text or event.token_ids or reason:
-            seq.request._put(event)
-
+        return text, reason
 
 
 def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16,

@@ -266,10 +266,11 @@ def test_logprobs_are_the_models(tok, model):
             seq.append(token)
 
 
-def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
+def feed(engine: Engine, text: str, stop: tuple[str, ...] = (), stream: bool = True,
+         max_tokens: int = 1000) -> tuple[list[str], str | None]:
     """Stream `text` one byte token at a time through the engine's text path; the pieces sent
     and the finish reason. Byte-level BPE: ids 0..255 are the single bytes."""
-    request = engine.submit([1], SamplingParams(max_tokens=1000, stop=stop))
+    request = engine.submit([1], SamplingParams(max_tokens=max_tokens, stop=stop), stream=stream)
     seq = _Sequence(request, 0)
     for byte in text.encode():
         engine._advance(seq, byte, None)
@@ -307,17 +308,46 @@ def test_multibyte_characters_stream_intact(tok, model):
     assert len([p for p in pieces if p]) > 1  # it did stream
 
 
+@pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("stop", [("lo wo",), ("xyz", "o w"), ("d!",)])
-def test_stop_strings_spanning_tokens_end_the_text(tok, model, stop):
+def test_stop_strings_spanning_tokens_end_the_text(tok, model, stop, stream):
     text = "hello world!"
-    pieces, reason = feed(Engine(model, tok), text, stop)
+    pieces, reason = feed(Engine(model, tok), text, stop, stream)
     first = min(i for i in (text.find(s) for s in stop) if i >= 0)
     assert "".join(pieces) == text[:first] and reason == "stop"
 
 
-def test_a_stop_string_prefix_that_does_not_complete_is_sent(tok, model):
-    pieces, reason = feed(Engine(model, tok), "hello world", ("lo!",))
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_stop_string_prefix_that_does_not_complete_is_sent(tok, model, stream):
+    pieces, reason = feed(Engine(model, tok), "hello world", ("lo!",), stream)
     assert "".join(pieces) == "hello world" and reason == "stop"  # ended by <|end|>
+
+
+@pytest.mark.parametrize("stop", [(), ("🙂",)])
+def test_without_stream_the_text_comes_whole_in_one_event(tok, model, stop):
+    text = "héllo wörld, 世界 🙂!"
+    pieces, reason = feed(Engine(model, tok), text, stop, stream=False)
+    assert pieces == [text[:text.find(stop[0])] if stop else text] and reason == "stop"
+    # Cut after 14 bytes, inside the 3-byte 世: the text Python decodes from those bytes.
+    pieces, reason = feed(Engine(model, tok), text, stop, stream=False, max_tokens=14)
+    assert pieces == [text.encode()[:14].decode("utf-8", errors="replace")] and reason == "length"
+
+
+def test_a_request_without_stream_completes_as_a_streamed_one(tok, model):
+    """Sampled rows with log-probabilities, stop strings and the context's end: the same
+    completions whether the text is decoded as it comes or once at the end."""
+    engine = Engine(model, tok, max_batch=8)
+    params = [SamplingParams(max_tokens=40, temperature=1.5, seed=3, n=2, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=30, temperature=1.0, seed=4, stop=["e", "th"]),
+              SamplingParams(max_tokens=6, temperature=0)]
+    results = []
+    for stream in (True, False):
+        requests = [engine.submit(prompt, p, stream=stream) for prompt, p in zip(PROMPTS, params)]
+        while engine.step():
+            pass
+        results.append([r.result() for r in requests])
+    assert results[0] == results[1]
+    assert {c.finish_reason for r in results[1] for c in r} >= {"stop", "length"}
 
 
 def test_background_thread_serves_concurrent_requests(tok, model):
