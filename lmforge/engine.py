@@ -1021,11 +1021,13 @@ class Engine:
         lengths = [len(r.prompt_ids) for r in requests]
         idx = torch.tensor([[t for r in requests for t in r.prompt_ids]], device=self.device)
         packed = _PackedPrefill(self.cache, lo, lengths)
-        h = self.model.hidden_states(idx, packed)[0]
+        # The last block's output projection and MLP at each prompt's last token only: nothing
+        # else of the last layer is read (its keys and values are made for every token).
+        last = torch.tensor([b - 1 for _, b in packed.bounds], device=self.device)
+        h = self.model.hidden_states(idx, packed, rows=last)
         for row, length in zip(range(lo, lo + len(requests)), lengths, strict=True):
             self.cache.set_length(row, length)
-        last = h[torch.tensor([b - 1 for _, b in packed.bounds], device=self.device)]  # each prompt's last token
-        return self.model.head(self.model.norm(last))
+        return self.model.head(self.model.norm(h))
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows; the last row moves into each hole."""
