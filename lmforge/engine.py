@@ -423,7 +423,9 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
                 top_p: Sequence[float], uniform: Sequence[float], ranked: bool) -> torch.Tensor:
     """`sample_rows` for rows of one kind: `ranked` sorts them and applies their filters."""
     device, vocab = logits.device, logits.shape[-1]
-    scaled = logits.float() * torch.tensor([1 / t for t in temperature], device=device)[:, None]  # a new tensor
+    scaled = logits.float()
+    if any(t != 1 for t in temperature):  # x * 1.0 is x: rollouts at temperature 1 skip a pass
+        scaled = scaled * torch.tensor([1 / t for t in temperature], device=device)[:, None]
     order = None
     if ranked:
         scaled, order = torch.sort(scaled, dim=-1, descending=True)
@@ -443,14 +445,16 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
 def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
     (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
-    compiled step (`_decode_sampled`). Overwrites `scaled`.
+    compiled step (`_decode_sampled`).
 
     In two levels, the block of CDF_BLOCK ids holding the target, then the id inside it: a
     running sum over V ids is a scalar loop (~0.6 ms for 64 rows of 4,096 ids, as much as a
     layer's attention), over V / CDF_BLOCK block sums and one block far less."""
     B, V = scaled.shape
-    # In place (`scaled` is the caller's scratch): two passes over (B, V) fewer in an eager step.
-    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()  # unnormalised: u scales to the total
+    # softmax, not exp of the difference to the row's maximum: ATen's one kernel took 150 us at
+    # 64 rows of 4,096 ids against 270 us for amax, sub and exp (its exp is the slower, more
+    # exact one). The weights then sum to ~1; u scales to their total all the same.
+    weights = scaled.softmax(dim=-1)
     if V % CDF_BLOCK:
         weights = F.pad(weights, (0, -V % CDF_BLOCK))  # the padding weighs 0
     blocks = weights.view(B, -1, CDF_BLOCK)
