@@ -389,7 +389,8 @@ NON_FINITE = ("the model produced non-finite logits (NaN or inf), so no token ca
 
 
 def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-                top_p: Sequence[float], uniform: Sequence[float]) -> torch.Tensor:
+                top_p: Sequence[float], uniform: Sequence[float],
+                scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Sample one token per row of logits (B, vocab) -> (B,), each row with its own rules, in
     batched passes: the engine's sampler. Row b is drawn from the softmax at `temperature[b]`
     (> 0), restricted to its `top_k[b]` best (0: all) and then to the smallest set whose
@@ -400,10 +401,14 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
     seeded generator; a multinomial call per row cost ~40% of a rollout's time). Rows with a
     filter invert the CDF in ranked order, rows without one in id order (no sort), each kind in
     one pass of its own, so that too is the row's own business. A row whose logits are not
-    finite gets -1."""
+    finite gets -1. `scratch`: two float32 tensors shaped like logits that rows without a
+    filter may use for their scaled logits and weights (the engine reuses them, see
+    `Engine._buffer`)."""
     ranked = [_filters(k, p, logits.shape[-1]) for k, p in zip(top_k, top_p, strict=True)]
-    if all(ranked) or not any(ranked):
-        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=any(ranked))
+    if not any(ranked):
+        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=False, scratch=scratch)
+    if all(ranked):
+        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=True)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for kind in (False, True):
         rows = [b for b, r in enumerate(ranked) if r == kind]
@@ -420,12 +425,14 @@ def _filters(top_k: int, top_p: float, vocab: int) -> bool:
 
 
 def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-                top_p: Sequence[float], uniform: Sequence[float], ranked: bool) -> torch.Tensor:
+                top_p: Sequence[float], uniform: Sequence[float], ranked: bool,
+                scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`sample_rows` for rows of one kind: `ranked` sorts them and applies their filters."""
     device, vocab = logits.device, logits.shape[-1]
     scaled = logits.float()
     if any(t != 1 for t in temperature):  # x * 1.0 is x: rollouts at temperature 1 skip a pass
-        scaled = scaled * torch.tensor([1 / t for t in temperature], device=device)[:, None]
+        inverse = torch.tensor([1 / t for t in temperature], device=device)[:, None]
+        scaled = torch.mul(scaled, inverse, out=scratch[0]) if scratch is not None else scaled * inverse
     order = None
     if ranked:
         scaled, order = torch.sort(scaled, dim=-1, descending=True)
@@ -436,16 +443,16 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
         # a row without top-p never drops one, whatever the rounding of its cumulative sum.
         reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
         scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
-    drawn = _draw(scaled, torch.tensor(uniform, device=device))
+    drawn = _draw(scaled, torch.tensor(uniform, device=device), None if scratch is None else scratch[1])
     if order is None:
         return drawn
     return torch.where(drawn >= 0, order.gather(1, drawn.clamp(min=0)[:, None])[:, 0], -1)
 
 
-def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def _draw(scaled: torch.Tensor, uniform: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
     (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
-    compiled step (`_decode_sampled`).
+    compiled step (`_decode_sampled`). `out`: a tensor shaped like `scaled` for the weights.
 
     In two levels, the block of CDF_BLOCK ids holding the target, then the id inside it: a
     running sum over V ids is a scalar loop (~0.6 ms for 64 rows of 4,096 ids, as much as a
@@ -454,7 +461,7 @@ def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     # softmax, not exp of the difference to the row's maximum: ATen's one kernel took 150 us at
     # 64 rows of 4,096 ids against 270 us for amax, sub and exp (its exp is the slower, more
     # exact one). The weights then sum to ~1; u scales to their total all the same.
-    weights = scaled.softmax(dim=-1)
+    weights = scaled.softmax(dim=-1) if out is None else torch.softmax(scaled, dim=-1, out=out)
     if V % CDF_BLOCK:
         weights = F.pad(weights, (0, -V % CDF_BLOCK))  # the padding weighs 0
     blocks = weights.view(B, -1, CDF_BLOCK)
@@ -845,6 +852,7 @@ class Engine:
         self.in_eager_region = False
         self.compile_seconds = 0.0  # time spent compiling so far (the first step of each bucket)
         self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
+        self._buffers: dict[str, torch.Tensor] = {}  # see `_buffer`
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -933,7 +941,8 @@ class Engine:
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
             tokens = torch.tensor(pending, device=self.device)[:, None]
-            return self.model(tokens, self.cache, last_only=True)[:, -1], None, []
+            h = self.model.norm(self.model.hidden_states(tokens, self.cache)[:, -1])
+            return self.model.head(h, out=self._buffer("logits", h)), None, []
         # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
@@ -952,6 +961,21 @@ class Engine:
                                             sampling)
         self.cache.advance(1)
         return logits[:n], chosen[:n], decided
+
+    def _buffer(self, name: str, like: torch.Tensor, width: int | None = None) -> torch.Tensor | None:
+        """A float32 (rows of `like`, `width` or the model's vocabulary) tensor that every eager
+        step reuses for its logits or its sampler's work, on CPU where nothing else keeps them:
+        at 64 rows each is 1 MB that malloc gave back to the kernel and faulted in again page by
+        page, ~480 page faults a step, ~10% of an eager rollout (benchmarks/RESULTS.md). None
+        where a fresh tensor is what works (other devices, other dtypes, autocast)."""
+        if (self.device.type != "cpu" or like.dtype != torch.float32 or like.dim() != 2
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        width = width or self.cfg.vocab_size
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < like.shape[0] or buffer.shape[1] != width:
+            buffer = self._buffers[name] = torch.empty(max(like.shape[0], self.max_batch), width)
+        return buffer[:like.shape[0]]
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
@@ -1073,9 +1097,11 @@ class Engine:
             tokens[greedy] = (logits if len(greedy) == n else logits[greedy]).argmax(dim=-1)
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            tokens[drawn] = sample_rows(logits if len(drawn) == n else logits[drawn], [p.temperature for p in params],
-                                        [p.filter_values[0] for p in params], [p.filter_values[1] for p in params],
-                                        [uniform[i] for i in drawn])
+            rows = logits if len(drawn) == n else logits[drawn]
+            scratch = self._buffer("scaled", rows, rows.shape[1]), self._buffer("weights", rows, rows.shape[1])
+            tokens[drawn] = sample_rows(rows, [p.temperature for p in params], [p.filter_values[0] for p in params],
+                                        [p.filter_values[1] for p in params], [uniform[i] for i in drawn],
+                                        None if scratch[0] is None else scratch)
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []

@@ -233,6 +233,20 @@ def test_batched_sampler_rows_do_not_depend_on_each_other():
     assert sample_rows(broken, *zip(*rules, strict=True), uniform).tolist()[2] == -1
 
 
+@pytest.mark.parametrize("temperatures", [[1.0] * 6, [1.0, 0.5, 1.5, 1.0, 0.8, 2.0]])
+def test_the_sampler_with_scratch_tensors_draws_what_it_draws_without(temperatures):
+    """The engine hands the sampler two tensors to reuse (scaled logits, weights), dirty from
+    the last step: the same tokens, each allowed by the row's distribution."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    uniform = torch.rand(6, generator=g).tolist()
+    no_filters = [0] * 6, [1.0] * 6  # top-k, top-p: what the scratch tensors serve
+    scratch = (torch.full((6, 50), float("nan")), torch.full((6, 50), float("nan")))
+    plain = sample_rows(logits, temperatures, *no_filters, uniform)
+    assert sample_rows(logits, temperatures, *no_filters, uniform, scratch=scratch).tolist() == plain.tolist()
+    assert all(truth_allows(logits[b].tolist(), t, 0, 1.0, int(plain[b])) for b, t in enumerate(temperatures))
+
+
 def truth_allows(logits: list[float], temperature: float, top_k: int, top_p: float, token: int) -> bool:
     return filtered_distribution(logits, temperature, top_k, top_p)[token] > 0
 
@@ -290,7 +304,7 @@ def test_a_chat_control_token_ends_the_answer_and_is_never_text(tok, control):
     words = tok.encode("ab cd")
     script = iter([*words, tok.special_tokens[control], *words])
 
-    def head(h: torch.Tensor) -> torch.Tensor:  # the model writes the script, a token per forward
+    def head(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # the model writes the script, a token per forward
         logits = torch.zeros(*h.shape[:-1], model.cfg.vocab_size)
         logits[..., next(script)] = 100.0
         return logits
