@@ -350,10 +350,11 @@ class _PackedHead:
     """The LM head's product at an eager decode step of many rows (CPU, float32) with the weight
     reordered once into oneDNN's blocked layout: the tiny preset's 4,096 x 128 head at 64 rows
     738 -> 614 us, at 16 rows 233 -> 173 us (benchmarks/RESULTS.md); one packing serves every
-    row count. Packed again whenever the weight changes, as GRPO's training changes it between
-    rollouts: an in-place update (an optimizer step, load_state_dict) moves the tensor's version
-    counter, and a new tensor is another object. Inference tensors keep no version counter, so
-    they are never packed (`usable`)."""
+    row count. The weight may change between generations (GRPO trains it between rollouts), and
+    not every update says so: fused AdamW leaves the version counter as it was. So the engine
+    `forget`s the packing whenever it goes idle, and it is made again when the weight is another
+    tensor or its version counter moved (an in-place update while rows run, load_state_dict).
+    Inference tensors keep no version counter, so they are never packed (`usable`)."""
 
     def __init__(self) -> None:
         self._weight: weakref.ref | None = None
@@ -373,6 +374,9 @@ class _PackedHead:
             return False
         weight = model.head_weight()
         return weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
+
+    def forget(self) -> None:
+        self._weight, self._packed = None, None
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._weight is None or self._weight() is not weight or weight._version != self._version:
@@ -965,6 +969,8 @@ class Engine:
             logits, chosen, decided = self._decode(uniform)
             self._sample(self.rows, logits, chosen, decided, uniform)
             self._drop_finished()
+        if not self.rows:  # idle: the weights may be trained before the next rows (`_PackedHead`)
+            self._packed_head.forget()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)

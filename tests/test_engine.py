@@ -97,26 +97,36 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tok, model):
 
 def test_the_packed_head_follows_the_weights_as_they_change(tok):
     """An eager step of 16 rows takes the LM head's product with a packed copy of its weight:
-    the same greedy tokens as one prompt at a time through F.linear, before and after an
-    in-place update of the weight (an optimizer step's) and after a new weight tensor."""
-    from lmforge.engine import PACKED_HEAD_ROWS
+    the same greedy tokens as one prompt at a time through F.linear, before and after a fused
+    AdamW step (which moves no version counter), an in-place update and a new weight tensor."""
+    from lmforge.engine import PACKED_HEAD_ROWS, _PackedHead
+
+    used = []
+
+    class Counted(_PackedHead):
+        def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            used.append(change)
+            return super().__call__(h, weight)
 
     model = tiny_model(tok)
     engine = Engine(model, tok, max_batch=PACKED_HEAD_ROWS)
+    engine._packed_head = Counted()
     prompts = [PROMPTS[i % len(PROMPTS)][: 1 + i // len(PROMPTS)] for i in range(PACKED_HEAD_ROWS)]
     params = SamplingParams(max_tokens=6, temperature=0)
-    packs = []
-    for change in (None, "in place", "new tensor"):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for change in (None, "fused AdamW", "in place", "new tensor"):
+        if change == "fused AdamW":
+            model(torch.tensor([PROMPTS[0]]))[0, -1].logsumexp(-1).backward()
+            optimizer.step()
         with torch.no_grad():
             if change == "in place":
                 model.embed_tokens.weight.mul_(-1.5)
             elif change == "new tensor":
                 model.embed_tokens.weight = torch.nn.Parameter(torch.randn_like(model.embed_tokens.weight))
         results = engine.generate(prompts, params)
-        packs.append(engine._packed_head._packed)
         for prompt, (completion,) in zip(prompts, results, strict=True):
             assert completion.token_ids == alone(model, tok, prompt, 6)
-    assert all(p is not None for p in packs) and len({id(p) for p in packs}) == 3  # packed, then again twice
+    assert set(used) == {None, "fused AdamW", "in place", "new tensor"}  # each generation used it
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
