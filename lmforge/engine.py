@@ -345,45 +345,6 @@ BATCHED_DECODE_ATTENTION_ROWS = 16  # from this many rows a decode step's attent
 
 PACKED_HEAD_ROWS = 16  # from this many rows an eager decode step's LM head is `_PackedHead`'s
 
-
-class _PackedHead:
-    """The LM head's product at an eager decode step of many rows (CPU, float32) with the weight
-    reordered once into oneDNN's blocked layout: the tiny preset's 4,096 x 128 head at 64 rows
-    738 -> 614 us, at 16 rows 233 -> 173 us (benchmarks/RESULTS.md); one packing serves every
-    row count. The weight may change between generations (GRPO trains it between rollouts), and
-    not every update says so: fused AdamW leaves the version counter as it was. So the engine
-    `forget`s the packing whenever it goes idle, and it is made again when the weight is another
-    tensor or its version counter moved (an in-place update while rows run, load_state_dict).
-    Inference tensors keep no version counter, so they are never packed (`usable`)."""
-
-    def __init__(self) -> None:
-        self._weight: weakref.ref | None = None
-        self._version = -1
-        self._packed: torch.Tensor | None = None
-
-    @staticmethod
-    def usable(model: nn.Module, h: torch.Tensor) -> bool:
-        """Whether the head of `model` at hidden states h (rows, d_model) is a plain product this
-        can take over: a `Transformer`'s own head (not replaced, no adapter, no bias) on a float32
-        CPU weight, outside autocast."""
-        if (h.dim() != 2 or h.shape[0] < PACKED_HEAD_ROWS or h.device.type != "cpu" or h.dtype != torch.float32
-                or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
-                or getattr(model.head, "__func__", None) is not Transformer.head):
-            return False
-        if model.lm_head is not None and (type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None):
-            return False
-        weight = model.head_weight()
-        return weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
-
-    def forget(self) -> None:
-        self._weight, self._packed = None, None
-
-    def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._weight is None or self._weight() is not weight or weight._version != self._version:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), h.shape[0])
-            self._weight, self._version = weakref.ref(weight), weight._version
-        return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
-
 KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
 
@@ -834,6 +795,45 @@ class _Sequence:
         self.tool_start: int | None = None  # where the open calculator call's expression starts
         self.forced: list[int] = []  # a tool result's tokens, emitted before sampling again
         self.chunk: Event | None = None  # a request without `stream`: its tokens not yet sent
+
+
+class _PackedHead:
+    """The LM head's product at an eager decode step of many rows (CPU, float32) with the weight
+    reordered once into oneDNN's blocked layout: the tiny preset's 4,096 x 128 head at 64 rows
+    738 -> 614 us, at 16 rows 233 -> 173 us (benchmarks/RESULTS.md); one packing serves every
+    row count. The weight may change between generations (GRPO trains it between rollouts), and
+    not every update says so: fused AdamW leaves the version counter as it was. So the engine
+    `forget`s the packing whenever it goes idle, and it is made again when the weight is another
+    tensor or its version counter moved (an in-place update while rows run, load_state_dict).
+    Inference tensors keep no version counter, so they are never packed (`usable`)."""
+
+    def __init__(self) -> None:
+        self._weight: weakref.ref | None = None
+        self._version = -1
+        self._packed: torch.Tensor | None = None
+
+    @staticmethod
+    def usable(model: nn.Module, h: torch.Tensor) -> bool:
+        """Whether the head of `model` at hidden states h (rows, d_model) is a plain product this
+        can take over: a `Transformer`'s own head (not replaced, no adapter, no bias) on a float32
+        CPU weight, outside autocast."""
+        if (h.dim() != 2 or h.shape[0] < PACKED_HEAD_ROWS or h.device.type != "cpu" or h.dtype != torch.float32
+                or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
+                or getattr(model.head, "__func__", None) is not Transformer.head):
+            return False
+        if model.lm_head is not None and (type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None):
+            return False
+        weight = model.head_weight()
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
+
+    def forget(self) -> None:
+        self._weight, self._packed = None, None
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight() is not weight or weight._version != self._version:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), h.shape[0])
+            self._weight, self._version = weakref.ref(weight), weight._version
+        return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
 
 
 class Engine:
