@@ -4,9 +4,10 @@ A rollout batch as `lmforge grpo` samples it: `--prompts` prompts of different l
 `--group` answers each, sampled at temperature 1 with no top-k / top-p, `--new-tokens` each (stop
 tokens off on both sides, so every row runs to the end). Ours: one `Engine` request per prompt with
 n = group (one prefill per prompt, fanned out to its rows of one ragged KV cache), as
-GRPOObjective._sample submits them. transformers: `generate(do_sample=True,
-num_return_sequences=group)` on the left-padded batch, the way RL trainers built on it sample
-groups (each prompt is repeated group times and prefilled that often).
+GRPOObjective._sample submits them (without streaming: the text is decoded once at the end).
+transformers: `generate(do_sample=True, num_return_sequences=group)` on the left-padded batch, the
+way RL trainers built on it sample groups (each prompt is repeated group times and prefilled that
+often).
 
 Two Engines, as `lmforge grpo` builds them (lmforge.align.heldout.live_engine): eager (the
 default) and with `grpo.compile=true` (its decode step compiled for every batch size up to the
@@ -54,7 +55,7 @@ def hf_groups(theirs, prompts: list[list[int]], group: int, new_tokens: int) -> 
 def engine_groups(engine: Engine, prompts: list[list[int]], group: int, new_tokens: int, seed: int) -> int:
     params = [SamplingParams(max_tokens=new_tokens, temperature=1.0, n=group, seed=seed + i * group)
               for i in range(len(prompts))]
-    requests = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    requests = [engine.submit(p, sp, stream=False) for p, sp in zip(prompts, params, strict=True)]
     while engine.step():
         pass
     return sum(len(c.token_ids) for r in requests for c in r.result())

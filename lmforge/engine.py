@@ -50,7 +50,7 @@ from torch import nn
 from lmforge.chat.format import CHAT_TOKENS, TOOL_TOKENS
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model import compute_dtype
+from lmforge.model import Transformer, compute_dtype
 
 # --------------------------------------------------------------------------------------------
 # The key/value cache for incremental decoding
@@ -343,6 +343,8 @@ def _key_length(longest: int, max_len: int) -> int:
 
 BATCHED_DECODE_ATTENTION_ROWS = 16  # from this many rows a decode step's attention is RaggedKVCache.attend's
 
+PACKED_HEAD_ROWS = 16  # from this many rows an eager decode step's LM head is `_PackedHead`'s
+
 KEY_BUCKET = 16  # small: attention is most of what a longer key length costs; one graph serves all
 
 
@@ -389,7 +391,8 @@ NON_FINITE = ("the model produced non-finite logits (NaN or inf), so no token ca
 
 
 def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-                top_p: Sequence[float], uniform: Sequence[float]) -> torch.Tensor:
+                top_p: Sequence[float], uniform: Sequence[float],
+                scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Sample one token per row of logits (B, vocab) -> (B,), each row with its own rules, in
     batched passes: the engine's sampler. Row b is drawn from the softmax at `temperature[b]`
     (> 0), restricted to its `top_k[b]` best (0: all) and then to the smallest set whose
@@ -400,10 +403,14 @@ def sample_rows(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
     seeded generator; a multinomial call per row cost ~40% of a rollout's time). Rows with a
     filter invert the CDF in ranked order, rows without one in id order (no sort), each kind in
     one pass of its own, so that too is the row's own business. A row whose logits are not
-    finite gets -1."""
+    finite gets -1. `scratch`: two float32 tensors shaped like logits that rows without a
+    filter may use for their scaled logits and weights (the engine reuses them, see
+    `Engine._buffer`)."""
     ranked = [_filters(k, p, logits.shape[-1]) for k, p in zip(top_k, top_p, strict=True)]
-    if all(ranked) or not any(ranked):
-        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=any(ranked))
+    if not any(ranked):
+        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=False, scratch=scratch)
+    if all(ranked):
+        return _invert_cdf(logits, temperature, top_k, top_p, uniform, ranked=True)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for kind in (False, True):
         rows = [b for b, r in enumerate(ranked) if r == kind]
@@ -420,10 +427,14 @@ def _filters(top_k: int, top_p: float, vocab: int) -> bool:
 
 
 def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-                top_p: Sequence[float], uniform: Sequence[float], ranked: bool) -> torch.Tensor:
+                top_p: Sequence[float], uniform: Sequence[float], ranked: bool,
+                scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`sample_rows` for rows of one kind: `ranked` sorts them and applies their filters."""
     device, vocab = logits.device, logits.shape[-1]
-    scaled = logits.float() * torch.tensor([1 / t for t in temperature], device=device)[:, None]  # a new tensor
+    scaled = logits.float()
+    if any(t != 1 for t in temperature):  # x * 1.0 is x: rollouts at temperature 1 skip a pass
+        inverse = torch.tensor([1 / t for t in temperature], device=device)[:, None]
+        scaled = torch.mul(scaled, inverse, out=scratch[0]) if scratch is not None else scaled * inverse
     order = None
     if ranked:
         scaled, order = torch.sort(scaled, dim=-1, descending=True)
@@ -434,23 +445,25 @@ def _invert_cdf(logits: torch.Tensor, temperature: Sequence[float], top_k: Seque
         # a row without top-p never drops one, whatever the rounding of its cumulative sum.
         reach = torch.tensor([p if p < 1 else math.inf for p in top_p], device=device)
         scaled = scaled.masked_fill(probs.cumsum(dim=-1) - probs >= reach[:, None], float("-inf"))
-    drawn = _draw(scaled, torch.tensor(uniform, device=device))
+    drawn = _draw(scaled, torch.tensor(uniform, device=device), None if scratch is None else scratch[1])
     if order is None:
         return drawn
     return torch.where(drawn >= 0, order.gather(1, drawn.clamp(min=0)[:, None])[:, 0], -1)
 
 
-def _draw(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def _draw(scaled: torch.Tensor, uniform: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Invert each row's CDF of softmax(scaled) (B, V) at uniform[b] in [0, 1): the index
     (B,), or -1 for a row whose values are not finite. One rule for the eager sampler and the
-    compiled step (`_decode_sampled`). Overwrites `scaled`.
+    compiled step (`_decode_sampled`). `out`: a tensor shaped like `scaled` for the weights.
 
     In two levels, the block of CDF_BLOCK ids holding the target, then the id inside it: a
     running sum over V ids is a scalar loop (~0.6 ms for 64 rows of 4,096 ids, as much as a
     layer's attention), over V / CDF_BLOCK block sums and one block far less."""
     B, V = scaled.shape
-    # In place (`scaled` is the caller's scratch): two passes over (B, V) fewer in an eager step.
-    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()  # unnormalised: u scales to the total
+    # softmax, not exp of the difference to the row's maximum: ATen's one kernel took 150 us at
+    # 64 rows of 4,096 ids against 270 us for amax, sub and exp (its exp is the slower, more
+    # exact one). The weights then sum to ~1; u scales to their total all the same.
+    weights = scaled.softmax(dim=-1) if out is None else torch.softmax(scaled, dim=-1, out=out)
     if V % CDF_BLOCK:
         weights = F.pad(weights, (0, -V % CDF_BLOCK))  # the padding weighs 0
     blocks = weights.view(B, -1, CDF_BLOCK)
@@ -723,15 +736,24 @@ class Completion:
 class Request:
     """A submitted request: iterate it for its `Event`s (from any thread), `cancel` it to free
     its rows, or `result()` to wait for its completions. With `on_event` the events go to that
-    callable instead (the server forwards them to its event loop) and iterating is not possible."""
+    callable instead (the server forwards them to its event loop) and iterating is not possible.
+
+    `stream` False: nobody reads the text before a sequence ends (`result()`, rollouts), so the
+    engine decodes it once at the end (per token only for stop strings) and sends few events:
+    one per run of sampled or of forced tokens, the last with the whole text and the
+    `finish_reason`. The completions are the same; what is saved is per-token host work."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 on_event: Callable[[Event | BaseException], None] | None = None) -> None:
+                 on_event: Callable[[Event | BaseException], None] | None = None, stream: bool = True) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.stream = stream
         self.cancelled = False
         self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
         self._put = on_event or self._events.put  # called on the engine's thread
+        # 1 / temperature where the compiled sampled step draws this request's rows, else 0
+        # (greedy, or top-k / top-p, which `sample_rows` draws): set by `Engine.submit`.
+        self.graph_inv_temperature = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True  # the engine drops its rows at its next step
@@ -772,6 +794,46 @@ class _Sequence:
         self.finished = False
         self.tool_start: int | None = None  # where the open calculator call's expression starts
         self.forced: list[int] = []  # a tool result's tokens, emitted before sampling again
+        self.chunk: Event | None = None  # a request without `stream`: its tokens not yet sent
+
+
+class _PackedHead:
+    """The LM head's product at an eager decode step of many rows (CPU, float32) with the weight
+    reordered once into oneDNN's blocked layout: the tiny preset's 4,096 x 128 head at 64 rows
+    738 -> 614 us, at 16 rows 233 -> 173 us (benchmarks/RESULTS.md); one packing serves every
+    row count. The weight may change between generations (GRPO trains it between rollouts), and
+    not every update says so: fused AdamW leaves the version counter as it was. So the engine
+    `forget`s the packing whenever it goes idle, and it is made again when the weight is another
+    tensor or its version counter moved (an in-place update while rows run, load_state_dict).
+    Inference tensors keep no version counter, so they are never packed (`usable`)."""
+
+    def __init__(self) -> None:
+        self._weight: weakref.ref | None = None
+        self._version = -1
+        self._packed: torch.Tensor | None = None
+
+    @staticmethod
+    def usable(model: nn.Module, h: torch.Tensor) -> bool:
+        """Whether the head of `model` at hidden states h (rows, d_model) is a plain product this
+        can take over: a `Transformer`'s own head (not replaced, no adapter, no bias) on a float32
+        CPU weight, outside autocast."""
+        if (h.dim() != 2 or h.shape[0] < PACKED_HEAD_ROWS or h.device.type != "cpu" or h.dtype != torch.float32
+                or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
+                or getattr(model.head, "__func__", None) is not Transformer.head):
+            return False
+        if model.lm_head is not None and (type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None):
+            return False
+        weight = model.head_weight()
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
+
+    def forget(self) -> None:
+        self._weight, self._packed = None, None
+
+    def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight() is not weight or weight._version != self._version:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), h.shape[0])
+            self._weight, self._version = weakref.ref(weight), weight._version
+        return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
 
 
 class Engine:
@@ -831,6 +893,8 @@ class Engine:
         self.in_eager_region = False
         self.compile_seconds = 0.0  # time spent compiling so far (the first step of each bucket)
         self.rows: list[_Sequence] = []  # rows[i] lives in row i of the cache
+        self._buffers: dict[str, torch.Tensor] = {}  # see `_buffer`
+        self._packed_head = _PackedHead()
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -839,14 +903,16 @@ class Engine:
     # ---- submitting
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               on_event: Callable[[Event | BaseException], None] | None = None) -> Request:
+               on_event: Callable[[Event | BaseException], None] | None = None, stream: bool = True) -> Request:
         """Queue a request; it joins the running batch at the next step with enough free rows.
-        `on_event`: see `Request`."""
+        `on_event`, `stream`: see `Request`."""
         if not 0 < len(prompt_ids) <= self.cfg.max_seq_len:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens; need 1 to {self.cfg.max_seq_len}")
         if not 1 <= params.n <= self.max_batch:
             raise ValueError(f"n={params.n}; need 1 to the engine's max_batch={self.max_batch}")
-        request = Request(list(prompt_ids), params, on_event)
+        request = Request(list(prompt_ids), params, on_event, stream)
+        if params.temperature > 0 and not _filters(*params.filter_values, self.tokenizer.vocab_size):
+            request.graph_inv_temperature = 1 / params.temperature
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -854,7 +920,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """Every prompt's completions, batched; steps in this thread unless `start()` was called."""
-        requests = [self.submit(p, params) for p in prompts]
+        requests = [self.submit(p, params, stream=False) for p in prompts]
         if self._thread is None:
             while self.step():
                 pass
@@ -903,6 +969,8 @@ class Engine:
             logits, chosen, decided = self._decode(uniform)
             self._sample(self.rows, logits, chosen, decided, uniform)
             self._drop_finished()
+        if not self.rows:  # idle: the weights may be trained before the next rows (`_PackedHead`)
+            self._packed_head.forget()
         self._admit()
         with self._wake:
             return bool(self.rows or self._waiting)
@@ -917,7 +985,10 @@ class Engine:
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
             tokens = torch.tensor(pending, device=self.device)[:, None]
-            return self.model(tokens, self.cache, last_only=True)[:, -1], None, []
+            h = self.model.norm(self.model.hidden_states(tokens, self.cache)[:, -1])
+            if _PackedHead.usable(self.model, h):
+                return self._packed_head(h, self.model.head_weight()), None, []
+            return self.model.head(h, out=self._buffer("logits", h)), None, []
         # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
         # a row is prefilled from scratch when a request takes it).
         pad = [0] * (self._bucket(n) - n)
@@ -925,8 +996,7 @@ class Engine:
         lengths = self.cache.host_lengths[:n]
         positions = torch.tensor(lengths + pad, device=self.device)[:, None]
         # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
-        inv_temperature = [0.0 if u is None or _filters(*s.request.params.filter_values, self.tokenizer.vocab_size)
-                           else 1 / s.request.params.temperature
+        inv_temperature = [0.0 if u is None else s.request.graph_inv_temperature
                            for s, u in zip(self.rows, uniform, strict=True)]
         sampling, decided = None, [u is None for u in uniform]
         if any(inv_temperature):
@@ -937,6 +1007,21 @@ class Engine:
                                             sampling)
         self.cache.advance(1)
         return logits[:n], chosen[:n], decided
+
+    def _buffer(self, name: str, like: torch.Tensor, width: int | None = None) -> torch.Tensor | None:
+        """A float32 (rows of `like`, `width` or the model's vocabulary) tensor that every eager
+        step reuses for its logits or its sampler's work, on CPU where nothing else keeps them:
+        at 64 rows each is 1 MB that malloc gave back to the kernel and faulted in again page by
+        page, ~480 page faults a step, ~10% of an eager rollout (benchmarks/RESULTS.md). None
+        where a fresh tensor is what works (other devices, other dtypes, autocast)."""
+        if (self.device.type != "cpu" or like.dtype != torch.float32 or like.dim() != 2
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        width = width or self.cfg.vocab_size
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < like.shape[0] or buffer.shape[1] != width:
+            buffer = self._buffers[name] = torch.empty(max(like.shape[0], self.max_batch), width)
+        return buffer[:like.shape[0]]
 
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
@@ -1010,11 +1095,13 @@ class Engine:
         lengths = [len(r.prompt_ids) for r in requests]
         idx = torch.tensor([[t for r in requests for t in r.prompt_ids]], device=self.device)
         packed = _PackedPrefill(self.cache, lo, lengths)
-        h = self.model.hidden_states(idx, packed)[0]
+        # The last block's output projection and MLP at each prompt's last token only: nothing
+        # else of the last layer is read (its keys and values are made for every token).
+        last = torch.tensor([b - 1 for _, b in packed.bounds], device=self.device)
+        h = self.model.hidden_states(idx, packed, rows=last)
         for row, length in zip(range(lo, lo + len(requests)), lengths, strict=True):
             self.cache.set_length(row, length)
-        last = h[torch.tensor([b - 1 for _, b in packed.bounds], device=self.device)]  # each prompt's last token
-        return self.model.head(self.model.norm(last))
+        return self.model.head(self.model.norm(h))
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows; the last row moves into each hole."""
@@ -1056,9 +1143,11 @@ class Engine:
             tokens[greedy] = (logits if len(greedy) == n else logits[greedy]).argmax(dim=-1)
         if drawn:
             params = [seqs[i].request.params for i in drawn]
-            tokens[drawn] = sample_rows(logits if len(drawn) == n else logits[drawn], [p.temperature for p in params],
-                                        [p.filter_values[0] for p in params], [p.filter_values[1] for p in params],
-                                        [uniform[i] for i in drawn])
+            rows = logits if len(drawn) == n else logits[drawn]
+            scratch = self._buffer("scaled", rows, rows.shape[1]), self._buffer("weights", rows, rows.shape[1])
+            tokens[drawn] = sample_rows(rows, [p.temperature for p in params], [p.filter_values[0] for p in params],
+                                        [p.filter_values[1] for p in params], [uniform[i] for i in drawn],
+                                        None if scratch[0] is None else scratch)
         wanted = [i for i, s in enumerate(seqs) if s.request.params.logprobs and not s.forced]
         logprobs = self._logprobs(logits[wanted], tokens[wanted], [seqs[i].request.params.top_logprobs
                                                                     for i in wanted]) if wanted else []
@@ -1108,16 +1197,43 @@ class Engine:
         new_ids, new_logprobs = [], []
         if token in self.stop_ids:
             reason = "stop"
-            seq.text += seq.decoder.decode(b"", final=True)
         else:
             seq.token_ids.append(token)
             new_ids, new_logprobs = [token], [logprob] if logprob is not None else []
             full = (len(seq.token_ids) >= p.max_tokens
                     or len(seq.request.prompt_ids) + len(seq.token_ids) >= self.cfg.max_seq_len)
-            seq.text += seq.decoder.decode(self.tokenizer.decode_bytes([token]), final=full)
             reason = "length" if full else None
             if self.tool_ids is not None:
                 self._calculator(seq, token)
+        seq.pending = token
+        if seq.request.stream or p.stop:  # the text token by token
+            text, reason = self._text(seq, new_ids, reason)
+        else:  # nobody reads it before the end: one decode of every token then
+            text = self.tokenizer.decode_bytes(seq.token_ids).decode("utf-8", errors="replace") if reason else ""
+        seq.finished = reason is not None
+        if seq.request.stream:
+            if text or new_ids or reason:
+                seq.request._put(Event(seq.index, text, new_ids, new_logprobs, reason, forced))
+            return
+        # One event per run of sampled or of forced tokens (rollouts mask the forced ones).
+        if seq.chunk is not None and seq.chunk.forced != forced:
+            seq.request._put(seq.chunk)
+            seq.chunk = None
+        if seq.chunk is None:
+            seq.chunk = Event(seq.index, "", [], [], None, forced)
+        seq.chunk.text += text
+        seq.chunk.token_ids += new_ids
+        seq.chunk.logprobs += new_logprobs
+        if reason is not None:
+            seq.chunk.finish_reason = reason
+            seq.request._put(seq.chunk)
+            seq.chunk = None
+
+    def _text(self, seq: _Sequence, new_ids: list[int], reason: str | None) -> tuple[str, str | None]:
+        """Decode a sequence's new token and return the text now certain (whole characters, never
+        part of a stop string) and the finish reason, "stop" where a stop string ends the text."""
+        p = seq.request.params
+        seq.text += seq.decoder.decode(self.tokenizer.decode_bytes(new_ids), final=reason is not None)
         # A stop string ends the text where it starts (it may span tokens: search the whole
         # unsent text, which never holds the start of one, see below).
         hits = [i for i in (seq.text.find(stop, seq.emitted) for stop in p.stop if stop) if i >= 0] if p.stop else []
@@ -1127,13 +1243,9 @@ class Engine:
         if reason is None and p.stop:  # hold back a tail that may be the start of a stop string
             end -= max((k for stop in p.stop for k in range(1, len(stop))
                         if seq.text.endswith(stop[:k])), default=0)
-        event = Event(seq.index, seq.text[seq.emitted:end], new_ids, new_logprobs, reason, forced)
+        text = seq.text[seq.emitted:end]
         seq.emitted = end
-        seq.pending = token
-        seq.finished = reason is not None
-        if event.text or event.token_ids or reason:
-            seq.request._put(event)
-
+        return text, reason
 
 
 def load_engine(checkpoint: str, device: str = "cpu", max_batch: int = 16,

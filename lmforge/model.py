@@ -423,8 +423,12 @@ class Transformer(nn.Module):
             cache.advance(T)
         return h if rows_in_block else _at_rows(h, rows)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden states -> logits; with tied embeddings the head is embed_tokens.weight."""
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states -> logits; with tied embeddings the head is embed_tokens.weight.
+        `out`: a (N, vocab) tensor for the logits of h (N, d_model) (the CPU engine reuses one),
+        or None."""
+        if out is not None and (self.lm_head is None or self.lm_head.bias is None):
+            return torch.mm(h, self.head_weight().t(), out=out)
         if self.lm_head is not None:
             return self.lm_head(h)
         return F.linear(h, self.head_weight())

@@ -56,9 +56,12 @@ class ScriptedModel(torch.nn.Module):
                                           f"model.max_seq_len={context}"]).model
         self.policy = policy
         self.dummy = torch.nn.Parameter(torch.zeros(1))  # the engine reads the device from it
-        self.norm = self.head = torch.nn.Identity()
+        self.norm = torch.nn.Identity()
 
-    def hidden_states(self, idx: torch.Tensor, cache) -> torch.Tensor:
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return h
+
+    def hidden_states(self, idx: torch.Tensor, cache, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         positions = cache.positions(T)
         keys = torch.zeros(B, 1, T, self.cfg.head_dim)
@@ -71,7 +74,7 @@ class ScriptedModel(torch.nn.Module):
                 seen = history[b, 0, starts[t]:starts[t] + int(positions[b, t]) + 1, 0].long().tolist()
                 out[b, t, self.policy(seen)] = 1.0
         cache.advance(T)
-        return out
+        return out if rows is None else out.flatten(0, 1)[rows]
 
     def forward(self, idx: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
         h = self.hidden_states(idx, cache)

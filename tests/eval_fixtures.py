@@ -51,7 +51,7 @@ class ScriptedModel(nn.Module):
                 return script[done] if done < len(script) else self.eot
         return self.eot
 
-    def hidden_states(self, idx: torch.Tensor, cache) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         if cache.ragged:  # the engine's batch: every row at its own position
             positions = cache.positions(T)
@@ -70,9 +70,9 @@ class ScriptedModel(nn.Module):
                 # Before the shortest prompt's end no script can apply: skip the lookups.
                 seen = history[b][starts[t]:starts[t] + end]
                 out[b, t, self.next_token(seen) if end >= shortest else self.eot] = 100.0
-        return out
+        return out if rows is None else out.flatten(0, 1)[rows]
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return h
 
     def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:

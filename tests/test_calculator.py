@@ -51,3 +51,35 @@ def test_the_engine_forces_the_result_after_a_tool_call():
         logits[0, token] = 10.0
         engine._sample([refused], logits)
     assert refused.text.startswith("<|tool|>abs(1)<|/tool|>e")  # "error", forced
+
+
+def test_without_stream_the_forced_tokens_come_in_events_of_their_own():
+    """What GRPO reads of a rollout: each event's tokens and whether they were forced. A request
+    without `stream` sends a run of tokens an event, with the same tokens and flags."""
+    from test_engine import tiny_model
+
+    from lmforge.engine import TOOL_TOKENS, Engine, SamplingParams, _Sequence
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["just some text to train on 12*7"], vocab_size=300, workers=1)
+    engine = Engine(tiny_model(tok), tok)
+    open_id, close_id = (tok.special_tokens[t] for t in TOOL_TOKENS)
+    runs = []
+    for stream in (True, False):
+        request = engine.submit([1], SamplingParams(max_tokens=9, temperature=0), stream=stream)
+        seq = _Sequence(request, 0)
+        for token in [open_id, *b"12*7", close_id] + [ord("x")] * 3:
+            logits = torch.full((1, tok.vocab_size), -10.0)
+            logits[0, token] = 10.0
+            engine._sample([seq], logits)
+        events = []
+        while not request._events.empty():
+            events.append(request._events.get())
+        runs.append(events)
+    streamed, whole = runs
+    flags = [[e.forced] * len(e.token_ids) for e in streamed]
+    assert [f for e in whole for f in [e.forced] * len(e.token_ids)] == [f for fs in flags for f in fs]
+    assert [t for e in whole for t in e.token_ids] == [t for e in streamed for t in e.token_ids]
+    assert [e.forced for e in whole] == [False, True, False]  # "84" forced between two sampled runs
+    assert "".join(e.text for e in whole) == "".join(e.text for e in streamed) == "<|tool|>12*7<|/tool|>84x"
+    assert whole[-1].finish_reason == streamed[-1].finish_reason == "length"

@@ -95,6 +95,40 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tok, model):
         assert completion.finish_reason == ("length" if len(completion.token_ids) == 12 else "stop")
 
 
+def test_the_packed_head_follows_the_weights_as_they_change(tok):
+    """An eager step of 16 rows takes the LM head's product with a packed copy of its weight:
+    the same greedy tokens as one prompt at a time through F.linear, before and after a fused
+    AdamW step (which moves no version counter), an in-place update and a new weight tensor."""
+    from lmforge.engine import PACKED_HEAD_ROWS, _PackedHead
+
+    used = []
+
+    class Counted(_PackedHead):
+        def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            used.append(change)
+            return super().__call__(h, weight)
+
+    model = tiny_model(tok)
+    engine = Engine(model, tok, max_batch=PACKED_HEAD_ROWS)
+    engine._packed_head = Counted()
+    prompts = [PROMPTS[i % len(PROMPTS)][: 1 + i // len(PROMPTS)] for i in range(PACKED_HEAD_ROWS)]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for change in (None, "fused AdamW", "in place", "new tensor"):
+        if change == "fused AdamW":
+            model(torch.tensor([PROMPTS[0]]))[0, -1].logsumexp(-1).backward()
+            optimizer.step()
+        with torch.no_grad():
+            if change == "in place":
+                model.embed_tokens.weight.mul_(-1.5)
+            elif change == "new tensor":
+                model.embed_tokens.weight = torch.nn.Parameter(torch.randn_like(model.embed_tokens.weight))
+        results = engine.generate(prompts, params)
+        for prompt, (completion,) in zip(prompts, results, strict=True):
+            assert completion.token_ids == alone(model, tok, prompt, 6)
+    assert set(used) == {None, "fused AdamW", "in place", "new tensor"}  # each generation used it
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_packed_prefill_fills_each_row_as_its_prompt_alone(tok, arch):
     # Truth: each prompt's full forward without a cache, and its keys/values from a plain KVCache.
@@ -233,6 +267,20 @@ def test_batched_sampler_rows_do_not_depend_on_each_other():
     assert sample_rows(broken, *zip(*rules, strict=True), uniform).tolist()[2] == -1
 
 
+@pytest.mark.parametrize("temperatures", [[1.0] * 6, [1.0, 0.5, 1.5, 1.0, 0.8, 2.0]])
+def test_the_sampler_with_scratch_tensors_draws_what_it_draws_without(temperatures):
+    """The engine hands the sampler two tensors to reuse (scaled logits, weights), dirty from
+    the last step: the same tokens, each allowed by the row's distribution."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    uniform = torch.rand(6, generator=g).tolist()
+    no_filters = [0] * 6, [1.0] * 6  # top-k, top-p: what the scratch tensors serve
+    scratch = (torch.full((6, 50), float("nan")), torch.full((6, 50), float("nan")))
+    plain = sample_rows(logits, temperatures, *no_filters, uniform)
+    assert sample_rows(logits, temperatures, *no_filters, uniform, scratch=scratch).tolist() == plain.tolist()
+    assert all(truth_allows(logits[b].tolist(), t, 0, 1.0, int(plain[b])) for b, t in enumerate(temperatures))
+
+
 def truth_allows(logits: list[float], temperature: float, top_k: int, top_p: float, token: int) -> bool:
     return filtered_distribution(logits, temperature, top_k, top_p)[token] > 0
 
@@ -266,10 +314,11 @@ def test_logprobs_are_the_models(tok, model):
             seq.append(token)
 
 
-def feed(engine: Engine, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
+def feed(engine: Engine, text: str, stop: tuple[str, ...] = (), stream: bool = True,
+         max_tokens: int = 1000) -> tuple[list[str], str | None]:
     """Stream `text` one byte token at a time through the engine's text path; the pieces sent
     and the finish reason. Byte-level BPE: ids 0..255 are the single bytes."""
-    request = engine.submit([1], SamplingParams(max_tokens=1000, stop=stop))
+    request = engine.submit([1], SamplingParams(max_tokens=max_tokens, stop=stop), stream=stream)
     seq = _Sequence(request, 0)
     for byte in text.encode():
         engine._advance(seq, byte, None)
@@ -289,7 +338,7 @@ def test_a_chat_control_token_ends_the_answer_and_is_never_text(tok, control):
     words = tok.encode("ab cd")
     script = iter([*words, tok.special_tokens[control], *words])
 
-    def head(h: torch.Tensor) -> torch.Tensor:  # the model writes the script, a token per forward
+    def head(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # the model writes the script, a token per forward
         logits = torch.zeros(*h.shape[:-1], model.cfg.vocab_size)
         logits[..., next(script)] = 100.0
         return logits
@@ -307,17 +356,46 @@ def test_multibyte_characters_stream_intact(tok, model):
     assert len([p for p in pieces if p]) > 1  # it did stream
 
 
+@pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("stop", [("lo wo",), ("xyz", "o w"), ("d!",)])
-def test_stop_strings_spanning_tokens_end_the_text(tok, model, stop):
+def test_stop_strings_spanning_tokens_end_the_text(tok, model, stop, stream):
     text = "hello world!"
-    pieces, reason = feed(Engine(model, tok), text, stop)
+    pieces, reason = feed(Engine(model, tok), text, stop, stream)
     first = min(i for i in (text.find(s) for s in stop) if i >= 0)
     assert "".join(pieces) == text[:first] and reason == "stop"
 
 
-def test_a_stop_string_prefix_that_does_not_complete_is_sent(tok, model):
-    pieces, reason = feed(Engine(model, tok), "hello world", ("lo!",))
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_stop_string_prefix_that_does_not_complete_is_sent(tok, model, stream):
+    pieces, reason = feed(Engine(model, tok), "hello world", ("lo!",), stream)
     assert "".join(pieces) == "hello world" and reason == "stop"  # ended by <|end|>
+
+
+@pytest.mark.parametrize("stop", [(), ("🙂",)])
+def test_without_stream_the_text_comes_whole_in_one_event(tok, model, stop):
+    text = "héllo wörld, 世界 🙂!"
+    pieces, reason = feed(Engine(model, tok), text, stop, stream=False)
+    assert pieces == [text[:text.find(stop[0])] if stop else text] and reason == "stop"
+    # Cut after 14 bytes, inside the 3-byte 世: the text Python decodes from those bytes.
+    pieces, reason = feed(Engine(model, tok), text, stop, stream=False, max_tokens=14)
+    assert pieces == [text.encode()[:14].decode("utf-8", errors="replace")] and reason == "length"
+
+
+def test_a_request_without_stream_completes_as_a_streamed_one(tok, model):
+    """Sampled rows with log-probabilities, stop strings and the context's end: the same
+    completions whether the text is decoded as it comes or once at the end."""
+    engine = Engine(model, tok, max_batch=8)
+    params = [SamplingParams(max_tokens=40, temperature=1.5, seed=3, n=2, logprobs=True, top_logprobs=2),
+              SamplingParams(max_tokens=30, temperature=1.0, seed=4, stop=["e", "th"]),
+              SamplingParams(max_tokens=6, temperature=0)]
+    results = []
+    for stream in (True, False):
+        requests = [engine.submit(prompt, p, stream=stream) for prompt, p in zip(PROMPTS, params)]
+        while engine.step():
+            pass
+        results.append([r.result() for r in requests])
+    assert results[0] == results[1]
+    assert {c.finish_reason for r in results[1] for c in r} >= {"stop", "length"}
 
 
 def test_background_thread_serves_concurrent_requests(tok, model):

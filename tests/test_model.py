@@ -198,6 +198,20 @@ def test_fused_head_loss_under_autocast_and_with_a_frozen_head():
     assert none.item() == 0.0 and not torch.autograd.grad(none, h)[0].any()
 
 
+@pytest.mark.parametrize("case", ["mha-tied", "gqa-untied"])
+def test_the_head_into_a_given_tensor_is_the_linear_map(case):
+    """What the CPU engine's eager step does with the logits buffer it reuses: the head written
+    into `out` is h times the head's weight, as F.linear computes it, in the tensor given."""
+    model = make(**CASES[case])
+    h = torch.randn(5, model.cfg.d_model)
+    out = torch.full((5, model.cfg.vocab_size), float("nan"))
+    with torch.no_grad():
+        logits = model.head(h, out=out)
+        assert logits.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(logits, F.linear(h, model.head_weight()), rtol=0, atol=0)
+        torch.testing.assert_close(model.head(h), logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["mha-tied", "qk-norm-gqa"])
 def test_kv_cache_reproduces_full_sequence_logits(case):
     model = make(**CASES[case])

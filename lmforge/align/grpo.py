@@ -363,7 +363,7 @@ class GRPOObjective(Objective):
         with self._generating() as engine:
             requests = [engine.submit(self._prompt_ids(e), SamplingParams(
                 max_tokens=self.g.max_new_tokens, temperature=self.g.temperature, seed=seed,
-                n=self.g.group_size)) for e, seed in zip(examples, seeds, strict=True)]
+                n=self.g.group_size), stream=False) for e, seed in zip(examples, seeds, strict=True)]
             while engine.step():
                 pass
         return [_answers(request, self.g.group_size, self.end_id) for request in requests]

@@ -85,8 +85,9 @@ def sample_pairs(model, tokenizer, examples: Sequence, tasks: dict, cfg: DpoConf
         # Seeds apart by prefs_samples: the engine seeds sample k of a request with seed + k.
         params = SamplingParams(max_tokens=room, temperature=cfg.prefs_temperature, n=cfg.prefs_samples,
                                 seed=seed * 1_000_003 + i * cfg.prefs_samples)
-        greedy = engine.submit(ids, SamplingParams(max_tokens=room, temperature=0.0)) if cfg.prefs_greedy else None
-        requests.append((engine.submit(ids, params), greedy))
+        greedy = (engine.submit(ids, SamplingParams(max_tokens=room, temperature=0.0), stream=False)
+                  if cfg.prefs_greedy else None)
+        requests.append((engine.submit(ids, params, stream=False), greedy))
     while engine.step():
         pass
     pairs = []

@@ -101,7 +101,7 @@ class Conversation:
     def _best_of(self, prompt: list[int], params, write: Callable[[str], None]) -> str:
         """Sample best_of answers at once, show the one the reward model scores highest."""
         params.n = self.best_of
-        request = self.engine.submit(prompt, params)
+        request = self.engine.submit(prompt, params, stream=False)
         while self.engine.step():
             pass
         answers = [c.text for c in request.result()]

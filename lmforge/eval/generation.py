@@ -105,7 +105,7 @@ def generate(model, tokenizer, prompts: Sequence[list[int]], options: EvalOption
                 # A seed per item: its samples do not depend on the items decoded beside it.
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=list(stop),
                                         n=n, seed=options.seed + i * n)
-                engine.submit(ids, params, on_event=lambda e, i=i: collect(i, e))
+                engine.submit(ids, params, on_event=lambda e, i=i: collect(i, e), stream=False)
             while engine.step():
                 pass
     finally:
