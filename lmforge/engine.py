@@ -805,7 +805,11 @@ class _PackedHead:
     not every update says so: fused AdamW leaves the version counter as it was. So the engine
     `forget`s the packing whenever it goes idle, and it is made again when the weight is another
     tensor or its version counter moved (an in-place update while rows run, load_state_dict).
-    Inference tensors keep no version counter, so they are never packed (`usable`)."""
+    Inference tensors keep no version counter, so they are never packed (`usable`). Where this
+    build of torch cannot pack (oneDNN's linear missing on some platforms), the first attempt
+    says so and every later step takes the plain head."""
+
+    unsupported = False  # set, for the process, when packing failed once
 
     def __init__(self) -> None:
         self._weight: weakref.ref | None = None
@@ -817,8 +821,8 @@ class _PackedHead:
         """Whether the head of `model` at hidden states h (rows, d_model) is a plain product this
         can take over: a `Transformer`'s own head (not replaced, no adapter, no bias) on a float32
         CPU weight, outside autocast."""
-        if (h.dim() != 2 or h.shape[0] < PACKED_HEAD_ROWS or h.device.type != "cpu" or h.dtype != torch.float32
-                or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
+        if (_PackedHead.unsupported or h.dim() != 2 or h.shape[0] < PACKED_HEAD_ROWS or h.device.type != "cpu"
+                or h.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
                 or getattr(model.head, "__func__", None) is not Transformer.head):
             return False
         if model.lm_head is not None and (type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None):
@@ -831,7 +835,11 @@ class _PackedHead:
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._weight is None or self._weight() is not weight or weight._version != self._version:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), h.shape[0])
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), h.shape[0])
+            except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN linear here
+                _PackedHead.unsupported = True
+                return F.linear(h, weight)
             self._weight, self._version = weakref.ref(weight), weight._version
         return torch.ops.mkldnn._linear_pointwise(h, self._packed, None, "none", [], "")
 

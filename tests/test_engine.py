@@ -129,6 +129,25 @@ def test_the_packed_head_follows_the_weights_as_they_change(tok):
     assert set(used) == {None, "fused AdamW", "in place", "new tensor"}  # each generation used it
 
 
+def test_without_onednn_packing_the_head_falls_back_to_the_plain_product(tok, monkeypatch):
+    """A torch build whose oneDNN cannot pack the weight (some platforms): the first eager step
+    of many rows says so, and every step takes F.linear - the same greedy tokens as alone."""
+    from lmforge.engine import PACKED_HEAD_ROWS, _PackedHead
+
+    def no_packing(*args, **kwargs):
+        raise RuntimeError("no oneDNN linear in this build")
+
+    monkeypatch.setattr(_PackedHead, "unsupported", False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_packing)
+    model = tiny_model(tok)
+    engine = Engine(model, tok, max_batch=PACKED_HEAD_ROWS)
+    prompts = [PROMPTS[i % len(PROMPTS)][: 1 + i // len(PROMPTS)] for i in range(PACKED_HEAD_ROWS)]
+    results = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
+    assert _PackedHead.unsupported
+    for prompt, (completion,) in zip(prompts, results, strict=True):
+        assert completion.token_ids == alone(model, tok, prompt, 4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_packed_prefill_fills_each_row_as_its_prompt_alone(tok, arch):
     # Truth: each prompt's full forward without a cache, and its keys/values from a plain KVCache.
