@@ -253,6 +253,22 @@ def test_compiled_rollouts_are_the_eager_ones(base):
     assert answers[True] == answers[False]
 
 
+def test_the_rollout_cache_holds_keys_in_the_runs_compute_dtype(base):
+    """Under bf16 autocast (a GPU's default, asked for on CPU here) the rollout Engine's KV cache
+    is bf16, the dtype the run's products come out in - not the fp32 of the master weights, which
+    doubled a GPU run's cache memory - and the rollouts still run."""
+    cfg = _config(base, "train.dtype=bf16", "grpo.group_size=2", "grpo.max_new_tokens=4")
+    model = lmforge.load_model(base).train()
+    objective = GRPOObjective(cfg, {"say": Say()}, load_tokenizer(base / "tokenizer"), init_parallel(cfg))
+    objective.attach(model, None)
+    groups = objective._sample(Say().pool()[:2], [1, 2])
+    with objective.autocast():
+        products = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    assert products == torch.bfloat16
+    assert objective._engine.cache.k.dtype == objective._engine.cache.v.dtype == products
+    assert [len(g) for g in groups] == [2, 2] and all(a.ids for g in groups for a in g)
+
+
 def test_the_reward_model_scores_the_answers(base, tmp_path, monkeypatch):
     """grpo.reward_model: load_reward_model(PATH).score(prompts, answers) replaces the checker."""
     calls = []

@@ -317,7 +317,7 @@ class DPOObjective(Objective):
         if h is None or self.model is None:
             return {}
         if self._engine is None:
-            self._engine = live_engine(self.model, h.tokenizer, MAX_BATCH)
+            self._engine = live_engine(self.model, h.tokenizer, MAX_BATCH, autocast=self.autocast)
         with generating(self._engine, self.model, self.autocast) as engine:
             value = pass_at_1(engine, h.questions, h.tasks, lambda e: render_prompt(h.tokenizer, e.prompt),
                               self.dpo.prefs_max_tokens, par)

@@ -351,7 +351,8 @@ class GRPOObjective(Objective):
 
         assert self.model is not None
         if self._engine is None:
-            self._engine = live_engine(self.model, self.tokenizer, max(self.local_rows, 1), self.g.compile)
+            self._engine = live_engine(self.model, self.tokenizer, max(self.local_rows, 1), self.g.compile,
+                                       self.autocast)
             # An answer ends at <|end|> only: the Engine leaves the stop token out of what it
             # returns, and the loss must know which one the policy chose.
             self._engine.stop_ids = {self.end_id}
