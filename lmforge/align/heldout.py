@@ -34,7 +34,7 @@ def live_engine(model: nn.Module, tokenizer: Any, max_batch: int, compile: bool 
     its decode step compiled for every batch size up to `max_batch` (the graphs read the live
     weights, so they stay right as training updates them in place). `autocast`: the context the
     engine will generate in; its KV cache is made in that dtype (bf16 on a GPU: an fp32 cache
-    would hold the bf16 keys at twice the memory - 4.8 GiB for 64 rows of a 124M model)."""
+    would hold the bf16 keys at twice the memory - 4.5 GiB for 64 rows of a 124M model)."""
     from lmforge.engine import Engine
 
     was_training = model.training
