@@ -1216,8 +1216,8 @@ class Engine:
         seq.pending = token
         if seq.request.stream or p.stop:  # the text token by token
             text, reason = self._text(seq, new_ids, reason)
-        else:  # nobody reads it before the end: one decode of every token then
-            text = self.tokenizer.decode_bytes(seq.token_ids).decode("utf-8", errors="replace") if reason else ""
+        else:  # nobody reads it before the end: the row's decoder takes every token once then
+            text = seq.decoder.decode(self.tokenizer.decode_bytes(seq.token_ids), final=True) if reason else ""
         seq.finished = reason is not None
         if seq.request.stream:
             if text or new_ids or reason:
