@@ -200,24 +200,18 @@ if wanted align; then
     unset OMP_NUM_THREADS
     for f in "$L"/*.log; do echo "--- $(basename "$f"): last lines"; grep -v "it/s\]\?$" "$f" | tail -6; done
     for run in dpo grpo rm base sft124 dpo124 rm124 grpo124; do
+        [ -f "$RUNS/align-$run/metrics.jsonl" ] || { echo "SUMMARY align-$run: no metrics.jsonl"; continue; }
+        summary "$RUNS/align-$run" "align-$run"
         "$PY" - "$RUNS/align-$run" <<'EOF'
-import json, pathlib, statistics, sys
+import json, pathlib, sys
 run = pathlib.Path(sys.argv[1])
-try:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-except OSError:
-    sys.exit(print(f"SUMMARY {run.name}: no metrics.jsonl"))
-steps = [r for r in rows if "loss" in r and "tokens_per_s" in r]
-evals = [r for r in rows if "pass_at_1" in r or "accuracy" in r or "val_loss" in r]
-keep = ("step", "val_loss", "pass_at_1", "accuracy", "reward_accuracy", "reward_margin")
-rate = statistics.median(r["tokens_per_s"] for r in steps[len(steps) // 4:]) if steps else float("nan")
 selected = run / "checkpoints" / "selected.json"
-print(f"SUMMARY {run.name}: {len(steps)} steps, last step {steps[-1]['step'] if steps else '-'}, median "
-      f"{rate:,.0f} tokens/s, peak memory {max((r.get('memory_gb') or 0) for r in steps) if steps else 0:.2f} GiB, "
-      f"last loss {steps[-1]['loss'] if steps else float('nan'):.4f}; "
-      f"selected {json.loads(selected.read_text()) if selected.exists() else '-'}")
-for r in evals:
-    print("   eval", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keep})
+print(f"   selected: {json.loads(selected.read_text()) if selected.exists() else '-'}")
+keep = ("step", "val_loss", "pass_at_1", "accuracy", "reward_accuracy", "reward_margin")
+for line in (run / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    if "pass_at_1" in r or "accuracy" in r or "val_loss" in r:
+        print("   eval", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k in keep})
 EOF
     done
     # Back to the CPU machine, to be scored there: every run's metrics, config and log
