@@ -299,23 +299,38 @@ class _PackedPrefill:
 
 
 def _step_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                 positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
     """Logits (B, model vocab) of one new token per row (tokens, positions: (B, 1)), cache rows
-    0..B, keys 0..mask.shape[-1]."""
+    0..B, keys `key_index` (0, 1, ... keys - 1), each row reading those up to its own position."""
+    mask = (key_index <= positions)[:, None, None, :]
     return model(tokens, _DecodeView(k, v, positions, mask), last_only=True)[:, -1]
 
 
-def _decode_logits(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                   positions: torch.Tensor, mask: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled greedy step: `_step_logits` and each row's greedy token among ids < `vocab`,
-    computed here because the compiled argmax is a vectorised loop where eager argmax over 16
-    rows of 4,096 logits took ~0.1 ms, 5% of a 16-row step."""
-    logits = _step_logits(model, k, v, tokens, positions, mask)
-    return logits, logits[:, :vocab].argmax(dim=-1)
+def _decode_greedy(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                   positions: torch.Tensor, key_index: torch.Tensor, vocab: int,
+                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled greedy graph: `steps` greedy steps in one call, each feeding every row's
+    token (the argmax among ids < `vocab`) to the next one. Returns the tokens (B, steps) and the
+    last step's logits (what logprobs read, at steps=1).
+
+    The argmax is computed here because the compiled argmax is a vectorised loop where eager
+    argmax over 16 rows of 4,096 logits took ~0.1 ms, 5% of a 16-row step. Several steps a call
+    (`Engine.greedy_run`) pay dynamo's entry and guards and the engine's work between steps once
+    per run, and the later steps find the weights still in the CPU's caches: 16 ragged rows
+    decode ~20% faster at 4 steps a call, one row ~50% (benchmarks/RESULTS.md). The engine keeps
+    each row's tokens up to the one that ends it and sets its cache length there; what a row
+    wrote past that is never read."""
+    chosen = []
+    for step in range(steps):
+        at = positions + step
+        logits = _step_logits(model, k, v, tokens, at, key_index)
+        tokens = logits[:, :vocab].argmax(dim=-1, keepdim=True)
+        chosen.append(tokens)
+    return logits, torch.cat(chosen, dim=1)
 
 
 def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                    positions: torch.Tensor, mask: torch.Tensor, vocab: int, inv_temperature: torch.Tensor,
+                    positions: torch.Tensor, key_index: torch.Tensor, vocab: int, inv_temperature: torch.Tensor,
                     uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The compiled step of a batch with sampled rows: `_step_logits` and each row's draw, the
     eager sampler's rule for a row without top-k / top-p (`_draw` of the logits times
@@ -323,7 +338,7 @@ def _decode_sampled(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: 
     token up to float rounding). Only rows with inv_temperature[b] > 0 mean anything; the engine
     picks the others' tokens itself. Drawing inside the graph saves a rollout step the eager
     sampler's dozen kernels and their Python (benchmarks/RESULTS.md)."""
-    logits = _step_logits(model, k, v, tokens, positions, mask)
+    logits = _step_logits(model, k, v, tokens, positions, key_index)
     return logits, _draw(logits[:, :vocab].float() * inv_temperature[:, None], uniform)
 
 
@@ -671,6 +686,11 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 # batch's own key length rather than the whole cache (benchmarks/RESULTS.md).
 COMPILE_MAX_BATCH = 16
 
+# Greedy steps a compiled call runs when every row is greedy (`_decode_greedy`): at 4, 16 ragged
+# rows of the tiny preset decoded 2.5-2.7x transformers' `generate` on CPU where one step a call
+# gave 2.0-2.4x, and one row 5.5x where it gave 3.6x; 8 was no better than 4 (benchmarks/RESULTS.md).
+GREEDY_RUN = 4
+
 # Every chat control token ends an answer: <|end|> (the turn's end) and <|endoftext|> (the
 # document's), and a role token, which means the model began the next turn itself. None of them
 # is ever sent as text.
@@ -861,16 +881,18 @@ class Engine:
     `_DecodeView` of the cache, the batch padded to a power of two, the keys cut at the longest
     row rounded up to a multiple of 16): on CPU about 2-3x the eager step at batch 1, where a
     small model's step is mostly per-operation overhead, ~1.3x at 8 to 16 rows and ~1.3x at 64
-    sampled rows. Two graphs per batch size: greedy steps, and steps with sampled rows, whose
-    rows sampled at a temperature are drawn inside the graph (`_decode_sampled`).
-    Each graph compiles at its first step, or all of them in `warm_up()` (5-20 s each on a
-    2-core machine, far less once torch's on-disk cache has them); `compile_seconds` says how
-    long. Off by default; `lmforge serve` and an interactive `lmforge chat` turn it on on CPU,
-    `grpo.compile` for rollouts.
+    sampled rows. Three graphs per batch size: a greedy step; a run of `greedy_run` greedy
+    steps in one call, used while every row is greedy, without logprobs and with room in the
+    context for the whole run (a request that arrives meanwhile joins after the run); and a step
+    with sampled rows, whose rows sampled at a temperature are drawn inside the graph
+    (`_decode_sampled`). Each graph compiles at its first step, or all of them in `warm_up()`
+    (5-20 s each on a 2-core machine, far less once torch's on-disk cache has them);
+    `compile_seconds` says how long. Off by default; `lmforge serve` and an interactive
+    `lmforge chat` turn it on on CPU, `grpo.compile` for rollouts.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, compile: bool = False,
-                 compile_max_batch: int = COMPILE_MAX_BATCH) -> None:
+                 compile_max_batch: int = COMPILE_MAX_BATCH, greedy_run: int = GREEDY_RUN) -> None:
         self.model = model.eval()
         self.cfg: ModelConfig = model.cfg
         self.tokenizer = tokenizer
@@ -889,12 +911,16 @@ class Engine:
         # `compile_max_batch`), each compiled on first use, the key length dynamic inside it;
         # larger batches run eagerly, where the matrix products dominate.
         self.compile_max_batch = min(compile_max_batch, max_batch) if compile else 0
-        # Two graphs per bucket, each compiled on first use: greedy steps (`_decode_logits`) and
-        # steps with sampled rows (`_decode_sampled`, which draws them inside the graph).
+        # Three graphs per bucket, each compiled on first use: a greedy step and a run of
+        # `greedy_run` greedy steps (`_decode_greedy`, one code object each: dynamo keeps at most
+        # 8 graphs per code object), and a step with sampled rows (`_decode_sampled`, which draws
+        # them inside the graph).
+        self.greedy_run = greedy_run if compile else 1
         options = _compile_options(self.device)
-        self._compiled = {sampled: torch.compile(_own_copy(fn), dynamic=False, options=options) if compile else None
-                          for sampled, fn in ((False, _decode_logits), (True, _decode_sampled))}
-        self._compiled_buckets: set[tuple[int, bool]] = set()  # (batch size, sampled) compiled so far
+        self._compiled = {kind: torch.compile(_own_copy(fn), dynamic=False, options=options) if compile else None
+                          for kind, fn in (("greedy", _decode_greedy), ("run", _decode_greedy),
+                                           ("sampled", _decode_sampled))}
+        self._compiled_buckets: set[tuple[int, str]] = set()  # (batch size, kind) compiled so far
         # Set by a caller that steps the engine inside torch.compiler.set_stance("force_eager")
         # (alignment's `generating`: the training-compiled blocks run eagerly for the prefill);
         # the compiled step then still runs compiled (dynamo inlines those blocks into it).
@@ -969,10 +995,13 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Decode one token for every running row, then admit waiting requests; returns whether
-        any work is left."""
+        """Decode one token for every running row (or a run of `greedy_run`, see
+        `_greedy_run_fits`), then admit waiting requests; returns whether any work is left."""
         self._drop_finished()
-        if self.rows:
+        if self.rows and self._greedy_run_fits():
+            self._decode_greedy_run()
+            self._drop_finished()
+        elif self.rows:
             uniform = self._uniform(self.rows)
             logits, chosen, decided = self._decode(uniform)
             self._sample(self.rows, logits, chosen, decided, uniform)
@@ -1011,10 +1040,47 @@ class Engine:
             decided = [t > 0 for t in inv_temperature]
             sampling = (torch.tensor(inv_temperature + pad, dtype=torch.float32, device=self.device),
                         torch.tensor([u or 0.0 for u in uniform] + pad, dtype=torch.float32, device=self.device))
-        logits, chosen = self._run_compiled(tokens, positions, _key_length(max(lengths), self.cfg.max_seq_len),
-                                            sampling)
+        keys = _key_length(max(lengths), self.cfg.max_seq_len)
+        if sampling is None:
+            logits, chosen = self._run_compiled("greedy", tokens, positions, keys, 1)
+            chosen = chosen[:, 0]
+        else:
+            logits, chosen = self._run_compiled("sampled", tokens, positions, keys, *sampling)
         self.cache.advance(1)
         return logits[:n], chosen[:n], decided
+
+    def _greedy_run_fits(self) -> bool:
+        """Whether the next `greedy_run` tokens of every row can come from one compiled call: all
+        rows greedy, none with a calculator result to write or wanting logprobs, and room in the
+        context for the whole run (the positions it writes stay inside the cache and the
+        position table)."""
+        n = len(self.rows)
+        return (self.greedy_run > 1 and n <= self.compile_max_batch
+                and max(self.cache.host_lengths[:n]) + self.greedy_run <= self.cfg.max_seq_len
+                and all(s.request.params.temperature == 0 and not s.forced and not s.request.params.logprobs
+                        for s in self.rows))
+
+    def _decode_greedy_run(self) -> None:
+        """`greedy_run` greedy steps of every row in one compiled call (`_decode_greedy`). Each
+        row takes its tokens in order until one ends it (a stop token or string, max_tokens, the
+        context) or starts a calculator result, exactly as single steps would; its cache length
+        counts the tokens it took, so what the run wrote past them is overwritten later."""
+        n = len(self.rows)
+        self.cache.use_rows(0, n)
+        pad = [0] * (self._bucket(n) - n)  # free rows, as in `_decode`
+        lengths = self.cache.host_lengths[:n]
+        tokens = torch.tensor([s.pending for s in self.rows] + pad, device=self.device)[:, None]
+        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        keys = _key_length(max(lengths) + self.greedy_run - 1, self.cfg.max_seq_len)
+        _, chosen = self._run_compiled("run", tokens, positions, keys, self.greedy_run)
+        for row, (seq, length, run) in enumerate(zip(self.rows, lengths, chosen[:n].tolist(), strict=True)):
+            taken = 0
+            for token in run:
+                self._advance(seq, token, None)
+                taken += 1
+                if seq.finished or seq.forced:
+                    break
+            self.cache.set_length(row, length + taken)
 
     def _buffer(self, name: str, like: torch.Tensor, width: int | None = None) -> torch.Tensor | None:
         """A float32 (rows of `like`, `width` or the model's vocabulary) tensor that every eager
@@ -1034,21 +1100,24 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return min(1 << (n - 1).bit_length(), self.compile_max_batch)
 
-    def _run_compiled(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int,
-                      sampling: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_compiled(self, kind: str, tokens: torch.Tensor, positions: torch.Tensor, keys: int,
+                      *extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """Call the `kind` graph ("greedy", "run" or "sampled") on rows 0..len(tokens) of the
+        cache over `keys` keys; `extra`: the greedy graphs' step count, the sampled one's
+        inverse temperatures and uniform numbers."""
         start = time.perf_counter()
-        mask = (torch.arange(keys, device=self.device) <= positions)[:, None, None, :]
+        key_index = torch.arange(keys, device=self.device)
         # The key length is the graph's one dynamic size (see _DecodeView): one graph per bucket.
-        torch._dynamo.maybe_mark_dynamic(mask, 3)
-        step = self._compiled[sampling is not None]
-        args = (self.model, self.cache.k, self.cache.v, tokens, positions, mask, self.tokenizer.vocab_size,
-                *(sampling or ()))
+        torch._dynamo.maybe_mark_dynamic(key_index, 0)
+        step = self._compiled[kind]
+        args = (self.model, self.cache.k, self.cache.v, tokens, positions, key_index, self.tokenizer.vocab_size,
+                *extra)
         if self.in_eager_region:  # compiled all the same (see __init__); the switch costs ~0.1 ms
             with torch.compiler.set_stance("default"):
                 out = step(*args)
         else:
             out = step(*args)
-        key = (tokens.shape[0], sampling is not None)
+        key = (tokens.shape[0], kind)
         if key not in self._compiled_buckets:  # this call compiled it
             self._compiled_buckets.add(key)
             self.compile_seconds += time.perf_counter() - start
@@ -1057,18 +1126,21 @@ class Engine:
     @torch.inference_mode()
     def warm_up(self, sampled: bool = True) -> float:
         """Compile the decode step for every batch size bucket now rather than at the first step
-        that needs it, the graph for greedy steps and, with `sampled`, the one for steps with
-        sampled rows; returns the seconds it took (0 without `compile`). Call it while the engine
-        is idle: it writes into free rows. torch.compile keeps its results on disk, so a later
-        process with the same model shape compiles much faster."""
+        that needs it, the graphs for greedy steps and runs and, with `sampled`, the one for steps
+        with sampled rows; returns the seconds it took (0 without `compile`). Call it while the
+        engine is idle: it writes into free rows. torch.compile keeps its results on disk, so a
+        later process with the same model shape compiles much faster."""
         before = self.compile_seconds
         for bucket in sorted({self._bucket(n) for n in range(1, self.compile_max_batch + 1)}):
             # Distinct tensors, never one twice: dynamo guards on aliasing, and the steps never alias.
             tokens, positions = (torch.zeros(bucket, 1, dtype=torch.long, device=self.device) for _ in "tp")
-            self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len))
+            self._run_compiled("greedy", tokens, positions, _key_length(0, self.cfg.max_seq_len), 1)
+            if self.greedy_run > 1:
+                self._run_compiled("run", tokens, positions, _key_length(self.greedy_run - 1, self.cfg.max_seq_len),
+                                   self.greedy_run)
             if sampled:
                 sampling = tuple(torch.ones(bucket, dtype=torch.float32, device=self.device) / 2 for _ in "iu")
-                self._run_compiled(tokens, positions, _key_length(0, self.cfg.max_seq_len), sampling)
+                self._run_compiled("sampled", tokens, positions, _key_length(0, self.cfg.max_seq_len), *sampling)
         return self.compile_seconds - before
 
     def _admit(self) -> None:

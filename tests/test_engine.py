@@ -437,7 +437,8 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
     # compiled step runs padded (3 rows in the bucket of 4) and exact (2, 1), and rows move
     # between cache slots as others leave.
     engine = Engine(model, tok, max_batch=4, compile=True)
-    assert engine.warm_up(sampled=False) > 0 and engine._compiled_buckets == {(1, False), (2, False), (4, False)}
+    assert engine.warm_up(sampled=False) > 0
+    assert engine._compiled_buckets == {(b, kind) for b in (1, 2, 4) for kind in ("greedy", "run")}
     requests = [engine.submit(p, SamplingParams(max_tokens=6 + 5 * i, temperature=0))
                 for i, p in enumerate(PROMPTS[:3])]
     with torch.compiler.set_stance("fail_on_recompile"):  # the warm-up compiled every step's graph
@@ -449,9 +450,10 @@ def test_compiled_decode_steps_give_the_eager_tokens(tok, model):
 
 @pytest.mark.slow
 def test_compiled_engines_over_different_models_each_keep_their_graphs(tok, model):
-    """Three compiled Engines over models of three widths in one process: 9 greedy graphs (3
-    buckets each). Dynamo keeps at most 8 per code object (its recompile limit) and runs past it
-    eagerly, so the Engines must not share one: each still steps compiled after the others."""
+    """Three compiled Engines over models of three widths in one process: 9 greedy step graphs
+    and 9 greedy run graphs (3 buckets each). Dynamo keeps at most 8 per code object (its
+    recompile limit) and runs past it eagerly, so the Engines must not share one: each still
+    steps compiled after the others."""
     def wide(d_model: int) -> Transformer:
         cfg = load_config(overrides=[f"model.vocab_size={tok.vocab_size}", f"model.d_model={d_model}",
                                      "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
@@ -460,11 +462,11 @@ def test_compiled_engines_over_different_models_each_keep_their_graphs(tok, mode
 
     from torch._dynamo.utils import counters
 
-    engines = [Engine(wide(d), tok, max_batch=4, compile=True) for d in (32, 48, 64)]
+    engines = [Engine(wide(d), tok, max_batch=4, compile=True, greedy_run=1) for d in (32, 48, 64)]
     before = counters["stats"]["unique_graphs"]
     for engine in engines:
         engine.warm_up(sampled=False)
-    assert counters["stats"]["unique_graphs"] - before == 9  # past the limit: 8, the ninth eager
+    assert counters["stats"]["unique_graphs"] - before == 18  # shared: 8 + 8, each ninth eager
     params = SamplingParams(max_tokens=4, temperature=0)
     with torch.compiler.set_stance("fail_on_recompile"):  # and the warm-up's graphs serve the steps
         for engine in engines:
@@ -509,4 +511,49 @@ def test_compiled_sampling_draws_the_eager_tokens(tok, model):
     eager = run(plain)
     assert len({tuple(ids) for ids in eager[0]}) > 1  # the three samples differ: they were drawn
     assert run(engine) == eager
-    assert (8, True) in engine._compiled_buckets  # the six rows' steps ran the sampling graph
+    assert (8, "sampled") in engine._compiled_buckets  # the six rows' steps ran the sampling graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end", ["max_tokens", "stop_token", "stop_string", "calculator"])
+def test_greedy_runs_end_each_row_where_single_steps_do(tok, model, end):
+    """A compiled engine decodes greedy rows `greedy_run` (4) tokens a call; each row keeps its
+    tokens up to the one that ends it or starts a calculator result. Every row's tokens, text and
+    finish reason must be the eager engine's, which decodes one token a step; one request joins
+    after the others have run a while. The trigger sits mid-run: the first token comes from the
+    prefill, then runs give tokens 1-4, 5-8, ...; row 0's token 6 ends it or closes a tool call."""
+    first = alone(model, tok, PROMPTS[0], 12)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    plain, engine = Engine(model, tok, max_batch=4), Engine(model, tok, max_batch=4, compile=True)
+    if end == "max_tokens":
+        params = [SamplingParams(max_tokens=m, temperature=0) for m in (6, 9, 3, 13)]
+    elif end == "stop_token":
+        plain.stop_ids = engine.stop_ids = engine.stop_ids | {first[6]}
+    elif end == "stop_string":
+        params = SamplingParams(max_tokens=12, temperature=0, stop=[tok.decode(first[6:8])])
+    else:  # the tokens at 1 and 6 open and close a tool call: its "result" (an error) is forced
+        assert first[1] != first[6]
+        plain.tool_ids = engine.tool_ids = (first[1], first[6])
+    params = params if isinstance(params, list) else [params] * len(PROMPTS)
+
+    def run(e: Engine) -> list[tuple[list[int], str, str | None]]:
+        requests = [e.submit(p, sp) for p, sp in zip(PROMPTS[:3], params, strict=False)]
+        for _ in range(2):
+            e.step()
+        requests.append(e.submit(PROMPTS[3], params[3]))
+        while e.step():
+            pass
+        return [(c.token_ids, c.text, c.finish_reason) for r in requests for c in r.result()]
+
+    eager = run(plain)
+    assert run(engine) == eager
+    assert (4, "run") in engine._compiled_buckets
+    row = eager[0]
+    if end == "stop_token":
+        assert row[2] == "stop" and len(row[0]) <= 6
+    elif end == "stop_string":
+        assert row[2] == "stop" and tok.decode(first[6:8]) not in row[1]
+    elif end == "calculator":
+        assert "error" in row[1]  # the forced result of a call that is not arithmetic
+    else:
+        assert [r[0] for r in eager] == [alone(model, tok, p, m) for p, m in zip(PROMPTS, (6, 9, 3, 13), strict=True)]

@@ -32,14 +32,17 @@ def live_engine(model: nn.Module, tokenizer: Any, max_batch: int, compile: bool 
     """An Engine over a model that is training: built once by the objective and used through
     `generating`; the model keeps its mode (the Engine would leave it in eval mode). `compile`:
     its decode step compiled for every batch size up to `max_batch` (the graphs read the live
-    weights, so they stay right as training updates them in place). `autocast`: the context the
+    weights, so they stay right as training updates them in place), one token a call: runs of
+    greedy steps (`Engine.greedy_run`) would add a graph of several steps per batch size, ~30 s
+    each to compile cold on a 2-core machine, for the held-out pass@1 alone. `autocast`: the context the
     engine will generate in; its KV cache is made in that dtype (bf16 on a GPU: an fp32 cache
     would hold the bf16 keys at twice the memory - 4.5 GiB for 64 rows of a 124M model)."""
     from lmforge.engine import Engine
 
     was_training = model.training
     with autocast():
-        engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile, compile_max_batch=max_batch)
+        engine = Engine(model, tokenizer, max_batch=max_batch, compile=compile, compile_max_batch=max_batch,
+                        greedy_run=1)
     model.train(was_training)
     return engine
 
