@@ -6,7 +6,8 @@
   batch-1  one prompt, greedy: the `Engine`, our batch-1 `generate`, and transformers' `generate`
 
 Both runs time the `Engine` eager and with `compile=True` (its decode step compiled for batches
-up to 16, padded to 1, 2, 4, 8 or 16 rows).
+up to 16, padded to 1, 2, 4, 8 or 16 rows; greedy rows decode `greedy_run` = 4 tokens a call),
+and the compiled `Engine` at one token a call (`greedy_run=1`) for comparison.
 
 Tokens/s count generated tokens; rounds alternate and the median counts (see bench_model.py,
 whose helpers this reuses). Stop tokens are off on both sides so every row runs to the end.
@@ -27,7 +28,7 @@ from lmforge.engine import Engine, SamplingParams, generate
 from lmforge.model import Transformer
 
 LABELS = {"hf": "transformers", "engine": "ours (Engine)", "compiled": "ours (Engine, compile)",
-          "batch1": "ours (generate)"}
+          "step": "ours (compile, 1/call)", "batch1": "ours (generate)"}
 
 
 class ByteTokenizer:
@@ -85,8 +86,10 @@ def main() -> None:
     ours = ours.to(args.device, dtype)
     engine = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts)
     compiled = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True)
+    step = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True, greedy_run=1)
     print(f"compiled the Engine's decode step for batches up to {compiled.compile_max_batch} "
-          f"in {compiled.warm_up(sampled=False):.1f} s (the greedy graphs: the bench is greedy)")
+          f"in {compiled.warm_up(sampled=False) + step.warm_up(sampled=False):.1f} s (the greedy graphs: "
+          f"the bench is greedy)")
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
           f"torch {torch.__version__}, {args.threads} threads, {args.device} {args.dtype}")
 
@@ -100,6 +103,7 @@ def main() -> None:
         "hf": lambda: len(hf_batch(theirs, prompts, args.new_tokens)) * args.new_tokens,
         "engine": lambda: len(engine.generate(prompts, greedy)) * args.new_tokens,
         "compiled": lambda: len(compiled.generate(prompts, greedy)) * args.new_tokens,
+        "step": lambda: len(step.generate(prompts, greedy)) * args.new_tokens,
     }, args.rounds)
     report(f"batched (greedy, {args.prompts} prompts of 8..64 tokens, {args.new_tokens} new each, "
            f"{total} tokens)", rates, LABELS)
@@ -111,11 +115,13 @@ def main() -> None:
     reference = hf_generate(theirs, idx, n)[0, len(prompt):].tolist()
     print(f"  batch-1 greedy tokens identical to transformers: "
           f"{engine.generate([prompt], one)[0][0].token_ids == reference} (Engine), "
-          f"{compiled.generate([prompt], one)[0][0].token_ids == reference} (Engine, compile)")
+          f"{compiled.generate([prompt], one)[0][0].token_ids == reference} (Engine, compile), "
+          f"{step.generate([prompt], one)[0][0].token_ids == reference} (1 token a call)")
     rates = median_rates({
         "hf": lambda: hf_generate(theirs, idx, n).shape[1] - len(prompt),
         "engine": lambda: len(engine.generate([prompt], one)[0][0].token_ids),
         "compiled": lambda: len(compiled.generate([prompt], one)[0][0].token_ids),
+        "step": lambda: len(step.generate([prompt], one)[0][0].token_ids),
         "batch1": lambda: generate(ours, idx, n, temperature=0).shape[1] - len(prompt),
     }, args.rounds)
     report(f"batch-1 (greedy, prompt {len(prompt)}, {n} new tokens)", rates, LABELS)
