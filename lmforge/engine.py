@@ -316,10 +316,10 @@ def _decode_greedy(model: nn.Module, k: torch.Tensor, v: torch.Tensor, tokens: t
     The argmax is computed here because the compiled argmax is a vectorised loop where eager
     argmax over 16 rows of 4,096 logits took ~0.1 ms, 5% of a 16-row step. Several steps a call
     (`Engine.greedy_run`) pay dynamo's entry and guards and the engine's work between steps once
-    per run, and the later steps find the weights still in the CPU's caches: 16 ragged rows
-    decode ~20% faster at 4 steps a call, one row ~50% (benchmarks/RESULTS.md). The engine keeps
-    each row's tokens up to the one that ends it and sets its cache length there; what a row
-    wrote past that is never read."""
+    per run, and the later steps find the weights still in the CPU's caches: at 4 steps a call a
+    generate of 16 ragged rows took ~17% less time, of one row ~36% less (benchmarks/RESULTS.md).
+    The engine keeps each row's tokens up to the one that ends it and sets its cache length
+    there; what a row wrote past that is never read."""
     chosen = []
     for step in range(steps):
         at = positions + step
@@ -687,8 +687,9 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
 COMPILE_MAX_BATCH = 16
 
 # Greedy steps a compiled call runs when every row is greedy (`_decode_greedy`): at 4, 16 ragged
-# rows of the tiny preset decoded 2.5-2.7x transformers' `generate` on CPU where one step a call
-# gave 2.0-2.4x, and one row 5.5x where it gave 3.6x; 8 was no better than 4 (benchmarks/RESULTS.md).
+# rows of the tiny preset decoded 2.4-2.9x transformers' `generate` on CPU where one step a call
+# gave 2.3-2.4x in the same runs, and one row 5.3-5.8x where it gave 3.4-3.9x; 8 was no better
+# than 4 and 2 gained a third as much (benchmarks/RESULTS.md).
 GREEDY_RUN = 4
 
 # Every chat control token ends an answer: <|end|> (the turn's end) and <|endoftext|> (the
