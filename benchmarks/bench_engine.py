@@ -24,7 +24,7 @@ import torch
 from bench_model import hf_generate, hf_model, median_rates, report
 
 from lmforge.config import load_config
-from lmforge.engine import Engine, SamplingParams, generate
+from lmforge.engine import GREEDY_RUN, Engine, SamplingParams, generate
 from lmforge.model import Transformer
 
 LABELS = {"hf": "transformers", "engine": "ours (Engine)", "compiled": "ours (Engine, compile)",
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of both models")
+    parser.add_argument("--greedy-run", type=int, default=GREEDY_RUN,
+                        help="greedy steps a compiled call of the default compiled Engine (1: one step a call)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
@@ -85,7 +87,8 @@ def main() -> None:
     theirs = hf_model(ours).eval().to(args.device, dtype)
     ours = ours.to(args.device, dtype)
     engine = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts)
-    compiled = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True)
+    compiled = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True,
+                      greedy_run=args.greedy_run)
     step = Engine(ours, ByteTokenizer(cfg.model.vocab_size), max_batch=args.prompts, compile=True, greedy_run=1)
     print(f"compiled the Engine's decode step for batches up to {compiled.compile_max_batch} "
           f"in {compiled.warm_up(sampled=False) + step.warm_up(sampled=False):.1f} s (the greedy graphs: "
