@@ -1019,20 +1019,14 @@ class Engine:
         greedy rows (a greedy step), or the rows drawn at `uniform` (see `_uniform`) without
         top-k / top-p (a step with such rows)."""
         n = len(self.rows)
-        pending = [s.pending for s in self.rows]
         self.cache.use_rows(0, n)
         if n > self.compile_max_batch:
-            tokens = torch.tensor(pending, device=self.device)[:, None]
+            tokens = torch.tensor([s.pending for s in self.rows], device=self.device)[:, None]
             h = self.model.norm(self.model.hidden_states(tokens, self.cache)[:, -1])
             if _PackedHead.usable(self.model, h):
                 return self._packed_head(h, self.model.head_weight()), None, []
             return self.model.head(h, out=self._buffer("logits", h)), None, []
-        # Padded up to the bucket with free rows (token 0 written at position 0 of a free row:
-        # a row is prefilled from scratch when a request takes it).
-        pad = [0] * (self._bucket(n) - n)
-        tokens = torch.tensor(pending + pad, device=self.device)[:, None]
-        lengths = self.cache.host_lengths[:n]
-        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        tokens, positions, lengths, pad = self._padded_rows()
         # 0 for rows the graph does not draw: greedy, forced, or filtered (`sample_rows` draws those).
         inv_temperature = [0.0 if u is None else s.request.graph_inv_temperature
                            for s, u in zip(self.rows, uniform, strict=True)]
@@ -1049,6 +1043,18 @@ class Engine:
             logits, chosen = self._run_compiled("sampled", tokens, positions, keys, *sampling)
         self.cache.advance(1)
         return logits[:n], chosen[:n], decided
+
+    def _padded_rows(self) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """A compiled graph's inputs: each running row's pending token and its position (B, 1),
+        padded up to the batch size bucket with free rows (token 0 written at position 0 of a
+        free row: a row is prefilled from scratch when a request takes it); and the running
+        rows' lengths and the padding."""
+        n = len(self.rows)
+        pad = [0] * (self._bucket(n) - n)
+        lengths = self.cache.host_lengths[:n]
+        tokens = torch.tensor([s.pending for s in self.rows] + pad, device=self.device)[:, None]
+        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        return tokens, positions, lengths, pad
 
     def _greedy_run_fits(self) -> bool:
         """Whether the next `greedy_run` tokens of every row can come from one compiled call: all
@@ -1068,10 +1074,7 @@ class Engine:
         counts the tokens it took, so what the run wrote past them is overwritten later."""
         n = len(self.rows)
         self.cache.use_rows(0, n)
-        pad = [0] * (self._bucket(n) - n)  # free rows, as in `_decode`
-        lengths = self.cache.host_lengths[:n]
-        tokens = torch.tensor([s.pending for s in self.rows] + pad, device=self.device)[:, None]
-        positions = torch.tensor(lengths + pad, device=self.device)[:, None]
+        tokens, positions, lengths, _ = self._padded_rows()
         keys = _key_length(max(lengths) + self.greedy_run - 1, self.cfg.max_seq_len)
         _, chosen = self._run_compiled("run", tokens, positions, keys, self.greedy_run)
         for row, (seq, length, run) in enumerate(zip(self.rows, lengths, chosen[:n].tolist(), strict=True)):
